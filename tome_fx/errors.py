@@ -1,0 +1,19 @@
+"""Errors raised by tome_fx. Each carries a one-line message naming the problem."""
+
+
+class TomeError(Exception):
+    """Base class for tome_fx errors."""
+
+
+class CaptureError(TomeError, ValueError):
+    """The model could not be captured as a graph (tracing failed)."""
+
+
+class NoAttentionError(TomeError, ValueError):
+    """The model has no attention site that tome_fx can find."""
+
+
+def one_line(exc: BaseException) -> str:
+    """First line of an exception message, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

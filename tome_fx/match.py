@@ -1,0 +1,285 @@
+"""Find attention->MLP blocks in a traced graph.
+
+Matching anchors on one op, the attention core (an SDPA call, or a softmax between two matmuls),
+and walks def-use edges outward: back to the keys, forward to the residual add after attention,
+then to the point whose value feeds both the MLP and its residual (the merge point). Nothing is
+changed; what was found goes into ``node.meta["tome"]``. A site that cannot be rewritten safely
+becomes a ``Refusal`` with a reason.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from numbers import Number
+
+import torch.fx as fx
+
+from . import graph_utils as gu
+
+Node = fx.Node
+
+
+@dataclass(frozen=True)
+class Core:
+    """An attention core: where its keys are, where a key bias goes."""
+
+    anchor: Node  # SDPA call or softmax
+    kind: str  # "sdpa" | "softmax"
+    query: Node
+    keys: Node
+    keys_transposed: bool  # keys node holds K^T (explicit attention without a visible transpose)
+    out: Node  # attention output (SDPA or attn @ v)
+    logits: Node | None  # softmax input (explicit attention) where the bias is added
+    tokens: int
+    heads: int
+    nodes: frozenset = field(default_factory=frozenset)  # nodes inside the core (token mixing)
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    core: Core
+    stream_in: Node  # residual stream entering the attention
+    attn_add: Node  # residual add after attention
+    merge_at: Node  # value feeding the MLP and its residual; merged tokens replace it
+    mlp_add: Node
+    norm: str  # "pre" | "post"
+    token_dim: int  # token dimension of the stream at merge_at
+
+    @property
+    def name(self) -> str:
+        return site_name(self.core.anchor)
+
+
+def site_name(node: Node) -> str:
+    """The module path of an attention site (e.g. ``blocks.3.attn``), else the node name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return f"{path} ({node.name})"
+    return node.name
+
+
+@dataclass(frozen=True)
+class Refusal:
+    site: str
+    reason: str
+
+
+@dataclass
+class Matches:
+    blocks: list[Block]
+    cores: list[Core]  # all usable attention cores, including ones in refused blocks
+    refusals: list[Refusal]
+    prefix: int  # protected prefix tokens
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _scalar(gm, a, shapes) -> bool:
+    if isinstance(a, Number):
+        return True
+    if isinstance(a, Node):
+        s = shapes.get(a)
+        if a.op == "get_attr" or gu.is_tensor_shape(s):
+            return gu.is_tensor_shape(s) and all(d == 1 for d in s)
+        return not gu.has_tensor(s)  # a python number computed in the graph
+    return False
+
+
+def _strip_scaling(gm, node: Node, shapes, stop: set = frozenset()) -> tuple[Node, list[Node]]:
+    """Walk back from logits through multiplications/divisions by scalars."""
+    passed = []
+    scale_ops = {operator.mul, operator.truediv, gu.torch.mul, gu.torch.div}
+    while not gu.is_matmul(node):
+        if gu.is_call(node, scale_ops, ("mul", "div", "__mul__", "__truediv__")):
+            tensors = [a for a in node.args[:2] if not _scalar(gm, a, shapes)]
+            if len(tensors) != 1:
+                raise _Refuse(f"attention logits are combined with a tensor at {node.name} "
+                              "(relative position bias or mask)")
+            passed.append(node)
+            node = tensors[0]
+        elif gu.is_dropout(gm, node) or gu.is_call(node, set(), ("float", "to", "type_as")):
+            passed.append(node)
+            node = node.args[0]
+        else:
+            what = node.target if node.op != "call_module" else type(gu.module_of(gm, node)).__name__
+            raise _Refuse(f"attention logits pass through {getattr(what, '__name__', what)} at "
+                          f"{node.name} (relative position bias, mask or other term)")
+    return node, passed
+
+
+def _keys_from_kt(node: Node, shapes) -> tuple[Node, bool]:
+    """Given K^T, return (node holding keys, whether that node is still transposed)."""
+    if node.op == "call_method" and node.target in ("transpose", "transpose_"):
+        dims = {d % len(shapes[node]) for d in node.args[1:3]}
+        if dims == {len(shapes[node]) - 1, len(shapes[node]) - 2}:
+            return node.args[0], False
+    if node.op == "call_function" and node.target in (gu.torch.transpose,):
+        dims = {d % len(shapes[node]) for d in node.args[1:3]}
+        if dims == {len(shapes[node]) - 1, len(shapes[node]) - 2}:
+            return node.args[0], False
+    if node.op == "call_method" and node.target == "mT":
+        return node.args[0], False
+    return node, True
+
+
+def _core_softmax(gm, sm: Node, shapes) -> Core:
+    dim = gu.arg(sm, 1, "dim", None) if sm.op != "call_module" else gu.module_of(gm, sm).dim
+    s = shapes.get(sm)
+    if not gu.is_tensor_shape(s) or dim is None or dim % len(s) != len(s) - 1:
+        raise _Refuse("softmax is not over the last dimension of a tensor")
+    logits_in = sm.args[0]
+    qk, passed = _strip_scaling(gm, logits_in, shapes)
+    kt = qk.args[1]
+    keys, transposed = _keys_from_kt(kt, shapes)
+    # forward: softmax -> (dropout) -> @ v
+    node, inner = sm, []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            raise _Refuse("attention probabilities are used outside the attention product")
+        u = users[0]
+        if gu.is_matmul(u) and u.args[0] is node:
+            out = u
+            break
+        if gu.is_dropout(gm, u) or gu.is_call(u, set(), ("to", "type_as", "float")):
+            inner.append(u)
+            node = u
+            continue
+        raise _Refuse(f"softmax output goes to {u.name}, not to a product with values")
+    ks = shapes[keys]
+    tokens = ks[-1] if transposed else ks[-2]
+    heads = ks[1] if len(ks) == 4 else 1
+    return Core(sm, "softmax", qk.args[0], keys, transposed, out, logits_in, tokens, heads,
+                frozenset([qk, sm, out, *passed, *inner]))
+
+
+def _core_sdpa(gm, node: Node, shapes) -> Core:
+    q, k = node.args[0], node.args[1]
+    mask = gu.arg(node, 3, "attn_mask", None)
+    causal = gu.arg(node, 5, "is_causal", False)
+    if causal is not False:
+        raise _Refuse("causal attention: a merged token would mix future positions")
+    if mask is not None:
+        raise _Refuse("attention mask given: masks that follow merges are not supported yet")
+    ks = shapes[k]
+    if shapes[q][-2] != ks[-2]:
+        raise _Refuse("cross-attention: queries and keys have different token counts")
+    heads = ks[1] if len(ks) == 4 else 1
+    return Core(node, "sdpa", q, k, False, node, None, ks[-2], heads, frozenset([node]))
+
+
+def _descendant_add(start: Node, depth: int = 40) -> tuple[Node, Node]:
+    """First add downstream of ``start`` whose other operand does not come from ``start``."""
+    desc, frontier = {start}, [start]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if gu.is_add(u):
+                    others = [a for a in u.args[:2] if isinstance(a, Node) and a not in desc]
+                    if len(others) == 1 and any(a in desc for a in u.args[:2]):
+                        return u, others[0]
+                if u not in desc:
+                    desc.add(u)
+                    nxt.append(u)
+        frontier = nxt
+    raise _Refuse("no residual add after the attention")
+
+
+def _find_mlp_add(gm, s: Node) -> Node:
+    for u in s.users:
+        if not gu.is_add(u) or s not in u.args[:2]:
+            continue
+        other = u.args[1] if u.args[0] is s else u.args[0]
+        if not isinstance(other, Node):
+            continue
+        branch = gu.ancestors_within(other, 40)
+        if s in branch and any(gu.is_linear(gm, n) for n in branch if n is not s):
+            return u
+    raise _Refuse("no MLP residual branch after the attention")
+
+
+def _token_dim(shape, tokens: int) -> int:
+    if not gu.is_tensor_shape(shape) or len(shape) != 3:
+        raise _Refuse(f"residual stream is not 3-D (shape {shape})")
+    dims = [d for d in range(2) if shape[d] == tokens]
+    if len(dims) != 1:
+        raise _Refuse(f"cannot tell the token dimension of a stream shaped {shape}; "
+                      "use example inputs whose batch size differs from the token count")
+    return dims[0]
+
+
+def _block(gm, index: int, core: Core, shapes) -> Block:
+    attn_add, stream_in = _descendant_add(core.out)
+    if stream_in not in gu.ancestors_within(core.keys, 40):
+        raise _Refuse("the residual around the attention is not the attention's input")
+    s, norm = attn_add, "pre"
+    while len(s.users) == 1 and gu.is_norm(gm, next(iter(s.users))):
+        s, norm = next(iter(s.users)), "post"
+    mlp_add = _find_mlp_add(gm, s)
+    tdim = _token_dim(shapes.get(s), core.tokens)
+    if shapes.get(stream_in) != shapes.get(s):
+        raise _Refuse("the stream changes shape across the attention")
+    return Block(index, core, stream_in, attn_add, s, mlp_add, norm, tdim)
+
+
+def find_prefix(gm, stream_in: Node, shapes, dependent: set, token_dim: int) -> int:
+    """Protected prefix: tokens concatenated in front of the input-derived tokens."""
+    node = stream_in
+    for _ in range(40):
+        if gu.is_call(node, {gu.torch.cat, gu.torch.concat, gu.torch.concatenate}):
+            tensors = node.args[0]
+            dim = gu.arg(node, 1, "dim", 0)
+            if dim % 3 != token_dim:
+                return 0
+            p = 0
+            for t in tensors:
+                if t in dependent:
+                    return p
+                p += shapes[t][token_dim]
+            return 0
+        ins = [i for i in node.all_input_nodes if i in dependent and shapes.get(i) == shapes.get(node)]
+        if len(ins) != 1:
+            return 0
+        node = ins[0]
+    return 0
+
+
+def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
+    blocks, cores, refusals = [], [], []
+    for node in gm.graph.nodes:
+        if gu.is_sdpa(node):
+            build = _core_sdpa
+        elif gu.is_softmax(gm, node):
+            build = _core_softmax
+        else:
+            continue
+        try:
+            core = build(gm, node, shapes)
+        except (_Refuse, IndexError, KeyError, TypeError, AttributeError) as exc:
+            reason = str(exc) if isinstance(exc, _Refuse) else f"unrecognised attention layout ({exc})"
+            refusals.append(Refusal(site_name(node), reason))
+            node.meta["tome"] = {"role": "refused", "reason": reason}
+            continue
+        cores.append(core)
+        try:
+            block = _block(gm, len(blocks), core, shapes)
+        except _Refuse as exc:
+            refusals.append(Refusal(site_name(node), str(exc)))
+            node.meta["tome"] = {"role": "refused", "reason": str(exc)}
+            continue
+        blocks.append(block)
+        node.meta["tome"] = {"role": "attention", "block": block.index, "kind": core.kind,
+                             "tokens": core.tokens, "heads": core.heads}
+        block.merge_at.meta["tome"] = {"role": "merge_point", "block": block.index,
+                                       "norm": block.norm}
+    prefix = 0
+    if blocks:
+        dep = gu.data_dependent(gm, shapes)
+        prefix = find_prefix(gm, blocks[0].stream_in, shapes, dep, blocks[0].token_dim)
+    return Matches(blocks, cores, refusals, prefix)

@@ -1,0 +1,115 @@
+"""Tensor functions called by rewritten graphs.
+
+Pure functions of tensors, usable without any graph. The rewritten graph calls them by name
+(``call_function``), so ``print(gm.code)`` reads like the algorithm. Token layout is
+``[batch, tokens, channels]``; sizes are ``[batch, tokens, 1]`` float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+def _ones_size(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+
+
+@fx.wrap
+def keys_metric(keys: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Attention keys averaged over heads: [B, H, N, d] (or [B, H, d, N] if transposed) -> [B, N, d]."""
+    if transposed:
+        keys = keys.transpose(-1, -2)
+    if keys.dim() == 4:
+        keys = keys.mean(dim=1)
+    return keys
+
+
+def bipartite_match(metric: torch.Tensor, r: int, prefix: int):
+    """ToMe bipartite soft matching over the tokens after ``prefix`` protected ones.
+
+    Set A is the tokens at even absolute positions, set B at odd ones. Each A token proposes its
+    most similar B token (cosine similarity); the ``r`` best proposals are merged.
+    Returns (unmerged A indices sorted ascending, merged A indices, their B partners).
+    """
+    with torch.no_grad():
+        m = metric[:, prefix:].float()
+        m = m / m.norm(dim=-1, keepdim=True)
+        off = prefix % 2
+        scores = m[:, off::2] @ m[:, 1 - off :: 2].transpose(-1, -2)
+        best, partner = scores.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True)
+        src = order[:, :r]
+        unm = order[:, r:].sort(dim=-1).values
+        dst = partner.gather(-1, src)
+    return unm, src, dst
+
+
+def merge_limit(n_tokens: int, prefix: int) -> int:
+    """Largest r a block with ``n_tokens`` tokens and ``prefix`` protected ones can merge."""
+    return max(n_tokens - prefix, 0) // 2
+
+
+@fx.wrap
+def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False):
+    """Merge ``r`` token pairs of ``x`` [B, N, C] (size-weighted), matched on ``keys``.
+
+    ``size`` is [B, N, 1] or None (all ones). Returns (merged x, merged size). Output order:
+    protected prefix, unmerged A tokens, B tokens, each in previous relative order.
+    """
+    n = x.shape[1]
+    r = min(r, merge_limit(n, prefix))
+    if size is None:
+        size = _ones_size(x)
+    if r <= 0:
+        return x, size
+    metric = keys_metric(keys, keys_transposed)
+    unm, src, dst = bipartite_match(metric, r, prefix)
+    return merge_by_index(x, size, prefix, unm, src, dst)
+
+
+def merge_by_index(x, size, prefix: int, unm, src, dst):
+    """Apply a matching: weighted sum of x*size into B partners, then divide by summed size."""
+    c = x.shape[-1]
+    off = prefix % 2
+    rest = x[:, prefix:]
+    rest_size = size[:, prefix:]
+    w = torch.cat([rest * rest_size.to(x.dtype), rest_size.to(x.dtype)], dim=-1)
+    a, b = w[:, off::2], w[:, 1 - off :: 2]
+    unm_w = a.gather(1, unm[..., None].expand(-1, -1, c + 1))
+    src_w = a.gather(1, src[..., None].expand(-1, -1, c + 1))
+    b = b.scatter_add(1, dst[..., None].expand(-1, -1, c + 1), src_w)
+    merged = torch.cat([unm_w, b], dim=1)
+    new_size = merged[..., c:]
+    new_x = merged[..., :c] / new_size
+    # Prefix tokens pass through bit-exactly.
+    out_x = torch.cat([x[:, :prefix], new_x], dim=1)
+    out_size = torch.cat([size[:, :prefix], new_size.to(size.dtype)], dim=1)
+    return out_x, out_size
+
+
+@fx.wrap
+def size_bias(size, ndim: int, dtype_like):
+    """log(size) as an additive attention bias over keys, shaped to broadcast with logits."""
+    bias = size[..., 0].log().to(dtype_like.dtype)
+    return bias.reshape(bias.shape[0], *([1] * (ndim - 2)), bias.shape[1])
+
+
+@fx.wrap
+def add_attn_bias(mask, bias):
+    """Combine an existing SDPA ``attn_mask`` (bool: True = keep, or float) with a float bias."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+            ~mask, float("-inf")
+        )
+    return mask + bias
+
+
+@fx.wrap
+def weighted_mean(x, size, dim, keepdim: bool = False):
+    """Size-weighted mean over the token dimension ``dim`` (size aligned with x's tokens)."""
+    w = size.to(x.dtype)
+    if dim != 1:
+        w = w.movedim(1, dim)
+    return (x * w).sum(dim=dim, keepdim=keepdim) / w.sum(dim=dim, keepdim=keepdim)

@@ -1,0 +1,56 @@
+"""Insert a ToMe merge at each block's merge point (between attention residual and MLP)."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .. import ops
+from ..match import Block
+from .base import PassResult, finish, inserted
+
+
+@dataclass(frozen=True)
+class MergeSite:
+    block: int
+    merge: fx.Node  # the tome_merge call
+    x: fx.Node  # merged tokens
+    size: fx.Node  # token sizes after the merge
+
+
+def insert_merges(gm: fx.GraphModule, blocks: list[Block], schedule: list[int], prefix: int,
+                  enabled: set[int]) -> PassResult:
+    """Thread ``size`` from merge to merge; every use of a merge point sees merged tokens."""
+    graph = gm.graph
+    size = None
+    sites = []
+    for block in blocks:
+        r = schedule[block.index]
+        if r <= 0 or block.index not in enabled:
+            continue
+        s = block.merge_at
+        old_users = list(s.users)
+        with graph.inserting_after(s):
+            x = s
+            if block.token_dim != 1:
+                x = inserted(graph.call_method("transpose", (s, 0, 1)), "layout")
+        with graph.inserting_after(x):
+            call = graph.call_function(
+                ops.tome_merge,
+                (x, block.core.keys, size, r, prefix, block.core.keys_transposed),
+            )
+            inserted(call, "merge", block=block.index, r=r)
+        with graph.inserting_after(call):
+            new_x = inserted(graph.call_function(operator.getitem, (call, 0)), "merged_x")
+        with graph.inserting_after(new_x):
+            new_size = inserted(graph.call_function(operator.getitem, (call, 1)), "size")
+        out = new_x
+        if block.token_dim != 1:
+            with graph.inserting_after(new_size):
+                out = inserted(graph.call_method("transpose", (new_x, 0, 1)), "layout")
+        for u in old_users:
+            u.replace_input_with(s, out)
+        size = new_size
+        sites.append(MergeSite(block.index, call, out, new_size))
+    return PassResult(finish(gm), len(sites), sites)

@@ -1,0 +1,46 @@
+"""Proportional attention: add log(size) over keys to every attention after a merge."""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from .. import ops
+from ..match import Core
+from .base import PassResult, finish, inserted
+
+
+def _latest_size(order: dict, sites, anchor: fx.Node):
+    before = [s for s in sites if order[s.size] < order[anchor]]
+    return before[-1].size if before else None
+
+
+def add_size_bias(gm: fx.GraphModule, cores: list[Core], sites, shapes: dict) -> PassResult:
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    count = 0
+    for core in cores:
+        size = _latest_size(order, sites, core.anchor)
+        if size is None:
+            continue
+        if core.kind == "sdpa":
+            with graph.inserting_before(core.anchor):
+                ndim = len(shapes[core.query])
+                bias = inserted(graph.call_function(ops.size_bias, (size, ndim, core.query)), "bias")
+                mask = core.anchor.kwargs.get("attn_mask")
+                if len(core.anchor.args) > 3:
+                    mask = core.anchor.args[3]
+                    core.anchor.args = core.anchor.args[:3] + (None,) + core.anchor.args[4:]
+                new = bias
+                if mask is not None:
+                    new = inserted(graph.call_function(ops.add_attn_bias, (mask, bias)), "bias")
+            core.anchor.update_kwarg("attn_mask", new)
+        else:
+            logits = core.logits
+            with graph.inserting_before(core.anchor):
+                ndim = len(shapes[logits])
+                bias = inserted(graph.call_function(ops.size_bias, (size, ndim, logits)), "bias")
+                biased = inserted(graph.call_function(operator.add, (logits, bias)), "bias")
+            core.anchor.replace_input_with(logits, biased)
+        count += 1
+    return PassResult(finish(gm), count)

@@ -1,0 +1,249 @@
+"""Check every op that touches merged tokens, by running the rewritten graph twice.
+
+Token dimensions are found by shape propagation, not by guessing: the graph is run once with
+every merge at r=0 and once at r=1; a dimension whose size differs between the runs carries
+merged tokens. Each op that consumes such a tensor must be one the merge keeps exact in meaning
+(per-token ops, layout ops that keep the token dimension, recognised attention cores, reads of
+protected prefix tokens, means over tokens — which become size-weighted). Anything else is
+reported with the node, so the merges upstream of it can be switched off.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import graph_utils as gu
+from ..errors import one_line
+
+Node = fx.Node
+
+_ELEMENTWISE_FUNCS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg,
+    torch.tanh, torch.sigmoid, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, torch.where,
+    F.gelu, F.relu, F.silu, F.sigmoid, F.tanh, F.dropout, F.hardswish, F.mish, F.leaky_relu,
+    F.elu, F.softplus, torch.clamp, torch.abs,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "pow", "__add__", "__mul__", "__sub__", "__truediv__",
+    "__radd__", "__rmul__", "gelu", "relu", "sigmoid", "tanh", "exp", "sqrt", "rsqrt", "float",
+    "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach", "clamp",
+    "abs", "masked_fill", "add_", "mul_",
+}
+_CHANNEL_FUNCS = {F.linear, F.layer_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+_LAYOUT_METHODS = {
+    "reshape", "view", "permute", "transpose", "flatten", "unflatten", "unsqueeze", "squeeze",
+    "expand", "expand_as", "chunk", "split", "unbind", "view_as", "reshape_as",
+}
+_LAYOUT_FUNCS = {
+    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten,
+    torch.unsqueeze, torch.squeeze, torch.chunk, torch.split, torch.unbind,
+}
+_META_METHODS = {"size", "dim", "numel", "__len__"}
+_ACTIVATIONS = (
+    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU,
+    nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+)
+_CHANNEL_MODULES = (nn.Linear, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@dataclass
+class Pool:
+    node: Node  # the mean over tokens
+    dim: int
+    size: Node  # size companion of the merge the tokens come from
+    offset: int  # the tokens were sliced as x[:, offset:] after that merge
+
+
+@dataclass
+class Flow:
+    unsafe: list[tuple[Node, str]] = field(default_factory=list)
+    pools: list[Pool] = field(default_factory=list)
+    token_outputs: bool = False
+    shapes: dict = field(default_factory=dict)  # shapes with the real schedule
+
+
+def _tdims(a, b) -> tuple:
+    """Token dims of one output entry: where the two runs differ."""
+    if gu.is_tensor_shape(a) and gu.is_tensor_shape(b) and len(a) == len(b):
+        return tuple(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        if any(_tdims(x, y) for x, y in zip(a, b)):
+            return ("nested",)
+    return ()
+
+
+class _Recorder(gu.ShapeRecorder):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.failed: Node | None = None
+
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+
+
+def _run(gm, args, kwargs, merges, values):
+    for m, r in zip(merges, values):
+        m.update_arg(3, r)
+    gm.recompile()
+    rec = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            gu._run_kwargs(rec, gm, args, kwargs) if kwargs else rec.run(*args)
+    except Exception as exc:
+        return rec.shapes, (rec.failed, exc)
+    return rec.shapes, None
+
+
+def _index_entry(idx, ndim: int, tdim: int):
+    """The index entry applied to input dimension ``tdim`` of a getitem, or 'unsupported'."""
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if any(isinstance(i, (Node, torch.Tensor, list)) for i in idx):
+        return "unsupported"
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (ndim - consumed))
+        else:
+            expanded.append(i)
+    dims = [i for i in expanded if i is not None]
+    return dims[tdim] if tdim < len(dims) else slice(None)
+
+
+def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, prefix: int,
+                     core_nodes: set) -> Flow:
+    """Classify consumers of merged tokens. ``schedule_r``: merge node -> its real r."""
+    merges = [s.merge for s in sites]
+    flow = Flow()
+    shapes_a, err_a = _run(gm, args, kwargs, merges, [0] * len(merges))
+    shapes_b, err_b = _run(gm, args, kwargs, merges, [1] * len(merges))
+    shapes_real, err_real = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
+    flow.shapes = shapes_real
+    for err in (err_a, err_b, err_real):
+        if err is not None:
+            node, exc = err
+            flow.unsafe.append((node, f"fails on merged tokens: {one_line(exc)}"))
+            return flow
+
+    tdims = {n: _tdims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
+    size_of: dict[Node, Node] = {s.x: s.size for s in sites}
+    offset: dict[Node, int] = {s.x: 0 for s in sites}
+
+    for n in gm.graph.nodes:
+        token_inputs = [i for i in n.all_input_nodes if tdims.get(i)]
+        if not token_inputs or n.op == "placeholder":
+            continue
+        src = token_inputs[0]
+        if n not in size_of:
+            size_of[n] = size_of.get(src)
+            offset[n] = offset.get(src, 0)
+        tag = n.meta.get("tome", {})
+        if tag.get("inserted") or n in core_nodes:
+            continue
+        if n.op == "output":
+            flow.token_outputs = True
+            continue
+        reason = _classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
+        if reason:
+            flow.unsafe.append((n, reason))
+    return flow
+
+
+def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | None:
+    """None if ``n`` is safe on merged tokens, else the reason it is not."""
+    tin = tdims[src]
+    in_shape = shapes.get(src)
+    if tin == ("nested",):
+        # a tuple of tensors: only unpacking by position is expected
+        if n.op == "call_function" and n.target is operator.getitem:
+            return None
+        return f"unsupported use of a tuple holding merged tokens ({n.name})"
+    ndim = len(in_shape)
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+    if n.op == "call_module":
+        mod = gu.module_of(gm, n)
+        if isinstance(mod, _ACTIVATIONS):
+            return None
+        if isinstance(mod, _CHANNEL_MODULES):
+            return None if ndim - 1 not in tin else f"{type(mod).__name__} mixes merged tokens"
+        return f"module {type(mod).__name__} ({n.target}) applied to merged tokens"
+
+    if n.op == "call_function" and n.target is getattr:
+        return None
+    if gu.is_call(n, set(), _META_METHODS):
+        return None
+    if gu.is_call(n, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS):
+        return None
+    if gu.is_call(n, _CHANNEL_FUNCS):
+        return None if ndim - 1 not in tin else f"{name} mixes merged tokens"
+    if gu.is_call(n, _LAYOUT_FUNCS, _LAYOUT_METHODS):
+        out = tdims.get(n)
+        outs = shapes.get(n)
+        if gu.is_tensor_shape(outs):
+            ok = len(out) == 1 and outs[out[0]] == in_shape[tin[0]] and len(tin) == 1
+        else:
+            ok = out == ("nested",) and all(
+                gu.is_tensor_shape(o) and in_shape[tin[0]] in o for o in outs
+            )
+        return None if ok else f"{name} folds or splits the token dimension ({n.name})"
+    if n.op == "call_function" and n.target is operator.getitem:
+        return _check_index(n, src, ndim, tin, prefix, offset)
+    if gu.is_call(n, {torch.mean, torch.sum}, ("mean", "sum")):
+        dim = gu.arg(n, 1, "dim", None)
+        dims = tuple(range(ndim)) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
+        dims = tuple(d % ndim for d in dims)
+        if not set(dims) & set(tin):
+            return None
+        if n.target in (torch.sum, "sum"):
+            return f"sum over merged tokens ({n.name})"
+        if len(dims) != 1 or size_of.get(n) is None:
+            return f"mean over the token dimension together with others ({n.name})"
+        flow.pools.append(Pool(n, dims[0], size_of[n], offset[n]))
+        return None
+    if gu.is_call(n, {torch.cat, torch.concat}):
+        dim = gu.arg(n, 1, "dim", 0) % ndim
+        return None if dim not in tin else f"concatenation along the token dimension ({n.name})"
+    if gu.is_matmul(n):
+        a, b = n.args[0], n.args[1]
+        if tdims.get(a) and (len(shapes[a]) - 1) in tdims[a]:
+            return f"matmul contracts merged tokens ({n.name})"
+        if tdims.get(b) and (len(shapes[b]) - 2) in tdims[b]:
+            return f"matmul contracts merged tokens ({n.name})"
+        return None
+    return f"unsupported op {name} on merged tokens ({n.name})"
+
+
+def _check_index(n, src, ndim, tin, prefix, offset) -> str | None:
+    if len(tin) != 1:
+        return f"indexing a tensor with several token dimensions ({n.name})"
+    entry = _index_entry(n.args[1], ndim, tin[0])
+    base = offset.get(src, 0)
+    if isinstance(entry, int):
+        if 0 <= entry and base + entry < prefix:
+            return None
+        return f"reads token {entry} by position, which merging moves ({n.name})"
+    if isinstance(entry, slice):
+        start = 0 if entry.start is None else entry.start
+        if entry.step not in (None, 1) or not isinstance(start, int) or start < 0:
+            return f"strided or dynamic token slice ({n.name})"
+        if entry.stop is None:
+            if base + start > prefix:
+                return f"slice x[{start}:] drops tokens that merging moves ({n.name})"
+            offset[n] = base + start
+            return None
+        if isinstance(entry.stop, int) and 0 <= entry.stop and base + entry.stop <= prefix:
+            return None
+        return f"slice [{entry.start}:{entry.stop}] selects tokens by position ({n.name})"
+    return f"advanced indexing over merged tokens ({n.name})"
