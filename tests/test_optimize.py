@@ -1,0 +1,260 @@
+"""The core pass on timm models and hand-written transformers."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import tome_fx
+from models import (CausalModel, EncoderClassifier, NoAttention, TinyTransformer, Untraceable)
+
+
+def _timm(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kw).eval()
+
+
+# name -> (builder, input, protected prefix tokens expected)
+ZOO = {
+    "vit_small": (lambda: _timm("vit_small_patch16_224"), (2, 3, 224, 224), 1),
+    "deit_tiny": (lambda: _timm("deit_tiny_patch16_224"), (2, 3, 224, 224), 1),
+    "deit_tiny_distilled": (lambda: _timm("deit_tiny_distilled_patch16_224"), (2, 3, 224, 224), 2),
+    "deit3_small_layerscale": (lambda: _timm("deit3_small_patch16_224"), (2, 3, 224, 224), 1),
+    "dinov2_reg4": (lambda: _timm("vit_small_patch14_reg4_dinov2", img_size=224), (2, 3, 224, 224), 5),
+    "vit_avgpool_no_cls": (
+        lambda: _timm("vit_tiny_patch16_224", global_pool="avg", class_token=False),
+        (2, 3, 224, 224), 0,
+    ),
+    "hand_prenorm": (lambda: TinyTransformer().eval(), (2, 33, 16), 1),
+    "nn_encoder_postnorm": (lambda: EncoderClassifier().eval(), (2, 40, 64), 0),
+}
+
+_cache = {}
+
+
+def zoo(name):
+    if name not in _cache:
+        build, shape, prefix = ZOO[name]
+        model = build()
+        torch.manual_seed(1)
+        _cache[name] = (model, torch.randn(*shape), prefix)
+    return _cache[name]
+
+
+class SizeRecorder(fx.Interpreter):
+    """Collects the size tensors the merge nodes produce."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.sizes = []
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.meta.get("tome", {}).get("role") == "size":
+            self.sizes.append(out)
+        return out
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_r0_is_exact(name):
+    model, x, _ = zoo(name)
+    fast = tome_fx.optimize(model, r=0, example_inputs=(x,))
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max().item() <= 1e-5
+    assert fast.tome_counts["merges"] == 0
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_merging_is_sane(name):
+    model, x, prefix = zoo(name)
+    fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
+    plan = fast.tome
+    nblocks = len(plan.blocks)
+    assert plan.protected == prefix
+    assert plan.skipped == ()
+    assert plan.r == [4] * nblocks
+    # every block merges; every block after the first gets the proportional-attention bias
+    assert fast.tome_counts == {"merges": nblocks, "size_bias": nblocks - 1,
+                                "weighted_pool": fast.tome_counts["weighted_pool"]}
+    for a, b in zip(plan.blocks, plan.blocks[1:]):
+        assert b.tokens_in == a.tokens_out == a.tokens_in - 4
+    rec = SizeRecorder(fast)
+    with torch.no_grad():
+        y = rec.run(x)
+    assert torch.isfinite(y).all()
+    assert len(rec.sizes) == nblocks
+    n0 = plan.blocks[0].tokens_in
+    for s in rec.sizes:
+        assert (s[:, :prefix] == 1).all()  # protected tokens never merge
+        assert torch.allclose(s.sum(dim=1), torch.full((x.shape[0], 1), float(n0)))  # sizes conserve tokens
+
+
+def test_avg_pool_is_size_weighted():
+    model, x, _ = zoo("vit_avgpool_no_cls")
+    fast = tome_fx.optimize(model, r=8, example_inputs=(x,))
+    assert fast.tome_counts["weighted_pool"] == 1
+    # Independent check: the pooled features equal the size-weighted mean of the final tokens.
+    feats = {}
+
+    class Grab(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.meta.get("tome", {}).get("role") == "pool":
+                feats["pooled"] = out
+                feats["x"], feats["size"] = self.env[n.args[0]], self.env[n.args[1]]
+            return out
+
+    with torch.no_grad():
+        Grab(fast).run(x)
+    tokens, size = feats["x"], feats["size"]
+    manual = (tokens * size).sum(1) / size.sum(1)
+    assert torch.allclose(feats["pooled"], manual, atol=1e-6)
+    assert not torch.allclose(feats["pooled"], tokens.mean(1), atol=1e-4)
+
+
+def test_class_token_avg_pool_slices_sizes():
+    """global_pool='avg' with a class token pools x[:, 1:]: the sizes must be sliced alike."""
+    model = _timm("vit_tiny_patch16_224", global_pool="avg")
+    x = torch.randn(2, 3, 224, 224)
+    fast = tome_fx.optimize(model, r=8, example_inputs=(x,))
+    assert fast.tome_counts["weighted_pool"] == 1
+    assert fast.tome.skipped == ()
+    with torch.no_grad():
+        assert torch.isfinite(fast(x)).all()
+
+
+def test_prop_attn_off_has_no_bias():
+    model, x, _ = zoo("deit_tiny")
+    fast = tome_fx.optimize(model, r=4, example_inputs=(x,), prop_attn=False)
+    assert fast.tome_counts["size_bias"] == 0
+    on = tome_fx.optimize(model, r=4, example_inputs=(x,))
+    with torch.no_grad():
+        assert not torch.allclose(fast(x), on(x), atol=1e-5)
+
+
+def test_model_not_mutated():
+    model, x, _ = zoo("nn_encoder_postnorm")
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        y = model(x)
+    tome_fx.optimize(model, r=4, example_inputs=(x,))
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training is None and isinstance(model.encoder, nn.TransformerEncoder)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
+def test_training_gradients_flow():
+    model = TinyTransformer().train()
+    x = torch.randn(3, 33, 16)
+    fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
+    fast.train()
+    y = fast(x)
+    y.sum().backward()
+    grads = [p.grad for p in fast.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # merged tokens pass gradient to every input token, as average pooling would
+    xg = x.clone().requires_grad_(True)
+    fast(xg).sum().backward()
+    assert (xg.grad.abs().sum(-1) > 0).all()
+
+
+def test_timm_backward():
+    model, x, _ = zoo("deit_tiny")
+    fast = tome_fx.optimize(model, r=8, example_inputs=(x,))
+    fast.train()
+    fast(x[:1]).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+    assert fast.get_submodule("blocks.0.attn.qkv").weight.grad is not None
+
+
+def test_position_read_is_refused():
+    """A head reading token 5 by position would be silently wrong: merging is switched off."""
+    model = TinyTransformer(read_token=5).eval()
+    x = torch.randn(2, 33, 16)
+    fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
+    assert fast.tome_counts["merges"] == 0
+    assert len(fast.tome.skipped) == 4
+    assert all("reads token 5 by position" in s.reason for s in fast.tome.skipped)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+def test_causal_attention_is_refused():
+    model = CausalModel().eval()
+    x = torch.randn(2, 10, 32)
+    plan = tome_fx.explain(model, example_inputs=(x,))
+    assert plan.blocks == ()
+    assert len(plan.skipped) == 1 and "causal" in plan.skipped[0].reason
+
+
+def test_explain_lists_blocks():
+    model, x, _ = zoo("deit_tiny_distilled")
+    plan = tome_fx.explain(model, example_inputs=(x,))
+    assert len(plan.blocks) == 12
+    assert plan.blocks[0].site.startswith("blocks.0.attn")
+    assert plan.protected == 2
+    text = str(plan)
+    assert "blocks.11.attn" in text and "protected prefix tokens: 2" in text
+
+
+def test_default_inputs_from_timm_cfg():
+    model, x, _ = zoo("deit_tiny")
+    fast = tome_fx.optimize(model, r=2)
+    assert fast.tome.blocks[0].tokens_in == 197
+
+
+def test_r_forms():
+    model, x, _ = zoo("hand_prenorm")
+    assert tome_fx.optimize(model, r=[3, 2], example_inputs=(x,)).tome.r == [3, 2, 0, 0]
+    assert tome_fx.optimize(model, r=(4, -1), example_inputs=(x,)).tome.r == [8, 5, 2, 0]
+    # r larger than the limit is clamped to (N - protected) // 2 per block
+    assert tome_fx.optimize(model, r=100, example_inputs=(x,)).tome.r == [16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("bad, exc, text", [
+    (-1, ValueError, "r must be >= 0"),
+    ("8", TypeError, "r must be an int"),
+    (1.5, TypeError, "r must be an int"),
+    (True, TypeError, "r must be an int"),
+    ([2, -3], ValueError, "r[1] must be >= 0"),
+    ((4, "x"), TypeError, "inflect must be a number"),
+])
+def test_bad_r(bad, exc, text):
+    model, x, _ = zoo("hand_prenorm")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(exc) as info:
+        tome_fx.optimize(model, r=bad, example_inputs=(x,))
+    assert text in str(info.value) and "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_no_attention():
+    with pytest.raises(ValueError, match="no attention found in NoAttention"):
+        tome_fx.optimize(NoAttention(), r=2, example_inputs=(torch.randn(2, 8),))
+
+
+def test_untraceable_names_class():
+    with pytest.raises(tome_fx.CaptureError) as info:
+        tome_fx.optimize(Untraceable(), r=2, example_inputs=(torch.randn(2, 8),))
+    msg = str(info.value)
+    assert msg.startswith("cannot trace Untraceable") and "\n" not in msg
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        tome_fx.optimize(lambda x: x, r=2)
+
+
+def test_missing_inputs_message():
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        tome_fx.optimize(TinyTransformer(), r=2)
+
+
+def test_r_or_budget_required():
+    with pytest.raises(ValueError, match="pass r"):
+        tome_fx.optimize(TinyTransformer(), example_inputs=(torch.randn(1, 33, 16),))

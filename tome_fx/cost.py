@@ -1,0 +1,329 @@
+"""FLOPs of a rewritten model as a closed-form function of the merge schedule; budget search.
+
+Counting convention: 2 FLOPs per multiply-add, as ``torch.utils.flop_counter.FlopCounterMode``
+(which counts matrix products, convolutions and attention; element-wise ops count 0).
+
+How the model is built (``CostModel.build``), from the graph rather than from a known layout:
+
+* The model is rewritten once with the largest merge everywhere (``r`` clamped per block at run
+  time), so every block that can merge has a ``tome_merge`` node.
+* Token counts change only at merges, so the graph splits into segments at the blocks' merge
+  points: segment 0 (before block 0's merge point: patch embedding, block 0's attention) sees
+  ``N0`` tokens, segment ``i`` (block ``i-1``'s MLP, block ``i``'s attention) sees ``T_i``, the
+  tokens entering block ``i``, and the last segment (the last MLP, the head) sees ``T_L``.
+* Each node's FLOPs are computed from the tensors it runs on: linear layers ``2*rows*in*out``,
+  matrix products ``2*M*K*N`` per batch entry, fused attention ``2*B*H*Lq*Lk*(d_qk + d_v)``
+  (the QK^T and AV products, heads and head dims read from the tensors), convolutions; any
+  other op that FlopCounterMode would count is measured with it node by node.
+* The graph is run twice: with r = 0 everywhere and with the largest r. Comparing a node's
+  FLOPs at the two token counts of its segment tells whether it is constant (the head on the
+  class token), linear (per-token linears) or quadratic (attention products) in the count.
+* The merge step costs its score matrix, ``2*B*|A|*|B|*d`` (the product in
+  ``ops.bipartite_match``), with ``|A|``, ``|B|`` the two halves of the unprotected tokens and
+  ``d`` the key dimension; it is 0 where a block merges nothing.
+
+So ``flops(schedule) = sum_s (c_s + a_s*T_s + q_s*T_s**2) + sum_i merge_i(T_i, r_i)``: evaluating
+a schedule is a few arithmetic operations per block, cheap enough for a search.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import graph_utils as gu
+from . import ops
+from .capture import normalize_inputs
+from .plan import Plan
+
+BIG_R = 1 << 30  # "merge as much as the block allows"; clamped at run time by tome_merge
+
+_LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d}
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+STRATEGIES = ("auto", "constant", "decreasing")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-node FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def merge_flops(tokens: int, r: int, prefix: int, batch: int, dim: int) -> int:
+    """FLOPs of one ``tome_merge`` on ``tokens`` tokens: its A x B cosine-score product."""
+    r = min(r, ops.merge_limit(tokens, prefix))
+    if r <= 0:
+        return 0
+    rest, off = tokens - prefix, prefix % 2
+    n_a = len(range(off, rest, 2))
+    n_b = len(range(1 - off, rest, 2))
+    return 2 * batch * n_a * n_b * dim
+
+
+def _known_flops(gm: fx.GraphModule, n: fx.Node, args, kwargs, out) -> int | None:
+    """FLOPs of a recognised op from its actual tensors; None if the op is not recognised."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        if isinstance(mod, nn.Linear):
+            return 2 * args[0].numel() * mod.out_features
+        if isinstance(mod, _CONV_MODULES) and isinstance(out, torch.Tensor):
+            return 2 * out.numel() * _prod(mod.weight.shape[1:])
+        return None
+    if n.op == "call_function" and n.target in _LINEAR_FUNCS:
+        return 2 * args[0].numel() * args[1].shape[0]
+    if n.op == "call_function" and n.target in _CONV_FUNCS and isinstance(out, torch.Tensor):
+        return 2 * out.numel() * _prod(args[1].shape[1:])
+    if gu.is_matmul(n) and isinstance(out, torch.Tensor):
+        a = args[0]
+        return 2 * out.numel() * a.shape[-1]
+    if gu.is_sdpa(n):
+        q, k, v = args[0], args[1], args[2]
+        return 2 * _prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    return None
+
+
+class _FlopRun(fx.Interpreter):
+    """Runs a rewritten graph with chosen r per merge node; records FLOPs per node."""
+
+    def __init__(self, gm: fx.GraphModule, r_of: dict, count: bool = True):
+        super().__init__(gm)
+        self.r_of = r_of
+        self.count = count
+        self.flops: dict[fx.Node, int] = {}
+        self.merges: dict[fx.Node, tuple[int, int, int]] = {}  # node -> (tokens, batch, dim)
+
+    def run_node(self, n: fx.Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n in self.r_of:
+                args = (*args[:3], self.r_of[n], *args[4:])
+            if n.op == "call_function" and n.target is ops.tome_merge:
+                x, keys = args[0], args[1]
+                transposed = args[5] if len(args) > 5 else kwargs.get("keys_transposed", False)
+                dim = keys.shape[-2] if transposed else keys.shape[-1]
+                self.merges[n] = (x.shape[1], x.shape[0], dim)
+                return getattr(self, n.op)(n.target, args, kwargs)
+            if not self.count or n.op not in ("call_module", "call_function", "call_method"):
+                return getattr(self, n.op)(n.target, args, kwargs)
+            known = n.op == "call_module" or gu.is_matmul(n) or gu.is_sdpa(n) or (
+                n.op == "call_function" and n.target in _LINEAR_FUNCS | _CONV_FUNCS)
+            if known:
+                out = getattr(self, n.op)(n.target, args, kwargs)
+                f = _known_flops(self.module, n, args, kwargs, out)
+                if f is not None:
+                    self.flops[n] = f
+                    return out
+            with FlopCounterMode(display=False) as fc:  # anything else FlopCounterMode counts
+                out = getattr(self, n.op)(n.target, args, kwargs)
+            f = fc.get_total_flops()
+            if f:
+                self.flops[n] = f
+            return out
+
+
+def _run(gm, inputs, r_of, count=True) -> _FlopRun:
+    args, kwargs = inputs
+    run = _FlopRun(gm, r_of, count)
+    with torch.no_grad():
+        if kwargs:
+            gu._run_kwargs(run, gm, args, kwargs)
+        else:
+            run.run(*args)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# the closed-form model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Term:
+    """FLOPs ``c + a*T + q*T**2`` of the nodes of one (segment, owner) group."""
+
+    c: float = 0.0
+    a: float = 0.0
+    q: float = 0.0
+
+    def at(self, t: int) -> float:
+        return self.c + self.a * t + self.q * t * t
+
+
+@dataclass
+class CostModel:
+    """Closed-form FLOPs of a model rewritten with a given merge schedule (see module doc)."""
+
+    tokens: int  # tokens entering block 0
+    prefix: int  # protected tokens
+    batch: int  # batch of the example inputs; all FLOPs are for that batch
+    enabled: tuple[bool, ...]  # blocks whose merge the rewrite keeps
+    merge_dims: tuple[int, ...]  # key dimension of each block's merge metric
+    terms: dict[tuple[int, int], _Term]  # (segment, owner block or -1 outside) -> term
+    heads: tuple[int, ...] = ()
+    irregular: list[str] = field(default_factory=list)  # nodes fitted by interpolation
+    base_plan: Plan | None = None  # plan of the max-merge rewrite (sites, kinds, skips)
+    graph_module: fx.GraphModule | None = None  # the max-merge rewrite, for calibration runs
+    merge_nodes: dict[int, fx.Node] = field(default_factory=dict)
+    inputs: tuple = ((), {})
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.enabled)
+
+    def limit(self, i: int, tokens: int) -> int:
+        return ops.merge_limit(tokens, self.prefix) if self.enabled[i] else 0
+
+    def clamp(self, schedule: Sequence[int]) -> list[int]:
+        """The r each block really applies (tome_merge clamps to the block's limit)."""
+        t, out = self.tokens, []
+        for i in range(self.num_blocks):
+            r = max(0, min(int(schedule[i]) if i < len(schedule) else 0, self.limit(i, t)))
+            out.append(r)
+            t -= r
+        return out
+
+    def token_counts(self, schedule: Sequence[int]) -> list[int]:
+        """Tokens entering each block, then the tokens after the last one (length L + 1)."""
+        t, out = self.tokens, [self.tokens]
+        for r in self.clamp(schedule):
+            t -= r
+            out.append(t)
+        return out
+
+    def breakdown(self, schedule: Sequence[int]) -> tuple[list[float], float]:
+        """(FLOPs per block, FLOPs outside the blocks) for a schedule."""
+        r = self.clamp(schedule)
+        t = self.token_counts(r)
+        per_block = [0.0] * self.num_blocks
+        outside = 0.0
+        for (seg, owner), term in self.terms.items():
+            f = term.at(t[seg])
+            if owner < 0:
+                outside += f
+            else:
+                per_block[owner] += f
+        for i in range(self.num_blocks):
+            if r[i] > 0:
+                per_block[i] += merge_flops(t[i], r[i], self.prefix, self.batch, self.merge_dims[i])
+        return per_block, outside
+
+    def flops(self, schedule: Sequence[int]) -> int:
+        per_block, outside = self.breakdown(schedule)
+        return int(round(sum(per_block) + outside))
+
+    @property
+    def flops_original(self) -> int:
+        return self.flops([0] * self.num_blocks)
+
+    def max_schedule(self) -> list[int]:
+        return self.clamp([BIG_R] * self.num_blocks)
+
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs=None, prop_attn: bool = True) -> "CostModel":
+        from .api import default_inputs, rewrite
+
+        if example_inputs is None:
+            example_inputs = default_inputs(model)
+        rw = rewrite(model, lambda n: [BIG_R] * n, example_inputs, prop_attn)
+        gm, base = rw.graph_module, rw.plan
+        inputs = normalize_inputs(example_inputs)
+        merge_nodes = {}
+        for n in gm.graph.nodes:
+            tag = n.meta.get("tome", {})
+            if n.op == "call_function" and n.target is ops.tome_merge and tag.get("role") == "merge":
+                merge_nodes[tag["block"]] = n
+        run0 = _run(gm, inputs, {m: 0 for m in merge_nodes.values()})
+        run1 = _run(gm, inputs, {m: BIG_R for m in merge_nodes.values()})
+        num = len(base.blocks)
+        tokens = base.blocks[0].tokens_in
+        enabled = tuple(i in merge_nodes for i in range(num))
+        batch = next((v[1] for v in run1.merges.values()), None)
+        if batch is None:  # nothing can merge: take the batch from block inputs
+            batch = 1
+        dims = tuple(run1.merges[merge_nodes[i]][2] if i in merge_nodes else 0 for i in range(num))
+        model_ = cls(tokens, base.protected, batch, enabled, dims, {}, base_plan=base,
+                     graph_module=gm, merge_nodes=merge_nodes, inputs=inputs)
+        t1 = model_.token_counts(model_.max_schedule())
+        for i, b in enumerate(base.blocks):  # the closed form's token counts are the measured ones
+            if b.tokens_in != t1[i]:
+                raise RuntimeError(f"cost model: block {i} tokens {t1[i]} != measured {b.tokens_in}")
+        model_.heads = _heads(gm, num)
+        owners = _owners(gm, model, example_inputs)
+        model_.terms = _fit_terms(gm, run0.flops, run1.flops, tokens, t1, owners, model_.irregular)
+        return model_
+
+
+def _heads(gm: fx.GraphModule, num: int) -> tuple[int, ...]:
+    heads = [0] * num
+    for n in gm.graph.nodes:
+        tag = n.meta.get("tome", {})
+        if tag.get("role") == "attention" and tag.get("block", num) < num:
+            heads[tag["block"]] = tag.get("heads", 0)
+    return tuple(heads)
+
+
+def _owners(gm: fx.GraphModule, model, example_inputs) -> dict:
+    """Node -> owning block (-1 outside), for the per-block report.
+
+    Block ``i`` owns the nodes after its stream input up to the next block's stream input (the
+    last block: up to its MLP residual add); the rest (embedding, final norm, head) is outside.
+    The blocks come from matching a fresh capture; its node names are the rewritten graph's.
+    """
+    from .capture import capture
+    from .match import find_blocks
+
+    cap = capture(model, model_inputs := example_inputs)
+    shapes, _ = gu.record_shapes(cap.graph_module, cap.args, cap.kwargs)
+    blocks = find_blocks(cap.graph_module, shapes).blocks
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    bounds = [order.get(b.stream_in.name, -1) for b in blocks]
+    end = order.get(blocks[-1].mlp_add.name, len(order)) if blocks else -1
+    owners = {}
+    for n in gm.graph.nodes:
+        k = order[n.name]
+        own = -1
+        if blocks and bounds[0] < k <= end:
+            own = max(i for i, lo in enumerate(bounds) if lo < k) if any(lo < k for lo in bounds) else -1
+        owners[n] = own
+    del model_inputs
+    return owners
+
+
+def _fit_terms(gm, f0: dict, f1: dict, n0: int, t1: list[int], owners: dict,
+               irregular: list) -> dict:
+    """Group nodes by (segment, owner) and fit each node's FLOPs as c, a*T or q*T**2."""
+    seg = 0
+    terms: dict[tuple[int, int], _Term] = {}
+    for n in gm.graph.nodes:
+        if n in f0 or n in f1:
+            a0, a1 = f0.get(n, 0), f1.get(n, 0)
+            term = terms.setdefault((seg, owners.get(n, -1)), _Term())
+            x0, x1 = n0, t1[seg]
+            if a0 == a1 or x0 == x1:
+                term.c += a0
+            elif x1 * a0 == x0 * a1:
+                term.a += a0 / x0
+            elif x1 * x1 * a0 == x0 * x0 * a1:
+                term.q += a0 / (x0 * x0)
+            else:  # not a pure power of the token count: interpolate linearly
+                slope = (a0 - a1) / (x0 - x1)
+                term.a += slope
+                term.c += a0 - slope * x0
+                irregular.append(n.name)
+        tag = n.meta.get("tome", {})
+        if tag.get("role") == "merge_point":
+            seg = tag["block"] + 1
+    return terms
