@@ -285,7 +285,7 @@ def _owners(gm: fx.GraphModule, model, example_inputs) -> dict:
     from .capture import capture
     from .match import find_blocks
 
-    cap = capture(model, model_inputs := example_inputs)
+    cap = capture(model, example_inputs)
     shapes, _ = gu.record_shapes(cap.graph_module, cap.args, cap.kwargs)
     blocks = find_blocks(cap.graph_module, shapes).blocks
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -294,11 +294,8 @@ def _owners(gm: fx.GraphModule, model, example_inputs) -> dict:
     owners = {}
     for n in gm.graph.nodes:
         k = order[n.name]
-        own = -1
-        if blocks and bounds[0] < k <= end:
-            own = max(i for i, lo in enumerate(bounds) if lo < k) if any(lo < k for lo in bounds) else -1
-        owners[n] = own
-    del model_inputs
+        inside = [i for i, lo in enumerate(bounds) if lo < k]
+        owners[n] = inside[-1] if inside and k <= end else -1
     return owners
 
 
