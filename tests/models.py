@@ -97,3 +97,36 @@ class Untraceable(nn.Module):
         if x.sum() > 0:  # data-dependent control flow defeats symbolic tracing
             return self.fc(x)
         return x
+
+
+class RelPosAttention(ExplicitAttention):
+    """Adds a learned bias indexed by token position to the logits (BEiT/Swin style)."""
+
+    def __init__(self, dim, heads, tokens):
+        super().__init__(dim, heads)
+        self.rel_bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5 + self.rel_bias
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class MHABlockModel(nn.Module):
+    """Pre-norm blocks built on nn.MultiheadAttention called directly (default need_weights)."""
+
+    def __init__(self, dim=32, heads=4, depth=2):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2 * depth)])
+        self.attns = nn.ModuleList([nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(depth)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                   for _ in range(depth)])
+
+    def forward(self, x):
+        for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
+            h = self.norms[2 * i](x)
+            x = x + attn(h, h, h)[0]
+            x = x + mlp(self.norms[2 * i + 1](x))
+        return x.mean(dim=1)

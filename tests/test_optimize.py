@@ -258,3 +258,32 @@ def test_missing_inputs_message():
 def test_r_or_budget_required():
     with pytest.raises(ValueError, match="pass r"):
         tome_fx.optimize(TinyTransformer(), example_inputs=(torch.randn(1, 33, 16),))
+
+
+def test_relative_position_bias_is_refused():
+    from models import RelPosAttention
+
+    model = TinyTransformer(depth=2).eval()
+    model.blocks[1].attn = RelPosAttention(64, 4, 33)
+    x = torch.randn(2, 32, 16)
+    fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
+    reasons = [s.reason for s in fast.tome.skipped]
+    assert any("relative position bias" in r for r in reasons)
+    # block 0 would feed merged tokens into the refused block 1: it is switched off too
+    assert fast.tome_counts["merges"] == 0
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+def test_multihead_attention_called_directly():
+    from models import MHABlockModel
+
+    model = MHABlockModel().eval()
+    x = torch.randn(3, 21, 32)
+    r0 = tome_fx.optimize(model, r=0, example_inputs=(x,))
+    fast = tome_fx.optimize(model, r=3, example_inputs=(x,))
+    assert fast.tome_counts == {"merges": 2, "size_bias": 1, "weighted_pool": 1}
+    assert [b.kind for b in fast.tome.blocks] == ["softmax", "softmax"]  # need_weights=True path
+    with torch.no_grad():
+        assert (r0(x) - model(x)).abs().max() <= 1e-5
+        assert torch.isfinite(fast(x)).all()

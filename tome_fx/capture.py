@@ -286,5 +286,19 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         gm = fx.symbolic_trace(work, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many kinds; report them as one line
         raise CaptureError(f"cannot trace {name} with torch.fx: {one_line(exc)}") from exc
+    _drop_dead_values(gm)
     gm.eval()
     return Captured(gm, "fx", name, args, kwargs, notes)
+
+
+def _drop_dead_values(gm: fx.GraphModule) -> None:
+    """Remove unused pure values (e.g. attention weights nobody reads), so they do not look
+    like extra consumers of the attention. In-place and side-effecting calls stay."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.users or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") or node.is_impure():
+            continue
+        gm.graph.erase_node(node)
+    gm.recompile()
