@@ -13,7 +13,7 @@ from .capture import capture, normalize_inputs
 from .errors import NoAttentionError
 from .match import Matches, Refusal, find_blocks
 from .passes import add_size_bias, check_token_flow, insert_merges, weight_pooling
-from .plan import BlockPlan, Plan, Skipped
+from .plans import BlockPlan, Plan, Skipped
 from .schedule import parse_r
 
 
@@ -58,7 +58,9 @@ def _check_args(model, r, flops_budget):
     if r is None and flops_budget is None:
         raise ValueError("pass r (tokens merged per block) or flops_budget")
     if flops_budget is not None:
-        raise NotImplementedError("flops_budget needs the cost model, which is not built yet; pass r")
+        from .cost import check_budget
+
+        check_budget(flops_budget)  # ValueError/TypeError naming the value
 
 
 def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str]) -> Plan:
@@ -138,7 +140,12 @@ def optimize(
     _check_args(model, r, flops_budget)
     if r is not None:
         parse_r(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type/range errors early
-    result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
+    if flops_budget is not None:  # schedule from the cost model (tome_fx.cost.plan)
+        from .cost import rewrite_for_budget
+
+        result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn)
+    else:
+        result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
     out = result.graph_module
     out.tome_counts = result.counts
     if compile:

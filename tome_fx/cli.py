@@ -35,7 +35,12 @@ def report(args) -> int:
 
     model = _load(args.source)
     inputs = tome_fx.api.default_inputs(model, batch=args.batch_size)
-    fast = tome_fx.optimize(model, r=_parse_r(args.r), example_inputs=inputs)
+    if args.flops_budget is not None and args.r is not None:
+        raise ValueError("pass either --r or --flops-budget, not both")
+    if args.flops_budget is not None:
+        fast = tome_fx.optimize(model, flops_budget=args.flops_budget, example_inputs=inputs)
+    else:
+        fast = tome_fx.optimize(model, r=_parse_r(args.r or "8"), example_inputs=inputs)
     with torch.no_grad():
         ref, out = model(*inputs), fast(*inputs)
     cos = torch.nn.functional.cosine_similarity(ref.flatten(1), out.flatten(1)).mean().item()
@@ -53,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report",
         help="show blocks found, merges per block and fidelity",
-        epilog="example: tome-fx report timm:vit_small_patch16_224 --r 8",
+        epilog="example: tome-fx report timm:vit_small_patch16_224 --flops-budget 0.5",
     )
     rep.add_argument("source", help="model source: timm:NAME")
-    rep.add_argument("--r", default="8", help="tokens merged per block (int or list a,b,c)")
+    rep.add_argument("--r", default=None, help="tokens merged per block (int or list a,b,c; default 8)")
+    rep.add_argument("--flops-budget", type=float, default=None,
+                     help="fraction of the original FLOPs to keep, in (0, 1]")
     rep.add_argument("--batch-size", type=int, default=2)
     rep.set_defaults(func=report)
     return parser

@@ -30,19 +30,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import graph_utils as gu
 from . import ops
 from .capture import normalize_inputs
-from .plan import Plan
+from .plans import Plan
 
 BIG_R = 1 << 30  # "merge as much as the block allows"; clamped at run time by tome_merge
 
@@ -105,8 +105,16 @@ class _FlopRun(fx.Interpreter):
         self.count = count
         self.flops: dict[fx.Node, int] = {}
         self.merges: dict[fx.Node, tuple[int, int, int]] = {}  # node -> (tokens, batch, dim)
+        self.shapes: dict[str, Any] = {}  # node name -> output shape(s)
 
     def run_node(self, n: fx.Node) -> Any:
+        out = self._run_node(n)
+        if self.count:
+            self.shapes[n.name] = tree_map(
+                lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else None, out)
+        return out
+
+    def _run_node(self, n: fx.Node) -> Any:
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             if n in self.r_of:
@@ -140,9 +148,9 @@ def _run(gm, inputs, r_of, count=True) -> _FlopRun:
     run = _FlopRun(gm, r_of, count)
     with torch.no_grad():
         if kwargs:
-            gu._run_kwargs(run, gm, args, kwargs)
+            run.output = gu._run_kwargs(run, gm, args, kwargs)
         else:
-            run.run(*args)
+            run.output = run.run(*args)
     return run
 
 
@@ -178,6 +186,7 @@ class CostModel:
     graph_module: fx.GraphModule | None = None  # the max-merge rewrite, for calibration runs
     merge_nodes: dict[int, fx.Node] = field(default_factory=dict)
     inputs: tuple = ((), {})
+    reference: Any = None  # the unmerged output on the example inputs (calibration reference)
 
     @property
     def num_blocks(self) -> int:
@@ -255,13 +264,14 @@ class CostModel:
             batch = 1
         dims = tuple(run1.merges[merge_nodes[i]][2] if i in merge_nodes else 0 for i in range(num))
         model_ = cls(tokens, base.protected, batch, enabled, dims, {}, base_plan=base,
-                     graph_module=gm, merge_nodes=merge_nodes, inputs=inputs)
+                     graph_module=gm, merge_nodes=merge_nodes, inputs=inputs,
+                     reference=run0.output)
         t1 = model_.token_counts(model_.max_schedule())
         for i, b in enumerate(base.blocks):  # the closed form's token counts are the measured ones
             if b.tokens_in != t1[i]:
                 raise RuntimeError(f"cost model: block {i} tokens {t1[i]} != measured {b.tokens_in}")
         model_.heads = _heads(gm, num)
-        owners = _owners(gm, model, example_inputs)
+        owners = _owners(gm, model, example_inputs, run0.shapes)
         model_.terms = _fit_terms(gm, run0.flops, run1.flops, tokens, t1, owners, model_.irregular)
         return model_
 
@@ -275,7 +285,7 @@ def _heads(gm: fx.GraphModule, num: int) -> tuple[int, ...]:
     return tuple(heads)
 
 
-def _owners(gm: fx.GraphModule, model, example_inputs) -> dict:
+def _owners(gm: fx.GraphModule, model, example_inputs, shapes_by_name: dict) -> dict:
     """Node -> owning block (-1 outside), for the per-block report.
 
     Block ``i`` owns the nodes after its stream input up to the next block's stream input (the
@@ -286,7 +296,8 @@ def _owners(gm: fx.GraphModule, model, example_inputs) -> dict:
     from .match import find_blocks
 
     cap = capture(model, example_inputs)
-    shapes, _ = gu.record_shapes(cap.graph_module, cap.args, cap.kwargs)
+    # with r = 0 the rewritten graph computes the original's values: reuse its shapes by name
+    shapes = {n: shapes_by_name.get(n.name) for n in cap.graph_module.graph.nodes}
     blocks = find_blocks(cap.graph_module, shapes).blocks
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     bounds = [order.get(b.stream_in.name, -1) for b in blocks]
@@ -324,3 +335,264 @@ def _fit_terms(gm, f0: dict, f1: dict, n0: int, t1: list[int], owners: dict,
         if tag.get("role") == "merge_point":
             seg = tag["block"] + 1
     return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule search
+# ---------------------------------------------------------------------------------------------
+
+TOLERANCE = 0.01  # achieved ratio must be in [b - TOLERANCE, b]
+_CLOSE = 0.0025  # the adjustment stops once this close below the budget
+
+
+def check_budget(flops_budget) -> float:
+    """``flops_budget`` as a float in (0, 1], else ValueError/TypeError naming the value."""
+    if isinstance(flops_budget, bool) or not isinstance(flops_budget, (int, float)):
+        raise TypeError(f"flops_budget must be a number in (0, 1], got {flops_budget!r}")
+    b = float(flops_budget)
+    if not (0.0 < b <= 1.0) or math.isnan(b):
+        raise ValueError(f"flops_budget must be in (0, 1] (a fraction of the original FLOPs), "
+                         f"got {flops_budget}")
+    return b
+
+
+def _shapes(num: int) -> dict[str, list[float]]:
+    """Relative merge amounts per block: the candidate family for the 'auto' strategy."""
+    t = [i / (num - 1) if num > 1 else 0.0 for i in range(num)]
+    return {
+        "constant": [1.0] * num,
+        "decreasing": [2.0 * (1 - x) for x in t],  # the paper's (r, -1): 2r down to 0
+        "increasing": [2.0 * x for x in t],
+        "decreasing-half": [1.5 - x for x in t],
+        "increasing-half": [0.5 + x for x in t],
+        "front-loaded": [(1 - x) ** 2 for x in t],
+        "back-loaded": [x * x for x in t],
+        "skip-first-quarter": [0.0 if x < 0.25 else 1.0 for x in t],
+        "skip-first-half": [0.0 if x < 0.5 else 1.0 for x in t],
+        "first-half-only": [1.0 if x <= 0.5 else 0.0 for x in t],
+        "middle": [1.0 - abs(2 * x - 1) for x in t],
+    }
+
+
+def _adjust(cm: CostModel, schedule: list[int], hi: float, close: float) -> list[int]:
+    """Single-block (and pairwise) r changes that bring the FLOPs to <= hi and close below it."""
+    s = cm.clamp(schedule)
+    cost = cm.flops(s)
+    num = cm.num_blocks
+    for _ in range(10 * (cm.tokens + num)):
+        if cost <= hi and cost >= close:
+            break
+        moves = []
+        if cost > hi:  # merge more: the single +1 that stays closest above/below hi
+            for i in range(num):
+                t = s.copy()
+                t[i] += 1
+                t = cm.clamp(t)
+                if t != s:
+                    moves.append((cm.flops(t), t))
+            under = [m for m in moves if m[0] <= hi]
+            pick = max(under, key=lambda m: m[0]) if under else min(moves, key=lambda m: m[0], default=None)
+        else:  # merge less: the single -1, else a (-1, +1) pair, that rises most within hi
+            for i in range(num):
+                if s[i] > 0:
+                    t = s.copy()
+                    t[i] -= 1
+                    t = cm.clamp(t)
+                    moves.append((cm.flops(t), t))
+            under = [m for m in moves if cost < m[0] <= hi]
+            if not under:
+                for i in range(num):
+                    if s[i] == 0:
+                        continue
+                    for j in range(num):
+                        if j == i:
+                            continue
+                        t = s.copy()
+                        t[i] -= 1
+                        t[j] += 1
+                        t = cm.clamp(t)
+                        c = cm.flops(t)
+                        if cost < c <= hi:
+                            under.append((c, t))
+            pick = max(under, key=lambda m: m[0]) if under else None
+        if pick is None:
+            break
+        cost, s = pick
+    return s
+
+
+def _fit(cm: CostModel, weights: list[float], hi: float, close: float) -> list[int] | None:
+    """Scale a shape to the least merging that meets ``hi`` FLOPs, then adjust block by block."""
+    if not any(w > 0 for w in weights):
+        return None
+
+    def sched(alpha: float) -> list[int]:
+        return cm.clamp([int(math.floor(alpha * w + 1e-9)) for w in weights])
+
+    top = (cm.tokens + 1) / min(w for w in weights if w > 0)
+    if cm.flops(sched(top)) > hi:
+        return None  # this shape cannot reach the budget
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + top) / 2
+        if cm.flops(sched(mid)) <= hi:
+            top = mid
+        else:
+            lo = mid
+    return _adjust(cm, sched(top), hi, close)
+
+
+def _features(out: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def output_drift(reference: Any, output: Any) -> float:
+    """Mean cosine distance (1 - cos) per sample between two model outputs.
+
+    Dimensions whose size differs (a token dimension that merging shortened) are averaged out
+    in both before comparing.
+    """
+    total, count = 0.0, 0
+    for a, b in zip(_features(reference), _features(output)):
+        if a.dim() != b.dim():
+            continue
+        dims = tuple(d for d in range(a.dim()) if a.shape[d] != b.shape[d])
+        if dims:
+            a, b = a.mean(dim=dims, keepdim=True), b.mean(dim=dims, keepdim=True)
+        a = a.double().reshape(a.shape[0], -1) if a.dim() > 1 else a.double().reshape(1, -1)
+        b = b.double().reshape(b.shape[0], -1) if b.dim() > 1 else b.double().reshape(1, -1)
+        total += float((1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean())
+        count += 1
+    return total / max(count, 1)
+
+
+class _Calibration:
+    """Runs the max-merge rewrite with a chosen r per block on the calibration inputs."""
+
+    def __init__(self, cm: CostModel):
+        self.cm = cm
+        self.reference = cm.reference
+        if self.reference is None:
+            self.reference = self.output([0] * cm.num_blocks)
+
+    def output(self, schedule: list[int]) -> Any:
+        r_of = {node: schedule[i] for i, node in self.cm.merge_nodes.items()}
+        return _run(self.cm.graph_module, self.cm.inputs, r_of, count=False).output
+
+    def drift(self, schedule: list[int]) -> float:
+        return output_drift(self.reference, self.output(schedule))
+
+
+def search(cm: CostModel, budget: float, strategy: str = "auto") -> tuple[list[int], float | None]:
+    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    num = cm.num_blocks
+    if budget >= 1.0:
+        return [0] * num, 0.0
+    orig = cm.flops_original
+    hi = budget * orig
+    floor = cm.flops(cm.max_schedule())
+    if floor > hi:
+        raise ValueError(
+            f"flops_budget={budget} is below the smallest reachable FLOP ratio "
+            f"{floor / orig:.4f} for this model and input size (merging the most every block "
+            f"allows); pass flops_budget >= {math.ceil(floor / orig * 1e4) / 1e4}")
+    close = (budget - _CLOSE) * orig
+    shapes = _shapes(num)
+    names = list(shapes) if strategy == "auto" else [strategy]
+    fits = {}
+    for name in names:
+        s = _fit(cm, shapes[name], hi, close)
+        fits[name] = s if s is not None else _adjust(cm, cm.max_schedule(), hi, close)
+    in_window = lambda s: cm.flops(s) >= (budget - TOLERANCE) * orig  # noqa: E731
+    if not any(in_window(s) for s in fits.values()):  # keep the >= b - 0.01 guarantee
+        for name in _shapes(num):
+            if name not in fits:
+                s = _fit(cm, shapes[name], hi, close)
+                if s is not None and in_window(s):
+                    fits[name] = s
+                    break
+    choices = [s for s in fits.values() if in_window(s)] or list(fits.values())
+    unique = []
+    for s in choices:
+        if s not in unique:
+            unique.append(s)
+    calib = _Calibration(cm)
+    if len(unique) == 1:
+        return unique[0], calib.drift(unique[0])
+    scored = [(calib.drift(s), -cm.flops(s), s) for s in unique]
+    drift, _, best = min(scored, key=lambda x: (x[0], x[1]))
+    return best, drift
+
+
+def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
+            strategy: str | None = None, drift: float | None = None) -> Plan:
+    """The Plan for a schedule: the max-merge rewrite's sites, with this schedule's numbers."""
+    r = cm.clamp(schedule)
+    t = cm.token_counts(r)
+    per_block, _ = cm.breakdown(r)
+    rows = tuple(
+        dataclasses.replace(b, r=r[i], tokens_in=t[i], tokens_out=t[i + 1],
+                            flops=int(round(per_block[i])))
+        for i, b in enumerate(cm.base_plan.blocks)
+    )
+    return dataclasses.replace(cm.base_plan, blocks=rows, flops=cm.flops(r),
+                               flops_original=cm.flops_original, budget=budget,
+                               strategy=strategy, drift=drift)
+
+
+def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
+         strategy: str = "auto", prop_attn: bool = True) -> Plan:
+    """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's.
+
+    ``example_inputs`` set the token count (and serve as calibration inputs); without them the
+    model's declared input size is used (timm ``pretrained_cfg``, a config's ``image_size``).
+    FLOPs come from ``CostModel`` (2 per multiply-add, as ``FlopCounterMode``), for the example
+    inputs' batch. Guarantees: achieved ratio <= b, and >= b - 0.01 whenever an integer schedule
+    gets there; ``b = 1`` merges nothing; ``b`` below the smallest reachable ratio (the most
+    merging every block allows) raises ValueError naming that ratio.
+
+    Strategies (each is scaled to the budget, then adjusted block by block to land just below it):
+
+    * ``"constant"``: the least constant r that meets the budget (the paper's constant r).
+    * ``"decreasing"``: the paper's ``(r, -1)`` ramp, from 2r in the first block to 0.
+    * ``"auto"`` (default): a family of schedules (constant; decreasing/increasing ramps of two
+      slopes; front- and back-loaded; merging only after the first quarter/half; only in the
+      first half; peaked in the middle), each fitted to the budget, and the one with the least
+      **output drift** wins. Output drift is the fidelity proxy: the mean over the calibration
+      samples of the cosine distance ``1 - cos(f, f_r)`` between the unmerged model's output
+      ``f`` and the merged model's ``f_r`` (token dimensions that merging shortens are averaged
+      out). Pass real inputs as ``example_inputs`` for a meaningful proxy; random inputs only
+      measure how much the schedule perturbs the function. The constant and decreasing schedules
+      are in the family, so on the calibration inputs "auto" is never worse than either.
+
+    The returned Plan's ``drift`` is the chosen schedule's proxy value for every strategy.
+    """
+    b = check_budget(flops_budget)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if example_inputs is None:
+        from .api import default_inputs
+
+        example_inputs = default_inputs(model)
+    cm = CostModel.build(model, example_inputs, prop_attn)
+    schedule, drift = search(cm, b, strategy)
+    return to_plan(cm, schedule, b, strategy, drift)
+
+
+def rewrite_for_budget(model: nn.Module, flops_budget: float, example_inputs: Any = None,
+                       prop_attn: bool = True, strategy: str = "auto"):
+    """``rewrite`` with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
+    from .api import default_inputs, rewrite
+
+    if example_inputs is None:
+        example_inputs = default_inputs(model)
+    chosen = plan(model, flops_budget, example_inputs, strategy, prop_attn)
+    result = rewrite(model, lambda n: list(chosen.r) + [0] * (n - len(chosen.r)),
+                     example_inputs, prop_attn)
+    if result.plan.r == chosen.r:
+        result.plan = chosen
+        result.graph_module.tome = chosen
+    return result

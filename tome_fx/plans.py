@@ -1,0 +1,83 @@
+"""The merge plan: per block, tokens in/out and r. Frozen; prints as a table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tabulate import tabulate
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    site: str  # attention node in the graph
+    kind: str  # "sdpa" | "softmax"
+    norm: str  # "pre" | "post"
+    tokens_in: int
+    r: int  # merges actually applied (after clamping to the block's limit)
+    tokens_out: int
+    flops: int | None = None  # the block's FLOPs incl. its merge (cost model), else None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    site: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    blocks: tuple[BlockPlan, ...]
+    protected: int  # prefix tokens never merged (class, distillation, register tokens)
+    skipped: tuple[Skipped, ...] = ()
+    frontend: str = "fx"
+    # Set by tome_fx.plan (the cost model); FLOPs are for the example inputs' batch.
+    flops: int | None = None  # whole rewritten model
+    flops_original: int | None = None  # the model without merging
+    budget: float | None = None  # requested flops_budget
+    strategy: str | None = None
+    drift: float | None = None  # fidelity proxy of the chosen schedule (see tome_fx.cost.plan)
+
+    @property
+    def r(self) -> list[int]:
+        return [b.r for b in self.blocks]
+
+    @property
+    def ratio(self) -> float | None:
+        """FLOPs of the rewritten model / FLOPs of the original."""
+        if self.flops is None or not self.flops_original:
+            return None
+        return self.flops / self.flops_original
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        """Speed-up if run time were proportional to FLOPs (1 / ratio)."""
+        ratio = self.ratio
+        return None if not ratio else 1.0 / ratio
+
+    def table(self, fmt: str = "simple") -> str:
+        with_flops = any(b.flops is not None for b in self.blocks)
+        rows = []
+        for b in self.blocks:
+            row = [b.index, b.site, b.kind, b.norm, b.tokens_in, b.r, b.tokens_out]
+            if with_flops:
+                row.append(None if b.flops is None else b.flops / 1e6)
+            rows.append(row)
+        head = ["block", "attention", "kind", "norm", "tokens in", "r", "tokens out"]
+        if with_flops:
+            head.append("MFLOPs")
+        return tabulate(rows, headers=head, tablefmt=fmt, floatfmt=".1f")
+
+    def __str__(self) -> str:
+        lines = [self.table(), f"protected prefix tokens: {self.protected}"]
+        if self.flops is not None and self.flops_original:
+            budget = "" if self.budget is None else f" (budget {self.budget:g})"
+            lines.append(
+                f"FLOPs: {self.flops / 1e9:.4g} G of {self.flops_original / 1e9:.4g} G, "
+                f"ratio {self.ratio:.4f}{budget}, predicted speed-up {self.predicted_speedup:.3f}x"
+            )
+        if self.strategy is not None:
+            drift = "" if self.drift is None else f", output drift {self.drift:.3g}"
+            lines.append(f"strategy: {self.strategy}{drift}")
+        for s in self.skipped:
+            lines.append(f"skipped {s.site}: {s.reason}")
+        return "\n".join(lines)
