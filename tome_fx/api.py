@@ -9,9 +9,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import graph_utils as gu
-from .capture import capture, normalize_inputs
+from .capture import capture
 from .errors import NoAttentionError
-from .match import Matches, Refusal, find_blocks
+from .match import Matches, find_blocks
 from .passes import add_size_bias, check_token_flow, insert_merges, weight_pooling
 from .plans import BlockPlan, Plan, Skipped
 from .schedule import parse_r

@@ -147,10 +147,7 @@ def _run(gm, inputs, r_of, count=True) -> _FlopRun:
     args, kwargs = inputs
     run = _FlopRun(gm, r_of, count)
     with torch.no_grad():
-        if kwargs:
-            run.output = gu._run_kwargs(run, gm, args, kwargs)
-        else:
-            run.output = run.run(*args)
+        run.output = gu.run_interpreter(run, gm, args, kwargs)
     return run
 
 

@@ -97,12 +97,14 @@ class ShapeRecorder(fx.Interpreter):
 def record_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[dict, Any]:
     rec = ShapeRecorder(gm)
     with torch.no_grad():
-        out = rec.run(*args, **kwargs) if not kwargs else _run_kwargs(rec, gm, args, kwargs)
+        out = run_interpreter(rec, gm, args, kwargs)
     return rec.shapes, out
 
 
-def _run_kwargs(rec: fx.Interpreter, gm: fx.GraphModule, args: tuple, kwargs: dict):
+def run_interpreter(rec: fx.Interpreter, gm: fx.GraphModule, args: tuple, kwargs: dict):
     """fx.Interpreter.run takes positional args only: order kwargs by placeholder."""
+    if not kwargs:
+        return rec.run(*args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     full = list(args)
     for p in placeholders[len(args) :]:

@@ -98,7 +98,7 @@ def _run(gm, args, kwargs, merges, values):
     rec = _Recorder(gm)
     try:
         with torch.no_grad():
-            gu._run_kwargs(rec, gm, args, kwargs) if kwargs else rec.run(*args)
+            gu.run_interpreter(rec, gm, args, kwargs)
     except Exception as exc:
         return rec.shapes, (rec.failed, exc)
     return rec.shapes, None
