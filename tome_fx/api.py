@@ -25,6 +25,7 @@ class Rewrite:
     plan: Plan
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    blocks: list = field(default_factory=list)  # matched Blocks; their nodes are graph_module's
 
 
 def default_inputs(model: nn.Module, batch: int = 2) -> tuple:
@@ -120,7 +121,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         "weighted_pool": pooled.count,
     }
     gm.tome = plan  # the plan travels with the module
-    return Rewrite(gm, plan, counts, notes)
+    return Rewrite(gm, plan, counts, notes, matches.blocks)
 
 
 def optimize(

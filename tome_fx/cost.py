@@ -268,7 +268,7 @@ class CostModel:
             if b.tokens_in != t1[i]:
                 raise RuntimeError(f"cost model: block {i} tokens {t1[i]} != measured {b.tokens_in}")
         model_.heads = _heads(gm, num)
-        owners = _owners(gm, model, example_inputs, run0.shapes)
+        owners = _owners(gm, rw.blocks)
         model_.terms = _fit_terms(gm, run0.flops, run1.flops, tokens, t1, owners, model_.irregular)
         return model_
 
@@ -282,26 +282,19 @@ def _heads(gm: fx.GraphModule, num: int) -> tuple[int, ...]:
     return tuple(heads)
 
 
-def _owners(gm: fx.GraphModule, model, example_inputs, shapes_by_name: dict) -> dict:
+def _owners(gm: fx.GraphModule, blocks) -> dict:
     """Node -> owning block (-1 outside), for the per-block report.
 
     Block ``i`` owns the nodes after its stream input up to the next block's stream input (the
     last block: up to its MLP residual add); the rest (embedding, final norm, head) is outside.
-    The blocks come from matching a fresh capture; its node names are the rewritten graph's.
+    ``blocks`` are the rewrite's matched blocks, whose nodes live in ``gm``.
     """
-    from .capture import capture
-    from .match import find_blocks
-
-    cap = capture(model, example_inputs)
-    # with r = 0 the rewritten graph computes the original's values: reuse its shapes by name
-    shapes = {n: shapes_by_name.get(n.name) for n in cap.graph_module.graph.nodes}
-    blocks = find_blocks(cap.graph_module, shapes).blocks
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    bounds = [order.get(b.stream_in.name, -1) for b in blocks]
-    end = order.get(blocks[-1].mlp_add.name, len(order)) if blocks else -1
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    bounds = [order.get(b.stream_in, -1) for b in blocks]
+    end = order.get(blocks[-1].mlp_add, len(order)) if blocks else -1
     owners = {}
     for n in gm.graph.nodes:
-        k = order[n.name]
+        k = order[n]
         inside = [i for i, lo in enumerate(bounds) if lo < k]
         owners[n] = inside[-1] if inside and k <= end else -1
     return owners
