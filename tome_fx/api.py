@@ -1,6 +1,8 @@
 """Public entry points: ``optimize`` and ``explain``."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +14,8 @@ from . import graph_utils as gu
 from .capture import capture
 from .errors import NoAttentionError
 from .match import Matches, find_blocks
-from .passes import add_size_bias, check_token_flow, insert_merges, weight_pooling
+from .export_capture import exported_inputs, is_exported_program
+from .passes import add_size_bias, check_token_flow, insert_merges, repair_shapes, weight_pooling
 from .plans import BlockPlan, Plan, Skipped
 from .schedule import parse_r
 
@@ -29,7 +32,14 @@ class Rewrite:
 
 
 def default_inputs(model: nn.Module, batch: int = 2) -> tuple:
-    """Example inputs from the model's declared input size (timm cfg or a config's image_size)."""
+    """Example inputs from the model's declared input size (timm cfg or a config's image_size);
+    an ExportedProgram's own example inputs."""
+    if is_exported_program(model):
+        args, kwargs = exported_inputs(model)
+        if args and kwargs:
+            raise ValueError("the ExportedProgram takes positional and keyword inputs; pass "
+                             "example_inputs=")
+        return kwargs or args
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     if size is None:
@@ -40,6 +50,12 @@ def default_inputs(model: nn.Module, batch: int = 2) -> tuple:
             size = (channels, image, image)
         elif isinstance(image, (tuple, list)) and len(image) == 2:
             size = (channels, *image)
+        frames = getattr(config, "num_frames", None)  # video: [B, T, C, H, W]
+        if size is not None and isinstance(frames, int):
+            size = (frames, *size)
+        bins, length = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
+        if size is None and isinstance(bins, int) and isinstance(length, int):
+            size = (length, bins)  # audio spectrogram: [B, time, mel bins]
     if size is None:
         raise ValueError(
             f"{type(model).__name__} declares no input size; pass example_inputs=(tensor, ...)"
@@ -52,7 +68,7 @@ def default_inputs(model: nn.Module, batch: int = 2) -> tuple:
 
 
 def _check_args(model, r, flops_budget):
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module) and not is_exported_program(model):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if r is not None and flops_budget is not None:
         raise ValueError("pass either r or flops_budget, not both")
@@ -64,7 +80,8 @@ def _check_args(model, r, flops_budget):
         check_budget(flops_budget)  # ValueError/TypeError naming the value
 
 
-def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str]) -> Plan:
+def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str], frontend: str = "fx",
+                notes: tuple = ()) -> Plan:
     merged = {s.block: s for s in sites}
     rows = []
     for b in matches.blocks:
@@ -74,7 +91,7 @@ def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str]) -> Pl
         rows.append(BlockPlan(b.index, b.name, b.core.kind, b.norm, n_in, n_in - n_out, n_out))
     skipped = [Skipped(r.site, r.reason) for r in matches.refusals]
     skipped += [Skipped(matches.blocks[i].name, why) for i, why in sorted(disabled.items())]
-    return Plan(tuple(rows), matches.prefix, tuple(skipped))
+    return Plan(tuple(rows), matches.prefix, tuple(skipped), frontend=frontend, notes=notes)
 
 
 def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool = True) -> Rewrite:
@@ -86,8 +103,9 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
     if example_inputs is None:
         example_inputs = default_inputs(model)
     disabled: dict[int, str] = {}
-    while True:
-        cap = capture(model, example_inputs)
+    captured = capture(model, example_inputs)
+    while True:  # each round rewrites a fresh copy of the one capture
+        cap = dataclasses.replace(captured, graph_module=copy.deepcopy(captured.graph_module))
         gm = cap.graph_module
         shapes, _ = gu.record_shapes(gm, cap.args, cap.kwargs)
         matches = find_blocks(gm, shapes)
@@ -97,29 +115,33 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         enabled = {b.index for b in matches.blocks} - set(disabled)
         merged = insert_merges(gm, matches.blocks, schedule, matches.prefix, enabled)
         sites = merged.info
+        fixed = repair_shapes(gm, sites, cap.args, cap.kwargs)  # baked token counts (export)
         biased = add_size_bias(gm, matches.cores, sites, shapes) if prop_attn else None
         core_nodes = set().union(*(c.nodes for c in matches.cores))
         r_of = {s.merge: s.merge.args[3] for s in sites}
         flow = check_token_flow(gm, cap.args, cap.kwargs, sites, r_of, matches.prefix, core_nodes)
-        if not flow.unsafe:
+        unsafe = fixed.info.unsafe + flow.unsafe
+        if not unsafe:
             break
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        node, reason = min(flow.unsafe, key=lambda nr: order.get(nr[0], 0))
+        node, reason = min(unsafe, key=lambda nr: order.get(nr[0], 0))
         upstream = [s.block for s in sites if order[s.merge] < order.get(node, len(order))]
         if not upstream:  # cannot happen: unsafe nodes are downstream of some merge
             upstream = [s.block for s in sites]
         for i in upstream:
             disabled[i] = f"merged tokens would reach {node.name}: {reason}"
     pooled = weight_pooling(gm, flow.pools)
-    plan = _block_plan(matches, sites, flow.shapes, disabled)
     notes = list(cap.notes)
     if flow.token_outputs and sites:
         notes.append("the model's output keeps a token dimension; it holds merged tokens")
+    plan = _block_plan(matches, sites, flow.shapes, disabled, cap.frontend, tuple(notes))
     counts = {
         "merges": merged.count,
         "size_bias": biased.count if biased else 0,
         "weighted_pool": pooled.count,
     }
+    if cap.frontend == "export":
+        counts["shape_repairs"] = fixed.count
     gm.tome = plan  # the plan travels with the module
     return Rewrite(gm, plan, counts, notes, matches.blocks)
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CaptureError, one_line
+from .export_capture import capture_export, exported_inputs, is_exported_program
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Captured:
     """A traced copy of a model plus what capture noticed."""
 
     graph_module: fx.GraphModule
-    frontend: str  # "fx"
+    frontend: str  # "fx" (symbolic tracing) | "export" (torch.export, ATen-level graph)
     model_class: str
     args: tuple  # example positional inputs (tensors) matching the graph placeholders
     kwargs: dict
@@ -272,7 +273,17 @@ def _concrete_args(model: nn.Module, n_args: int, kwargs: dict) -> dict:
 
 
 def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
-    """Trace a deep copy of ``model`` (in eval mode) with torch.fx symbolic tracing."""
+    """Capture a deep copy of ``model`` (in eval mode) as a GraphModule.
+
+    torch.fx symbolic tracing first (``frontend="fx"``); if that fails, or ``model`` is a
+    ``torch.export.ExportedProgram``, torch.export (``frontend="export"``, see export_capture).
+    """
+    if is_exported_program(model):
+        args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
+                        else exported_inputs(model))
+        notes = ["captured from the given torch.export ExportedProgram"]
+        gm = capture_export(model, args, kwargs, "ExportedProgram", notes)
+        return Captured(gm, "export", "ExportedProgram", args, kwargs, notes)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
@@ -285,7 +296,13 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     try:
         gm = fx.symbolic_trace(work, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many kinds; report them as one line
-        raise CaptureError(f"cannot trace {name} with torch.fx: {one_line(exc)}") from exc
+        reason = one_line(exc)
+        try:
+            gm = capture_export(work, args, kwargs, name, notes)
+        except CaptureError as exc2:
+            raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
+        notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")
+        return Captured(gm, "export", name, args, kwargs, notes)
     _drop_dead_values(gm)
     gm.eval()
     return Captured(gm, "fx", name, args, kwargs, notes)

@@ -11,12 +11,25 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 Node = fx.Node
+aten = torch.ops.aten
 
-SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
-MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
-ADD = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
-NORM_FUNCS = {F.layer_norm, F.group_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+# Each set holds the torch functions of an fx graph and the ATen op packets of a torch.export
+# graph (``is_call`` matches an OpOverload such as ``aten.add.Tensor`` by its packet).
+SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+        aten.scaled_dot_product_attention}
+SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax, aten.softmax,
+           aten._softmax}
+MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm,
+          aten.matmul, aten.bmm}
+ADD = {operator.add, operator.iadd, torch.add, torch.Tensor.add, aten.add}
+SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, aten.mul, aten.div}
+CAST = {aten.to, aten._to_copy, aten.type_as, aten.contiguous, aten.clone, aten.alias}
+TRANSPOSE = {torch.transpose, aten.transpose}
+CAT = {torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat}
+LINEAR_FUNCS = {F.linear, aten.linear, aten.addmm}
+DROPOUT_FUNCS = {F.dropout, aten.dropout}
+NORM_FUNCS = {F.layer_norm, F.group_norm, aten.layer_norm, aten.group_norm} | (
+    {F.rms_norm, aten.rms_norm} if hasattr(F, "rms_norm") else set())
 NORM_MODULES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 LINEAR_MODULES = (nn.Linear,)
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
@@ -28,16 +41,21 @@ def module_of(gm: fx.GraphModule, node: Node) -> nn.Module | None:
     return gm.get_submodule(node.target)
 
 
+def packet(node: Node):
+    """The ATen op packet of a call (``aten.add`` for ``aten.add.Tensor``), else None."""
+    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+
+
 def is_call(node: Node, funcs: set, methods: Iterable[str] = ()) -> bool:
     if node.op == "call_function":
-        return node.target in funcs
+        return node.target in funcs or packet(node) in funcs
     if node.op == "call_method":
         return node.target in methods
     return False
 
 
 def is_sdpa(node: Node) -> bool:
-    return node.op == "call_function" and node.target in SDPA
+    return is_call(node, SDPA)
 
 
 def is_softmax(gm: fx.GraphModule, node: Node) -> bool:
@@ -59,11 +77,11 @@ def is_norm(gm: fx.GraphModule, node: Node) -> bool:
 
 
 def is_linear(gm: fx.GraphModule, node: Node) -> bool:
-    return is_call(node, {F.linear}) or isinstance(module_of(gm, node), LINEAR_MODULES)
+    return is_call(node, LINEAR_FUNCS) or isinstance(module_of(gm, node), LINEAR_MODULES)
 
 
 def is_dropout(gm: fx.GraphModule, node: Node) -> bool:
-    if is_call(node, {F.dropout}, ("dropout",)):
+    if is_call(node, DROPOUT_FUNCS, ("dropout",)):
         return True
     return isinstance(module_of(gm, node), DROPOUT_MODULES)
 

@@ -8,7 +8,6 @@ becomes a ``Refusal`` with a reason.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from numbers import Number
 
@@ -93,16 +92,15 @@ def _scalar(gm, a, shapes) -> bool:
 def _strip_scaling(gm, node: Node, shapes, stop: set = frozenset()) -> tuple[Node, list[Node]]:
     """Walk back from logits through multiplications/divisions by scalars."""
     passed = []
-    scale_ops = {operator.mul, operator.truediv, gu.torch.mul, gu.torch.div}
     while not gu.is_matmul(node):
-        if gu.is_call(node, scale_ops, ("mul", "div", "__mul__", "__truediv__")):
+        if gu.is_call(node, gu.SCALE, ("mul", "div", "__mul__", "__truediv__")):
             tensors = [a for a in node.args[:2] if not _scalar(gm, a, shapes)]
             if len(tensors) != 1:
                 raise _Refuse(f"attention logits are combined with a tensor at {node.name} "
                               "(relative position bias or mask)")
             passed.append(node)
             node = tensors[0]
-        elif gu.is_dropout(gm, node) or gu.is_call(node, set(), ("float", "to", "type_as")):
+        elif gu.is_dropout(gm, node) or gu.is_call(node, gu.CAST, ("float", "to", "type_as")):
             passed.append(node)
             node = node.args[0]
         else:
@@ -118,7 +116,7 @@ def _keys_from_kt(node: Node, shapes) -> tuple[Node, bool]:
         dims = {d % len(shapes[node]) for d in node.args[1:3]}
         if dims == {len(shapes[node]) - 1, len(shapes[node]) - 2}:
             return node.args[0], False
-    if node.op == "call_function" and node.target in (gu.torch.transpose,):
+    if gu.is_call(node, gu.TRANSPOSE):
         dims = {d % len(shapes[node]) for d in node.args[1:3]}
         if dims == {len(shapes[node]) - 1, len(shapes[node]) - 2}:
             return node.args[0], False
@@ -146,7 +144,7 @@ def _core_softmax(gm, sm: Node, shapes) -> Core:
         if gu.is_matmul(u) and u.args[0] is node:
             out = u
             break
-        if gu.is_dropout(gm, u) or gu.is_call(u, set(), ("to", "type_as", "float")):
+        if gu.is_dropout(gm, u) or gu.is_call(u, gu.CAST, ("to", "type_as", "float")):
             inner.append(u)
             node = u
             continue
@@ -232,7 +230,7 @@ def find_prefix(gm, stream_in: Node, shapes, dependent: set, token_dim: int) -> 
     """Protected prefix: tokens concatenated in front of the input-derived tokens."""
     node = stream_in
     for _ in range(40):
-        if gu.is_call(node, {gu.torch.cat, gu.torch.concat, gu.torch.concatenate}):
+        if gu.is_call(node, gu.CAT):
             tensors = node.args[0]
             dim = gu.arg(node, 1, "dim", 0)
             if dim % 3 != token_dim:

@@ -24,18 +24,22 @@ class Skipped:
     reason: str
 
 
+FRONTENDS = {"fx": "torch.fx symbolic tracing", "export": "torch.export (ATen graph)"}
+
+
 @dataclass(frozen=True)
 class Plan:
     blocks: tuple[BlockPlan, ...]
     protected: int  # prefix tokens never merged (class, distillation, register tokens)
     skipped: tuple[Skipped, ...] = ()
-    frontend: str = "fx"
+    frontend: str = "fx"  # capture path: "fx" (symbolic tracing) | "export" (torch.export)
     # Set by tome_fx.plan (the cost model); FLOPs are for the example inputs' batch.
     flops: int | None = None  # whole rewritten model
     flops_original: int | None = None  # the model without merging
     budget: float | None = None  # requested flops_budget
     strategy: str | None = None
     drift: float | None = None  # fidelity proxy of the chosen schedule (see tome_fx.cost.plan)
+    notes: tuple[str, ...] = ()  # what capture and rewrite noticed (e.g. why export was used)
 
     @property
     def r(self) -> list[int]:
@@ -68,7 +72,8 @@ class Plan:
         return tabulate(rows, headers=head, tablefmt=fmt, floatfmt=".1f")
 
     def __str__(self) -> str:
-        lines = [self.table(), f"protected prefix tokens: {self.protected}"]
+        lines = [self.table(), f"protected prefix tokens: {self.protected}",
+                 f"captured with: {FRONTENDS.get(self.frontend, self.frontend)}"]
         if self.flops is not None and self.flops_original:
             budget = "" if self.budget is None else f" (budget {self.budget:g})"
             lines.append(
@@ -80,4 +85,5 @@ class Plan:
             lines.append(f"strategy: {self.strategy}{drift}")
         for s in self.skipped:
             lines.append(f"skipped {s.site}: {s.reason}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

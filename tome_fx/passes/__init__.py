@@ -3,6 +3,8 @@ from .base import PassResult
 from .merge import insert_merges
 from .pooling import weight_pooling
 from .prop_attn import add_size_bias
+from .shapes import repair_shapes
 from .token_flow import check_token_flow
 
-__all__ = ["PassResult", "insert_merges", "add_size_bias", "weight_pooling", "check_token_flow"]
+__all__ = ["PassResult", "insert_merges", "add_size_bias", "weight_pooling", "check_token_flow",
+           "repair_shapes"]

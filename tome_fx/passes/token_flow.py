@@ -51,6 +51,22 @@ _ACTIVATIONS = (
 )
 _CHANNEL_MODULES = (nn.Linear, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
+# The same ops in a torch.export (ATen) graph, matched by op packet (gu.is_call).
+_A = torch.ops.aten
+_ELEMENTWISE_FUNCS |= {
+    _A.add, _A.sub, _A.rsub, _A.mul, _A.div, _A.neg, _A.pow, _A.tanh, _A.sigmoid, _A.exp,
+    _A.sqrt, _A.rsqrt, _A.erf, _A.where, _A.gelu, _A.relu, _A.silu, _A.dropout, _A.hardswish,
+    _A.mish, _A.leaky_relu, _A.elu, _A.softplus, _A.clamp, _A.abs, _A.to, _A._to_copy,
+    _A.type_as, _A.contiguous, _A.clone, _A.detach, _A.alias, _A.masked_fill, _A.add_, _A.mul_,
+}
+_CHANNEL_FUNCS |= {_A.linear, _A.layer_norm, _A.rms_norm}
+_LAYOUT_FUNCS |= {
+    _A.view, _A.reshape, _A._unsafe_view, _A.permute, _A.transpose, _A.flatten, _A.unflatten,
+    _A.unsqueeze, _A.squeeze, _A.expand, _A.chunk, _A.split, _A.split_with_sizes, _A.unbind,
+}
+_META_FUNCS = {_A.sym_size, _A.sym_numel, _A.sym_stride, _A._assert_tensor_metadata}
+_INDEX_FUNCS = {_A.select, _A.slice}
+
 
 @dataclass
 class Pool:
@@ -182,7 +198,7 @@ def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str |
 
     if n.op == "call_function" and n.target is getattr:
         return None
-    if gu.is_call(n, set(), _META_METHODS):
+    if gu.is_call(n, _META_FUNCS, _META_METHODS):
         return None
     if gu.is_call(n, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS):
         return None
@@ -200,19 +216,21 @@ def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str |
         return None if ok else f"{name} folds or splits the token dimension ({n.name})"
     if n.op == "call_function" and n.target is operator.getitem:
         return _check_index(n, src, ndim, tin, prefix, offset)
-    if gu.is_call(n, {torch.mean, torch.sum}, ("mean", "sum")):
+    if gu.is_call(n, _INDEX_FUNCS) and n.args[0] is src:
+        return _check_index(n, src, ndim, tin, prefix, offset, _aten_index(n, in_shape))
+    if gu.is_call(n, {torch.mean, torch.sum, _A.mean, _A.sum}, ("mean", "sum")):
         dim = gu.arg(n, 1, "dim", None)
         dims = tuple(range(ndim)) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
         dims = tuple(d % ndim for d in dims)
         if not set(dims) & set(tin):
             return None
-        if n.target in (torch.sum, "sum"):
+        if n.target in (torch.sum, "sum") or gu.packet(n) is _A.sum:
             return f"sum over merged tokens ({n.name})"
         if len(dims) != 1 or size_of.get(n) is None:
             return f"mean over the token dimension together with others ({n.name})"
         flow.pools.append(Pool(n, dims[0], size_of[n], offset[n]))
         return None
-    if gu.is_call(n, {torch.cat, torch.concat}):
+    if gu.is_call(n, gu.CAT):
         dim = gu.arg(n, 1, "dim", 0) % ndim
         return None if dim not in tin else f"concatenation along the token dimension ({n.name})"
     if gu.is_matmul(n):
@@ -225,10 +243,25 @@ def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str |
     return f"unsupported op {name} on merged tokens ({n.name})"
 
 
-def _check_index(n, src, ndim, tin, prefix, offset) -> str | None:
+def _aten_index(n, in_shape) -> tuple:
+    """``aten.select``/``aten.slice`` as the equivalent getitem index tuple. A slice end at or
+    past the dimension's size (export bakes ``x[:, 1:]`` as ``end=N`` or INT64_MAX) is open."""
+    ndim = len(in_shape)
+    dim = gu.arg(n, 1, "dim", 0) % ndim
+    if gu.packet(n) is _A.select:
+        entry = gu.arg(n, 2, "index")
+    else:
+        start, end = gu.arg(n, 2, "start", None), gu.arg(n, 3, "end", None)
+        if isinstance(end, int) and end >= in_shape[dim]:
+            end = None
+        entry = slice(start, end, gu.arg(n, 4, "step", 1))
+    return (slice(None),) * dim + (entry,)
+
+
+def _check_index(n, src, ndim, tin, prefix, offset, idx=None) -> str | None:
     if len(tin) != 1:
         return f"indexing a tensor with several token dimensions ({n.name})"
-    entry = _index_entry(n.args[1], ndim, tin[0])
+    entry = _index_entry(n.args[1] if idx is None else idx, ndim, tin[0])
     base = offset.get(src, 0)
     if isinstance(entry, int):
         if 0 <= entry and base + entry < prefix:

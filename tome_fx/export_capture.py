@@ -1,0 +1,154 @@
+"""The second capture path: ``torch.export`` (non-strict) for models fx cannot trace.
+
+HuggingFace transformers v5 models are the main case: their Python (``**kwargs`` plumbing,
+output dataclasses, mask builders) defeats symbolic tracing, while ``torch.export`` runs the
+real code under fake tensors. The result is an ATen-level graph (``aten.linear``,
+``aten.scaled_dot_product_attention``, ``aten.view`` ...); ``graph_utils`` recognises those ops,
+so the same block finder and passes run on it.
+
+What the returned GraphModule is:
+
+* ``ep.module()`` (parameters as ``get_attr``) turned into a plain ``fx.GraphModule``, so
+  ``.train()``/``.eval()`` work; it keeps export's pytree calling convention, so it takes the
+  inputs the model was exported with (positional or keyword, as in ``example_inputs``) and
+  returns the model's own output structure (a HuggingFace ``ModelOutput`` stays one).
+* The batch dimension of every input tensor is exported as dynamic (``Dim.AUTO``), so one
+  module serves every batch size. Where the model pins the batch size, export keeps it static
+  and a note says so. Token counts stay baked into view/reshape/expand arguments; the shape
+  repair pass (``passes/shapes.py``) makes them follow merges.
+* Export records eval-mode behaviour: dropout is off whatever ``.train()`` says.
+* An SDPA mask that does not depend on the input values and keeps every position (v5 builds an
+  all-true mask for unmasked encoders) is removed; a real mask stays (and is the matcher's
+  business).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import graph_utils as gu
+from .errors import CaptureError, one_line
+
+
+def is_exported_program(obj) -> bool:
+    export = getattr(torch, "export", None)
+    return export is not None and isinstance(obj, export.ExportedProgram)
+
+
+def exported_inputs(ep) -> tuple:
+    """(args, kwargs) an ExportedProgram was exported with."""
+    example = getattr(ep, "example_inputs", None)
+    if not example:
+        raise ValueError("the ExportedProgram carries no example inputs; pass example_inputs=")
+    return tuple(example[0]), dict(example[1])
+
+
+def _batch_dims(model: nn.Module, args: tuple, kwargs: dict):
+    """``dynamic_shapes`` with a dynamic batch dimension (``Dim.AUTO``: export keeps it static
+    where the model pins it) for every input tensor, keyed like ``model.forward``'s signature."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {0: auto} if x.dim() > 0 else None
+        if isinstance(x, (tuple, list)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _dynamic_batch(gm: fx.GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        val = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+            return True
+    return False
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict):
+    """torch.export (non-strict) of an eval-mode deep copy, batch dimension dynamic."""
+    work = copy.deepcopy(model).eval()
+    try:
+        dynamic = _batch_dims(work, args, kwargs)
+        return torch.export.export(work, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception:  # a batch dim the model cannot keep dynamic: export it static
+        return torch.export.export(work, args, kwargs, strict=False)
+
+
+def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]):
+    """(GraphModule, notes) from torch.export; raises CaptureError with one line."""
+    try:
+        ep = model if is_exported_program(model) else export_program(model, args, kwargs)
+        module = copy.deepcopy(ep.module())  # parameters are not shared with ``ep``
+    except Exception as exc:  # export raises many kinds; report them as one line
+        raise CaptureError(f"torch.export failed on {name}: {one_line(exc)}") from exc
+    gm = fx.GraphModule(module, module.graph)  # plain GraphModule: .train()/.eval() allowed
+    gm.eval()
+    if not _dynamic_batch(gm):
+        batch = next((a.shape[0] for a in (*args, *kwargs.values())
+                      if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+        notes.append(f"torch.export kept the batch size static ({batch}); call the result "
+                     "with that batch size or optimize again for another")
+    dropped = drop_trivial_masks(gm, args, kwargs)
+    if dropped:
+        notes.append(f"removed {dropped} constant all-keep attention mask argument(s) "
+                     "(they mask nothing)")
+    gm.graph.eliminate_dead_code()  # unused values would look like extra consumers
+    gm.recompile()
+    return gm
+
+
+_SDPA_TAIL = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def drop_trivial_masks(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
+    """Set ``attn_mask=None`` on SDPA calls whose mask keeps every position and does not
+    depend on the input values (only on shapes). Evaluated on the example inputs."""
+    sites = []
+    for n in gm.graph.nodes:
+        if gu.is_sdpa(n):
+            mask = gu.arg(n, 3, "attn_mask", None)
+            if isinstance(mask, fx.Node):
+                sites.append((n, mask))
+    if not sites:
+        return 0
+    values = _Values(gm, {m for _, m in sites})
+    shapes, _ = gu.record_shapes(gm, args, kwargs)
+    with torch.no_grad():
+        gu.run_interpreter(values, gm, args, kwargs)
+    dependent = gu.data_dependent(gm, shapes)
+    count = 0
+    for sdpa, mask in sites:
+        m = values.kept.get(mask)
+        if mask in dependent or not isinstance(m, torch.Tensor):
+            continue
+        keeps_all = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
+        if not keeps_all:
+            continue
+        # q, k, v stay positional; what followed the mask becomes keywords (no mask at all)
+        kwargs = {**dict(zip(_SDPA_TAIL, sdpa.args[3:])), **sdpa.kwargs}
+        kwargs.pop("attn_mask")
+        sdpa.args, sdpa.kwargs = sdpa.args[:3], kwargs
+        count += 1
+    return count
+
+
+class _Values(fx.Interpreter):
+    def __init__(self, gm, wanted: set):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.kept: dict = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.kept[n] = out
+        return out
