@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import graph_utils as gu
-from .capture import capture
+from .capture import capture, reuse_captures
 from .errors import NoAttentionError
 from .match import Matches, find_blocks
 from .export_capture import exported_inputs, is_exported_program
@@ -166,7 +166,10 @@ def optimize(
     if flops_budget is not None:  # schedule from the cost model (tome_fx.cost.plan)
         from .cost import rewrite_for_budget
 
-        result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn)
+        if example_inputs is None:
+            example_inputs = default_inputs(model)
+        with reuse_captures():  # the cost model and the final rewrite share one capture
+            result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn)
     else:
         result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
     out = result.graph_module

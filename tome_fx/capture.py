@@ -8,7 +8,9 @@ shows up in the graph.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,12 +274,39 @@ def _concrete_args(model: nn.Module, n_args: int, kwargs: dict) -> dict:
     return concrete
 
 
+_memo: dict | None = None  # (model, inputs) ids -> Captured, inside ``reuse_captures``
+
+
+@contextlib.contextmanager
+def reuse_captures():
+    """Within this block, capturing the same model object with the same inputs object again
+    returns a copy of the first capture (one ``optimize`` call captures once, not per pass)."""
+    global _memo
+    outer = _memo
+    _memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
 def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     """Capture a deep copy of ``model`` (in eval mode) as a GraphModule.
 
     torch.fx symbolic tracing first (``frontend="fx"``); if that fails, or ``model`` is a
     ``torch.export.ExportedProgram``, torch.export (``frontend="export"``, see export_capture).
     """
+    if _memo is None:
+        return _capture(model, example_inputs)
+    key = (id(model), id(example_inputs))
+    if key not in _memo:
+        _memo[key] = (model, example_inputs, _capture(model, example_inputs))  # keeps ids alive
+    cap = _memo[key][2]
+    return dataclasses.replace(cap, graph_module=copy.deepcopy(cap.graph_module),
+                               notes=list(cap.notes))
+
+
+def _capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     if is_exported_program(model):
         args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
                         else exported_inputs(model))

@@ -1,0 +1,134 @@
+"""The torch.export capture path on plain PyTorch models: ATen recognisers, shape repair, and
+agreement with the fx path on the same model."""
+import functools
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import tome_fx
+from tome_fx import graph_utils as gu
+from tome_fx.capture import capture
+from tome_fx.export_capture import export_program
+from models import ExplicitAttention, TinyTransformer
+
+
+def _export(model, x):
+    return export_program(model, (x,), {})
+
+
+def _tiny(depth=4):
+    torch.manual_seed(0)
+    return TinyTransformer(depth=depth).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_exported(depth=4):
+    """(model, example input, its ExportedProgram); optimize never mutates either."""
+    model, x = _tiny(depth), torch.randn(2, 32, 16)
+    return model, x, _export(model, x)
+
+
+def test_aten_recognisers():
+    """The same recognisers answer for the fx graph and the ATen graph of one model."""
+    model, x, ep = _tiny_exported(depth=2)
+    fx_gm = capture(model, (x,)).graph_module
+    ex = capture(ep)
+    assert ex.frontend == "export"
+    gm = ex.graph_module
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "aten.linear.default" in targets and "aten.softmax.int" in targets  # ATen-level
+
+    def census(g):
+        nodes = list(g.graph.nodes)
+        return {
+            "softmax": sum(gu.is_softmax(g, n) for n in nodes),
+            "matmul": sum(gu.is_matmul(n) for n in nodes),
+            "norm": sum(gu.is_norm(g, n) for n in nodes),
+            "linear": sum(gu.is_linear(g, n) for n in nodes),
+        }
+
+    assert census(gm) == census(fx_gm) == {"softmax": 2, "matmul": 4, "norm": 4, "linear": 10}
+    assert sum(gu.is_add(n) for n in gm.graph.nodes) >= 4  # two residual adds per block
+
+
+@pytest.mark.parametrize("r", [2, 5, (4, -1)], ids=["r2", "r5", "r4_inflect-1"])
+def test_export_path_equals_fx_path(r):
+    """Same model, same r: the export graph (baked token counts, repaired) computes exactly what
+    the fx graph (sizes read at run time) computes, at the example batch and at others."""
+    model, x, ep = _tiny_exported()
+    via_fx = tome_fx.optimize(model, r=r, example_inputs=(x,))
+    via_export = tome_fx.optimize(ep, r=r)
+    assert via_fx.tome.frontend == "fx" and via_export.tome.frontend == "export"
+    assert via_export.tome.r == via_fx.tome.r and via_export.tome.protected == 1
+    # block 0's merge is followed by 3 blocks, each with 2 baked reshapes (qkv split, head merge)
+    first = next(i for i, v in enumerate(via_export.tome.r) if v > 0)
+    assert via_export.tome_counts["shape_repairs"] == 2 * (4 - 1 - first)
+    with torch.no_grad():
+        for batch in (1, 2, 3):
+            xb = torch.randn(batch, 32, 16)
+            assert (via_export(xb) - via_fx(xb)).abs().max() <= 1e-6
+
+
+def test_repair_uses_runtime_sizes():
+    """A repaired argument is a sym_size of the merged tensor, not a new literal."""
+    model, x, ep = _tiny_exported(depth=2)
+    fast = tome_fx.optimize(ep, r=3)
+    repaired = [n for n in fast.graph.nodes if n.meta.get("tome", {}).get("role") == "shape_repair"]
+    assert len(repaired) == fast.tome_counts["shape_repairs"] == 2
+    for n in repaired:
+        entry = n.args[1][n.meta["tome"]["entry"]]
+        assert isinstance(entry, fx.Node) and entry.target is torch.ops.aten.sym_size.int
+
+
+class _FoldTokens(nn.Module):
+    """Pre-norm blocks whose MLP folds tokens into the batch (``reshape(B*N, C)``)."""
+
+    def __init__(self, dim=32, depth=3):
+        super().__init__()
+        self.embed = nn.Linear(16, dim)
+        self.attn = nn.ModuleList([ExplicitAttention(dim, 4) for _ in range(depth)])
+        self.mlp = nn.ModuleList([nn.Linear(dim, dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        for attn, mlp in zip(self.attn, self.mlp):
+            x = x + attn(self.norm(x))
+            x = x + mlp(x.reshape(b * n, c)).reshape(b, n, c)
+        return x.mean(dim=1)
+
+
+def test_unprovable_shape_disables_merges():
+    """reshape(B*N, C) folds the token count into another dim: no repair is guessed; the merges
+    upstream are switched off with the reason, and the output is unchanged."""
+    torch.manual_seed(0)
+    model, x = _FoldTokens().eval(), torch.randn(2, 24, 16)
+    fast = tome_fx.optimize(_export(model, x), r=3)
+    assert fast.tome_counts["merges"] == 0
+    reasons = [s.reason for s in fast.tome.skipped]
+    assert len(reasons) == 3 and all("folds or splits the token dimension" in r for r in reasons)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+def test_optimize_accepts_exported_program_inputs_and_explains():
+    model, x, ep = _tiny_exported(depth=2)
+    plan = tome_fx.explain(ep)  # example inputs come from the ExportedProgram
+    assert plan.frontend == "export" and len(plan.blocks) == 2
+    assert "captured with: torch.export" in str(plan)
+    assert any("ExportedProgram" in n for n in plan.notes)
+    fx_plan = tome_fx.explain(model, (x,))
+    assert fx_plan.frontend == "fx" and "captured with: torch.fx" in str(fx_plan)
+
+
+def test_export_fallback_error_is_one_line():
+    from models import Untraceable
+
+    with pytest.raises(tome_fx.CaptureError) as info:
+        tome_fx.optimize(Untraceable(), r=2, example_inputs=(torch.randn(2, 8),))
+    msg = str(info.value)
+    assert msg.startswith("cannot trace Untraceable with torch.fx") and "\n" not in msg
+    assert "torch.export failed on Untraceable" in msg

@@ -1,0 +1,251 @@
+"""HuggingFace transformers zoo, captured through torch.export (transformers v5 has no fx tracer).
+
+Every model is built from a small config with random weights (nothing is downloaded). For each:
+plain fx tracing fails and the export path is chosen; r=0 leaves every output unchanged at batch
+1, 2 and 3; ``flops_budget=0.5`` is reached (FlopCounterMode on the rewritten module against the
+original model); outputs are finite, per-sample (a sample's output does not depend on the rest
+of its batch, which checks the dynamic batch dimension), and a backward pass gives finite
+gradients. ViT and DeiT are also checked against the independent ToMe reference
+(tests/reference_tome.py) through a timm twin carrying the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from functools import partial
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import flop_counter as flc
+from torch.utils.flop_counter import FlopCounterMode
+
+import tome_fx
+from tome_fx.export_capture import export_program
+from reference_tome import reference_forward, reference_schedule
+
+T = pytest.importorskip("transformers", reason="the HuggingFace zoo needs transformers (dev extra)")
+
+SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
+LAYERS = SMALL["num_hidden_layers"]
+
+
+def _image(batch):
+    return (torch.randn(batch, 3, 64, 64),)
+
+
+# name -> (builder, inputs(batch), output field checked for r>0, protected prefix tokens)
+ZOO = {
+    "vit": (lambda: T.ViTForImageClassification(
+        T.ViTConfig(**SMALL, image_size=64, patch_size=8, num_labels=10)), _image, "logits", 1),
+    "deit_distilled": (lambda: T.DeiTForImageClassificationWithTeacher(
+        T.DeiTConfig(**SMALL, image_size=64, patch_size=8, num_labels=10)), _image, "logits", 2),
+    "clip_vision": (lambda: T.CLIPVisionModel(
+        T.CLIPVisionConfig(**SMALL, image_size=64, patch_size=8)), _image, "pooler_output", 1),
+    "videomae": (lambda: T.VideoMAEForVideoClassification(
+        T.VideoMAEConfig(**SMALL, image_size=32, patch_size=8, num_frames=8, tubelet_size=2,
+                         num_labels=5)),
+        lambda b: (torch.randn(b, 8, 3, 32, 32),), "logits", 0),
+    "ast_audio": (lambda: T.ASTForAudioClassification(
+        T.ASTConfig(**SMALL, max_length=128, num_mel_bins=32, patch_size=8, frequency_stride=8,
+                    time_stride=8, num_labels=5)),
+        lambda b: (torch.randn(b, 128, 32),), "logits", 2),
+}
+NAMES = list(ZOO)
+SLOW = {"videomae", "ast_audio"}  # the same path as vit/deit; run in CI with the slow marker
+PARAMS = [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in SLOW else []) for n in NAMES]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+    torch.manual_seed(0)
+    return ZOO[name][0]().eval()
+
+
+def _inputs(name, batch):
+    torch.manual_seed(100 + batch)
+    return ZOO[name][1](batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _budget(name):
+    """optimize(flops_budget=0.5) on batch-2 example inputs (the automatic path choice)."""
+    return tome_fx.optimize(_model(name), flops_budget=0.5, example_inputs=_inputs(name, 2))
+
+
+def _tensors(out):
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _flops(module, inputs) -> int:
+    """FlopCounterMode's total (registering the SDPA formula for CPU fused attention on torches
+    whose counter lacks it)."""
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {}
+    if cpu_sdpa is not None and cpu_sdpa not in flc.flop_registry:
+        mapping[cpu_sdpa] = lambda q, k, v, *a, out_shape=None, **kw: flc.sdpa_flop_count(q, k, v)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        module(*inputs)
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_fx_cannot_trace_so_export_is_used(name):
+    with pytest.raises(Exception):
+        fx.symbolic_trace(copy.deepcopy(_model(name)))
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_r0_unchanged(name):
+    model = _model(name)
+    fast = tome_fx.optimize(model, r=0, example_inputs=_inputs(name, 2))
+    assert fast.tome.frontend == "export"
+    assert fast.tome.protected == ZOO[name][3]
+    assert len(fast.tome.blocks) == LAYERS and not fast.tome.skipped
+    assert fast.tome_counts == {"merges": 0, "size_bias": 0, "weighted_pool": 0, "shape_repairs": 0}
+    with torch.no_grad():
+        for batch in (1, 2, 3):
+            x = _inputs(name, batch)
+            ref, out = model(*x), fast(*x)
+            assert type(out) is type(ref)  # the same ModelOutput class
+            ref, out = _tensors(ref), _tensors(out)
+            assert ref.keys() == out.keys()
+            for key in ref:
+                assert (out[key] - ref[key]).abs().max() <= 1e-5, (batch, key)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_flops_budget_half(name):
+    model, fast = _model(name), _budget(name)
+    x = _inputs(name, 2)
+    counted, original = _flops(fast, x), _flops(model, x)
+    ratio = counted / original
+    assert 0.49 <= ratio <= 0.5, (fast.tome.r, ratio)
+    assert fast.tome.flops == counted  # the cost model's prediction is exact on ATen graphs too
+    assert fast.tome.frontend == "export"
+    merged = [i for i, r in enumerate(fast.tome.r) if r > 0]
+    counts = fast.tome_counts
+    assert counts["merges"] == len(merged) and counts["size_bias"] == len(
+        [i for i in range(LAYERS) if i > merged[0]])
+    # each attention after the first merge has 5 baked token counts: q/k/v views, 2 reshapes
+    assert counts["shape_repairs"] == 5 * (LAYERS - 1 - merged[0])
+    assert counts["weighted_pool"] == (1 if name == "videomae" else 0)  # mean pooling head
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_batches_1_and_3_finite_and_per_sample(name):
+    fast, key = _budget(name), ZOO[name][2]
+    x3 = _inputs(name, 3)
+    with torch.no_grad():
+        out3 = fast(*x3)[key]
+        assert out3.shape[0] == 3 and torch.isfinite(out3).all()
+        for i in range(3):
+            one = fast(*(t[i : i + 1] for t in x3))[key]
+            assert one.shape[0] == 1 and torch.isfinite(one).all()
+            assert (one[0] - out3[i]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_backward(name):
+    fast, key = _budget(name), ZOO[name][2]
+    for batch in (1, 3):
+        fast.zero_grad(set_to_none=True)
+        fast(*_inputs(name, batch))[key].square().sum().backward()
+        grads = {n: p.grad for n, p in fast.named_parameters()}
+        assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+        first_qkv = [g for n, g in grads.items() if ".0." in n and ("q_proj" in n or "query" in n)]
+        assert first_qkv and all(g.abs().sum() > 0 for g in first_qkv)
+    assert all(p.grad is None for p in _model(name).parameters())  # the user's model is separate
+
+
+# ------------------------------------------------------------------------------------------
+# independent reference: HF ViT / DeiT weights in a timm twin, run by tests/reference_tome.py
+# ------------------------------------------------------------------------------------------
+
+def _timm_twin(hf) -> nn.Module:
+    """A timm VisionTransformer(Distilled) with the HF model's weights (same function at r=0)."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    distilled = hasattr(hf, "distillation_classifier")
+    base, cfg = (hf.deit if distilled else hf.vit), hf.config
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    twin = cls(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.hidden_size,
+               depth=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+               mlp_ratio=cfg.intermediate_size / cfg.hidden_size, qkv_bias=cfg.qkv_bias,
+               num_classes=cfg.num_labels, norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps))
+    emb = base.embeddings
+    sd = {"cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
+          "patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
+          "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
+          "norm.weight": base.layernorm.weight, "norm.bias": base.layernorm.bias}
+    if distilled:
+        sd.update({"dist_token": emb.distillation_token,
+                   "head.weight": hf.cls_classifier.weight, "head.bias": hf.cls_classifier.bias,
+                   "head_dist.weight": hf.distillation_classifier.weight,
+                   "head_dist.bias": hf.distillation_classifier.bias})
+    else:
+        sd.update({"head.weight": hf.classifier.weight, "head.bias": hf.classifier.bias})
+    for i, layer in enumerate(base.layers):
+        a, p = layer.attention, f"blocks.{i}."
+        sd.update({
+            p + "norm1.weight": layer.layernorm_before.weight, p + "norm1.bias": layer.layernorm_before.bias,
+            p + "attn.qkv.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+            p + "attn.qkv.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+            p + "attn.proj.weight": a.o_proj.weight, p + "attn.proj.bias": a.o_proj.bias,
+            p + "norm2.weight": layer.layernorm_after.weight, p + "norm2.bias": layer.layernorm_after.bias,
+            p + "mlp.fc1.weight": layer.mlp.fc1.weight, p + "mlp.fc1.bias": layer.mlp.fc1.bias,
+            p + "mlp.fc2.weight": layer.mlp.fc2.weight, p + "mlp.fc2.bias": layer.mlp.fc2.bias,
+        })
+    twin.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    return twin.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _exported(name):
+    """One export per model for the reference cases; optimize(ExportedProgram) reuses it."""
+    return export_program(_model(name), _inputs(name, 2), {})
+
+
+@pytest.mark.parametrize("r", [4, (6, -1)], ids=["r4", "r6_inflect-1"])
+@pytest.mark.parametrize("name", [pytest.param("vit", id="vit"),
+                                  pytest.param("deit_distilled", id="deit_distilled",
+                                               marks=pytest.mark.slow)])
+def test_matches_independent_reference(name, r):
+    model, x = _model(name), _inputs(name, 2)[0]
+    twin = _timm_twin(model)
+    with torch.no_grad():
+        assert (reference_forward(twin, x, [0] * LAYERS) - model(x).logits).abs().max() <= 1e-5
+        expected = reference_forward(twin, x, reference_schedule(r, LAYERS))
+        fast = tome_fx.optimize(_exported(name), r=r)
+        got = fast(x).logits
+    assert fast.tome.r == reference_schedule(r, LAYERS)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# BERT: blocks found through export (padding masks and the pooler's token 0 are issue 4's
+# mask/protected-token work); here: capture, matching and r=0 exactness
+# ------------------------------------------------------------------------------------------
+
+def _bert(kind):
+    torch.manual_seed(0)
+    cfg = T.BertConfig(**SMALL, vocab_size=100, num_labels=3)
+    return (T.BertModel if kind == "model" else T.BertForSequenceClassification)(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["model", "sequence_classification"])
+def test_bert_captured_by_export_and_blocks_found(kind):
+    model = _bert(kind)
+    ids = {"input_ids": torch.randint(0, 100, (2, 24))}
+    fast = tome_fx.optimize(model, r=0, example_inputs=ids)
+    plan = fast.tome
+    assert plan.frontend == "export"
+    assert [(b.kind, b.norm, b.tokens_in) for b in plan.blocks] == [("sdpa", "post", 24)] * LAYERS
+    assert "captured with: torch.export" in str(plan)
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = {"input_ids": torch.randint(0, 100, (batch, 24))}
+            ref, out = _tensors(model(**x)), _tensors(fast(**x))
+            assert all((out[k] - ref[k]).abs().max() <= 1e-5 for k in ref)
