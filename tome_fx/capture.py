@@ -4,7 +4,9 @@ Symbolic tracing in eval mode on a deep copy of the user's model. Non-tensor for
 arguments are fixed to their signature defaults. torch.nn modules that symbolic tracing treats
 as opaque leaves (``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``,
 ``nn.MultiheadAttention``) are swapped for equivalent traceable stand-ins so that their attention
-shows up in the graph.
+shows up in the graph. When symbolic tracing fails (HuggingFace transformers v5 models), or the
+model is given as a ``torch.export.ExportedProgram``, the graph comes from torch.export instead
+(``export_capture``); ``Captured.frontend`` says which.
 """
 from __future__ import annotations
 

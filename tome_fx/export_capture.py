@@ -97,6 +97,7 @@ def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]
                       if isinstance(a, torch.Tensor) and a.dim() > 0), None)
         notes.append(f"torch.export kept the batch size static ({batch}); call the result "
                      "with that batch size or optimize again for another")
+    drop_assertions(gm)
     dropped = drop_trivial_masks(gm, args, kwargs)
     if dropped:
         notes.append(f"removed {dropped} constant all-keep attention mask argument(s) "
@@ -110,35 +111,59 @@ _SDPA_TAIL = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def drop_trivial_masks(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
-    """Set ``attn_mask=None`` on SDPA calls whose mask keeps every position and does not
-    depend on the input values (only on shapes). Evaluated on the example inputs."""
-    sites = []
+    """Remove attention masks that mask nothing and do not depend on the input values (only on
+    shapes), evaluated on the example inputs: an SDPA ``attn_mask`` that keeps every position
+    (all true, or all zero if float), and an all-zero term added to softmax logits (eager
+    attention). Returns how many were removed."""
+    sdpa_sites, add_sites = [], []
     for n in gm.graph.nodes:
         if gu.is_sdpa(n):
             mask = gu.arg(n, 3, "attn_mask", None)
             if isinstance(mask, fx.Node):
-                sites.append((n, mask))
-    if not sites:
+                sdpa_sites.append((n, mask))
+        elif gu.is_softmax(gm, n) and isinstance(n.args[0], fx.Node) and gu.is_add(n.args[0]):
+            add = n.args[0]
+            for i, term in enumerate(add.args[:2]):
+                other = add.args[1 - i]
+                if isinstance(term, fx.Node) and isinstance(other, fx.Node) and len(add.users) == 1:
+                    add_sites.append((n, add, term, other))
+    if not sdpa_sites and not add_sites:
         return 0
-    values = _Values(gm, {m for _, m in sites})
+    values = _Values(gm, {m for _, m in sdpa_sites} | {t for _, _, t, _ in add_sites})
     shapes, _ = gu.record_shapes(gm, args, kwargs)
     with torch.no_grad():
         gu.run_interpreter(values, gm, args, kwargs)
     dependent = gu.data_dependent(gm, shapes)
+
+    def masks_nothing(node, bool_ok: bool) -> bool:
+        m = values.kept.get(node)
+        if node in dependent or not isinstance(m, torch.Tensor):
+            return False
+        if m.dtype == torch.bool:
+            return bool_ok and bool(m.all())
+        return bool((m == 0).all())
+
     count = 0
-    for sdpa, mask in sites:
-        m = values.kept.get(mask)
-        if mask in dependent or not isinstance(m, torch.Tensor):
-            continue
-        keeps_all = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
-        if not keeps_all:
-            continue
-        # q, k, v stay positional; what followed the mask becomes keywords (no mask at all)
-        kwargs = {**dict(zip(_SDPA_TAIL, sdpa.args[3:])), **sdpa.kwargs}
-        kwargs.pop("attn_mask")
-        sdpa.args, sdpa.kwargs = sdpa.args[:3], kwargs
-        count += 1
+    for sdpa, mask in sdpa_sites:
+        if masks_nothing(mask, bool_ok=True):
+            # q, k, v stay positional; what followed the mask becomes keywords (no mask at all)
+            kw = {**dict(zip(_SDPA_TAIL, sdpa.args[3:])), **sdpa.kwargs}
+            kw.pop("attn_mask")
+            sdpa.args, sdpa.kwargs = sdpa.args[:3], kw
+            count += 1
+    for softmax, add, term, other in add_sites:
+        if add in softmax.all_input_nodes and masks_nothing(term, bool_ok=False):
+            softmax.replace_input_with(add, other)  # logits + 0 is logits
+            count += 1
     return count
+
+
+def drop_assertions(gm: fx.GraphModule) -> None:
+    """Remove export's dtype/device assertions on intermediate values (``.to()`` checks): they
+    compute nothing, and as extra users they would hide e.g. attention probabilities' use."""
+    for n in list(gm.graph.nodes):
+        if gu.is_call(n, {torch.ops.aten._assert_tensor_metadata}) and not n.users:
+            gm.graph.erase_node(n)
 
 
 class _Values(fx.Interpreter):

@@ -60,12 +60,15 @@ PARAMS = [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in SLOW else []) f
 @functools.lru_cache(maxsize=None)
 def _model(name):
     torch.manual_seed(0)
+    if name == "vit_eager":  # explicit softmax attention instead of SDPA
+        return T.ViTForImageClassification(T.ViTConfig(
+            **SMALL, image_size=64, patch_size=8, num_labels=10, attn_implementation="eager")).eval()
     return ZOO[name][0]().eval()
 
 
 def _inputs(name, batch):
     torch.manual_seed(100 + batch)
-    return ZOO[name][1](batch)
+    return ZOO["vit" if name == "vit_eager" else name][1](batch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,10 +211,14 @@ def _exported(name):
     return export_program(_model(name), _inputs(name, 2), {})
 
 
-@pytest.mark.parametrize("r", [4, (6, -1)], ids=["r4", "r6_inflect-1"])
-@pytest.mark.parametrize("name", [pytest.param("vit", id="vit"),
-                                  pytest.param("deit_distilled", id="deit_distilled",
-                                               marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,r", [
+    pytest.param("vit", 4, id="vit-r4"),
+    pytest.param("vit", (6, -1), id="vit-r6_inflect-1"),
+    pytest.param("vit_eager", 4, id="vit_eager-r4"),
+    pytest.param("deit_distilled", 4, id="deit_distilled-r4", marks=pytest.mark.slow),
+    pytest.param("deit_distilled", (6, -1), id="deit_distilled-r6_inflect-1",
+                 marks=pytest.mark.slow),
+])
 def test_matches_independent_reference(name, r):
     model, x = _model(name), _inputs(name, 2)[0]
     twin = _timm_twin(model)
@@ -221,6 +228,7 @@ def test_matches_independent_reference(name, r):
         fast = tome_fx.optimize(_exported(name), r=r)
         got = fast(x).logits
     assert fast.tome.r == reference_schedule(r, LAYERS)
+    assert {b.kind for b in fast.tome.blocks} == {"softmax" if name == "vit_eager" else "sdpa"}
     assert (got - expected).abs().max() <= 1e-4
 
 
