@@ -1,6 +1,7 @@
 """The torch.export capture path on plain PyTorch models: ATen recognisers, shape repair, and
 agreement with the fx path on the same model."""
 import functools
+import sys
 
 import pytest
 import torch
@@ -132,3 +133,21 @@ def test_export_fallback_error_is_one_line():
     msg = str(info.value)
     assert msg.startswith("cannot trace Untraceable with torch.fx") and "\n" not in msg
     assert "torch.export failed on Untraceable" in msg
+
+
+def test_budget_rewrite_captures_once(monkeypatch):
+    """optimize(flops_budget=) builds the cost model and the final rewrite from one capture."""
+    capture_module = sys.modules["tome_fx.capture"]  # tome_fx.capture is also the function
+    calls = []
+    real = capture_module._capture
+    monkeypatch.setattr(capture_module, "_capture", lambda *a: calls.append(a) or real(*a))
+    model, x, ep = _tiny_exported(depth=2)
+    fast = tome_fx.optimize(ep, flops_budget=0.8)
+    assert len(calls) == 1 and fast.tome.frontend == "export" and fast.tome.ratio <= 0.8
+
+
+def test_static_batch_export_is_noted():
+    model, x, _ = _tiny_exported(depth=2)
+    static = torch.export.export(model, (x,), strict=False)  # no dynamic batch dimension
+    plan = tome_fx.explain(static)
+    assert any("batch size static (2)" in n for n in plan.notes)

@@ -257,3 +257,26 @@ def test_bert_captured_by_export_and_blocks_found(kind):
             x = {"input_ids": torch.randint(0, 100, (batch, 24))}
             ref, out = _tensors(model(**x)), _tensors(fast(**x))
             assert all((out[k] - ref[k]).abs().max() <= 1e-5 for k in ref)
+
+
+def test_default_inputs_for_video_and_audio_configs():
+    from tome_fx.api import default_inputs
+
+    assert default_inputs(_model("videomae"))[0].shape == (2, 8, 3, 32, 32)  # [B, T, C, H, W]
+    assert default_inputs(_model("ast_audio"))[0].shape == (2, 128, 32)  # [B, time, mel bins]
+    assert default_inputs(_model("vit"), batch=3)[0].shape == (3, 3, 64, 64)
+
+
+def test_masked_bert_is_refused_with_reason_and_unchanged():
+    """A padding mask reaches SDPA as an input-dependent tensor: it is kept, and (until masks
+    follow merges) the blocks are refused with the reason, leaving the output exact."""
+    model = _bert("sequence_classification")
+    ids = torch.randint(0, 100, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 18:] = 0
+    x = {"input_ids": ids, "attention_mask": mask}
+    fast = tome_fx.optimize(model, r=2, example_inputs=x)
+    assert fast.tome.frontend == "export" and fast.tome_counts["merges"] == 0
+    assert len(fast.tome.skipped) == LAYERS and all("mask" in s.reason for s in fast.tome.skipped)
+    with torch.no_grad():
+        assert (fast(**x).logits - model(**x).logits).abs().max() <= 1e-5
