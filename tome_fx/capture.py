@@ -112,7 +112,8 @@ class TraceableMultiheadAttention(nn.Module):
             if mask.dim() == 3:  # [B*H, L, S]
                 mask = mask.reshape(bsz, h, tgt_len, src_len)
         if key_padding_mask is not None:
-            kpm = _float_mask(key_padding_mask, q).reshape(bsz, 1, 1, src_len)
+            # indexing, not reshape(bsz, 1, 1, src_len): no stream sizes, so the mask can follow merges
+            kpm = _float_mask(key_padding_mask, q)[:, None, None, :]
             mask = kpm if mask is None else mask + kpm
         causal = bool(is_causal) and mask is None
         dropout_p = self.dropout if self.training else 0.0
