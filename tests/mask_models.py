@@ -43,7 +43,8 @@ class BertLayer(nn.Module):
 class MiniBert(nn.Module):
     """Token + position embeddings, additive mask from ``attention_mask`` ([B,1,1,N], or
     expanded to [B,1,N,N]), post-norm layers; head: ``pooler`` (tanh(dense(h[:, 0])), BERT),
-    ``mean`` (sentence-transformers masked mean), ``sum`` (masked sum) or ``max``."""
+    ``first2`` (mean of tokens 0 and 1), ``mean`` (sentence-transformers masked mean), ``sum``
+    (masked sum) or ``max``."""
 
     def __init__(self, vocab=50, dim=32, heads=4, depth=3, max_len=64, explicit=False,
                  head="pooler", mask4d=False, bool_mask=False):
@@ -69,6 +70,8 @@ class MiniBert(nn.Module):
             x = layer(x, mask)
         if self.head == "pooler":
             return self.cls(torch.tanh(self.pooler(x[:, 0])))
+        if self.head == "first2":
+            return self.cls(x[:, :2].mean(1))
         m = attention_mask.unsqueeze(-1).expand(x.size()).float()
         if self.head == "mean":
             return (x * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)

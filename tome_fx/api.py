@@ -128,7 +128,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         core_nodes = set().union(*(c.nodes for c in matches.cores))
         r_of = {s.merge: s.merge.args[3] for s in sites}
         flow = check_token_flow(gm, cap.args, cap.kwargs, sites, r_of, matches.prefix, core_nodes)
-        unsafe = followed.info.unsafe + flow.unsafe
+        unsafe = followed.info.unsafe or flow.unsafe  # a mask that cannot follow comes first
         if not unsafe:
             break
         grow = _protect_reads(flow.reads, matches)

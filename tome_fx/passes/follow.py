@@ -208,18 +208,17 @@ def follow_side_tensors(gm: fx.GraphModule, sites, cores, shapes: dict, args, kw
         checks[t] = dims
     for m in mask_nodes:
         checks.setdefault(m, _token_dims(shapes.get(m), batch, tokens))
-    consumer = {t: n for n, t, _ in reversed(edges)}
     for t in checks:
         anc = _value_ancestors(t)
         sources |= {a for a in anc if a in aligned}
         fixed = [a for a in anc if a.op == "get_attr" and _token_dims(shapes.get(a), 1, tokens)]
         if fixed:
-            info.unsafe.append((consumer.get(t, t), f"{t.name} mixes in {fixed[0].target}, a fixed "
+            info.unsafe.append((t, f"{t.name} mixes in {fixed[0].target}, a fixed "
                                 "tensor indexed by token position"))
     bad = _equivariance(gm, args, kwargs, merges, sorted(sources, key=lambda p: p.name),
                         {t: d for t, d in checks.items() if d})
     for t, why in bad.items():
-        info.unsafe.append((consumer.get(t, t), why))
+        info.unsafe.append((t, why))
     if info.unsafe:
         return PassResult(gm, 0, info)
 

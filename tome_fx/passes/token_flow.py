@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import graph_utils as gu
+from ..capture import float_mask
 from ..errors import one_line
 
 Node = fx.Node
@@ -27,7 +28,7 @@ _ELEMENTWISE_FUNCS = {
     operator.iadd, operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg,
     torch.tanh, torch.sigmoid, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, torch.where,
     F.gelu, F.relu, F.silu, F.sigmoid, F.tanh, F.dropout, F.hardswish, F.mish, F.leaky_relu,
-    F.elu, F.softplus, torch.clamp, torch.abs,
+    F.elu, F.softplus, torch.clamp, torch.abs, float_mask,
 }
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "neg", "pow", "__add__", "__mul__", "__sub__", "__truediv__",
