@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, dim, heads, explicit):
+    def __init__(self, dim, heads, explicit, positional=False):
         super().__init__()
-        self.heads, self.explicit = heads, explicit
+        self.heads, self.explicit, self.positional = heads, explicit, positional
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
@@ -21,6 +21,8 @@ class BertSelfAttention(nn.Module):
             logits = q @ k.transpose(-1, -2) / d**0.5
             logits = logits + mask
             y = logits.softmax(dim=-1) @ v
+        elif self.positional:  # mask passed by position
+            y = F.scaled_dot_product_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, c))
@@ -29,9 +31,9 @@ class BertSelfAttention(nn.Module):
 class BertLayer(nn.Module):
     """Post-norm, as BERT."""
 
-    def __init__(self, dim, heads, explicit):
+    def __init__(self, dim, heads, explicit, positional=False):
         super().__init__()
-        self.attn = BertSelfAttention(dim, heads, explicit)
+        self.attn = BertSelfAttention(dim, heads, explicit, positional)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
@@ -47,12 +49,12 @@ class MiniBert(nn.Module):
     (masked sum) or ``max``."""
 
     def __init__(self, vocab=50, dim=32, heads=4, depth=3, max_len=64, explicit=False,
-                 head="pooler", mask4d=False, bool_mask=False):
+                 head="pooler", mask4d=False, bool_mask=False, positional=False):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_len, dim)
         self.norm = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList([BertLayer(dim, heads, explicit) for _ in range(depth)])
+        self.layers = nn.ModuleList([BertLayer(dim, heads, explicit, positional) for _ in range(depth)])
         self.pooler = nn.Linear(dim, dim)
         self.cls = nn.Linear(dim, 3)
         self.head, self.mask4d, self.bool_mask = head, mask4d, bool_mask

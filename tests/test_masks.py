@@ -20,6 +20,7 @@ VARIANTS = {
     "softmax-pooler": dict(explicit=True),
     "sdpa-mask4d": dict(mask4d=True),
     "sdpa-bool": dict(bool_mask=True),
+    "sdpa-positional-mask": dict(positional=True),
     "sdpa-mean": dict(head="mean"),
     "softmax-mean": dict(explicit=True, head="mean"),
 }

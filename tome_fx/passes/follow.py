@@ -33,6 +33,8 @@ from .base import PassResult, finish, inserted
 Node = fx.Node
 
 _META_METHODS = {"size", "dim", "numel", "__len__", "get_device"}
+_aten = torch.ops.aten
+_META_ATEN = {_aten.sym_size, _aten.sym_numel, _aten.sym_stride, _aten._assert_tensor_metadata}
 
 
 @dataclass
@@ -44,7 +46,8 @@ class Followed:
 
 def _is_meta(n: Node) -> bool:
     """Reads only metadata (shape, dtype, device) of its input, not values."""
-    if n.op == "call_function" and n.target is getattr:
+    if n.op == "call_function" and (n.target is getattr
+                                    or getattr(n.target, "overloadpacket", None) in _META_ATEN):
         return True
     return gu.is_call(n, set(), _META_METHODS)
 
