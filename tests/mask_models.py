@@ -8,6 +8,7 @@ class BertSelfAttention(nn.Module):
     def __init__(self, dim, heads, explicit, positional=False):
         super().__init__()
         self.heads, self.explicit, self.positional = heads, explicit, positional
+        self.fill = False
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
@@ -19,7 +20,10 @@ class BertSelfAttention(nn.Module):
         v = self.v(x).reshape(b, n, h, d).transpose(1, 2)
         if self.explicit:
             logits = q @ k.transpose(-1, -2) / d**0.5
-            logits = logits + mask
+            if self.fill:  # bool mask, True = keep
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:
+                logits = logits + mask
             y = logits.softmax(dim=-1) @ v
         elif self.positional:  # mask passed by position
             y = F.scaled_dot_product_attention(q, k, v, mask)
@@ -58,6 +62,8 @@ class MiniBert(nn.Module):
         self.pooler = nn.Linear(dim, dim)
         self.cls = nn.Linear(dim, 3)
         self.head, self.mask4d, self.bool_mask = head, mask4d, bool_mask
+        for layer in self.layers:
+            layer.attn.fill = bool_mask
 
     def forward(self, input_ids, attention_mask):
         b, n = input_ids.shape

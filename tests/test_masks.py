@@ -21,6 +21,7 @@ VARIANTS = {
     "sdpa-mask4d": dict(mask4d=True),
     "sdpa-bool": dict(bool_mask=True),
     "sdpa-positional-mask": dict(positional=True),
+    "softmax-masked_fill": dict(explicit=True, bool_mask=True),
     "sdpa-mean": dict(head="mean"),
     "softmax-mean": dict(explicit=True, head="mean"),
 }
