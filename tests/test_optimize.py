@@ -77,7 +77,7 @@ def test_merging_is_sane(name):
     assert plan.r == [4] * nblocks
     # every block merges; every block after the first gets the proportional-attention bias
     assert fast.tome_counts == {"merges": nblocks, "size_bias": nblocks - 1,
-                                "weighted_pool": fast.tome_counts["weighted_pool"]}
+                                "weighted_pool": fast.tome_counts["weighted_pool"], "mask_follow": 0}
     for a, b in zip(plan.blocks, plan.blocks[1:]):
         assert b.tokens_in == a.tokens_out == a.tokens_in - 4
     rec = SizeRecorder(fast)
@@ -282,7 +282,7 @@ def test_multihead_attention_called_directly():
     x = torch.randn(3, 21, 32)
     r0 = tome_fx.optimize(model, r=0, example_inputs=(x,))
     fast = tome_fx.optimize(model, r=3, example_inputs=(x,))
-    assert fast.tome_counts == {"merges": 2, "size_bias": 1, "weighted_pool": 1}
+    assert fast.tome_counts == {"merges": 2, "size_bias": 1, "weighted_pool": 1, "mask_follow": 0}
     assert [b.kind for b in fast.tome.blocks] == ["softmax", "softmax"]  # need_weights=True path
     with torch.no_grad():
         assert (r0(x) - model(x)).abs().max() <= 1e-5

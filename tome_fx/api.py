@@ -16,6 +16,7 @@ from .errors import NoAttentionError
 from .match import Matches, find_blocks
 from .export_capture import exported_inputs, is_exported_program
 from .passes import add_size_bias, check_token_flow, insert_merges, repair_shapes, weight_pooling
+from .passes.follow import follow_side_tensors
 from .plans import BlockPlan, Plan, Skipped
 from .schedule import parse_r
 
@@ -94,6 +95,29 @@ def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str], front
     return Plan(tuple(rows), matches.prefix, tuple(skipped), frontend=frontend, notes=notes)
 
 
+def _follow(gm, matches: Matches, sites, shapes, cap):
+    """Side tensors aligned with the input tokens (padding masks) follow the merges."""
+    if not sites:
+        return follow_side_tensors(gm, sites, matches.cores, shapes, cap.args, cap.kwargs, 0, 0)
+    b0 = matches.blocks[0]
+    shape = shapes[b0.merge_at]
+    return follow_side_tensors(gm, sites, matches.cores, shapes, cap.args, cap.kwargs,
+                               shape[1 - b0.token_dim], shape[b0.token_dim])
+
+
+def _protect_reads(reads: set, matches: Matches) -> int:
+    """Grow the protected prefix over tokens read by position (BERT's pooler reads token 0),
+    if together with the prefix they form a leading run; 0 if that does not apply."""
+    if not reads or not matches.blocks:
+        return 0
+    want = max(reads) + 1
+    b0 = matches.blocks[0]
+    tokens = b0.core.tokens
+    if want <= matches.prefix or want > tokens or reads | set(range(matches.prefix)) != set(range(want)):
+        return 0
+    return want
+
+
 def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool = True) -> Rewrite:
     """Capture, match and rewrite. ``schedule_fn(num_blocks) -> list[int]`` gives r per block.
 
@@ -103,6 +127,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
     if example_inputs is None:
         example_inputs = default_inputs(model)
     disabled: dict[int, str] = {}
+    protect = 0  # leading tokens the graph reads by position (grown from the token-flow check)
     captured = capture(model, example_inputs)
     while True:  # each round rewrites a fresh copy of the one capture
         cap = dataclasses.replace(captured, graph_module=copy.deepcopy(captured.graph_module))
@@ -111,18 +136,25 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         matches = find_blocks(gm, shapes)
         if not matches.cores and not matches.refusals:
             raise NoAttentionError(f"no attention found in {cap.model_class}")
+        matches.prefix = max(matches.prefix, protect)
         schedule = schedule_fn(len(matches.blocks))
         enabled = {b.index for b in matches.blocks} - set(disabled)
         merged = insert_merges(gm, matches.blocks, schedule, matches.prefix, enabled)
         sites = merged.info
+        followed = _follow(gm, matches, sites, shapes, cap)
         fixed = repair_shapes(gm, sites, cap.args, cap.kwargs)  # baked token counts (export)
         biased = add_size_bias(gm, matches.cores, sites, shapes) if prop_attn else None
         core_nodes = set().union(*(c.nodes for c in matches.cores))
         r_of = {s.merge: s.merge.args[3] for s in sites}
         flow = check_token_flow(gm, cap.args, cap.kwargs, sites, r_of, matches.prefix, core_nodes)
-        unsafe = fixed.info.unsafe + flow.unsafe
+        # a mask that cannot follow comes first
+        unsafe = followed.info.unsafe or (fixed.info.unsafe + flow.unsafe)
         if not unsafe:
             break
+        grow = _protect_reads(flow.reads, matches)
+        if grow:
+            protect = grow
+            continue
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         node, reason = min(unsafe, key=lambda nr: order.get(nr[0], 0))
         upstream = [s.block for s in sites if order[s.merge] < order.get(node, len(order))]
@@ -139,6 +171,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         "merges": merged.count,
         "size_bias": biased.count if biased else 0,
         "weighted_pool": pooled.count,
+        "mask_follow": followed.count,
     }
     if cap.frontend == "export":
         counts["shape_repairs"] = fixed.count

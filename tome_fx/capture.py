@@ -43,7 +43,8 @@ class Captured:
 # --------------------------------------------------------------------------------------------
 
 
-def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+@fx.wrap  # one graph node: the dtype test cannot be traced, and the op is elementwise
+def float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """torch.nn convention: bool True = masked out. Return an additive float mask."""
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=like.dtype).masked_fill(mask, float("-inf"))
@@ -113,11 +114,12 @@ class TraceableMultiheadAttention(nn.Module):
 
         mask = None
         if attn_mask is not None:
-            mask = _float_mask(attn_mask, q)
+            mask = float_mask(attn_mask, q)
             if mask.dim() == 3:  # [B*H, L, S]
                 mask = mask.reshape(bsz, h, tgt_len, src_len)
         if key_padding_mask is not None:
-            kpm = _float_mask(key_padding_mask, q).reshape(bsz, 1, 1, src_len)
+            # indexing, not reshape(bsz, 1, 1, src_len): no stream sizes, so the mask can follow merges
+            kpm = float_mask(key_padding_mask, q)[:, None, None, :]
             mask = kpm if mask is None else mask + kpm
         causal = bool(is_causal) and mask is None
         dropout_p = self.dropout if self.training else 0.0

@@ -184,13 +184,19 @@ class CostModel:
     merge_nodes: dict[int, fx.Node] = field(default_factory=dict)
     inputs: tuple = ((), {})
     reference: Any = None  # the unmerged output on the example inputs (calibration reference)
+    # Padding-mask groups limit merges by the data (tokens merge only within their group): the
+    # most each block merged at the max schedule on the example inputs caps it.
+    caps: tuple[int, ...] = ()
 
     @property
     def num_blocks(self) -> int:
         return len(self.enabled)
 
     def limit(self, i: int, tokens: int) -> int:
-        return ops.merge_limit(tokens, self.prefix) if self.enabled[i] else 0
+        if not self.enabled[i]:
+            return 0
+        limit = ops.merge_limit(tokens, self.prefix)
+        return min(limit, self.caps[i]) if self.caps else limit
 
     def clamp(self, schedule: Sequence[int]) -> list[int]:
         """The r each block really applies (tome_merge clamps to the block's limit)."""
@@ -263,6 +269,8 @@ class CostModel:
         model_ = cls(tokens, base.protected, batch, enabled, dims, {}, base_plan=base,
                      graph_module=gm, merge_nodes=merge_nodes, inputs=inputs,
                      reference=run0.output)
+        if any(len(m.args) > 7 and m.args[7] is not None for m in merge_nodes.values()):
+            model_.caps = tuple(b.r for b in base.blocks)
         t1 = model_.token_counts(model_.max_schedule())
         for i, b in enumerate(base.blocks):  # the closed form's token counts are the measured ones
             if b.tokens_in != t1[i]:

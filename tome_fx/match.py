@@ -32,6 +32,7 @@ class Core:
     tokens: int
     heads: int
     nodes: frozenset = field(default_factory=frozenset)  # nodes inside the core (token mixing)
+    mask: Node | None = None  # padding mask (SDPA attn_mask, or the term added to the logits)
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,44 @@ def _keys_from_kt(node: Node, shapes) -> tuple[Node, bool]:
     return node, True
 
 
-def _core_softmax(gm, sm: Node, shapes) -> Core:
+_MASKED_FILL = {gu.torch.Tensor.masked_fill, gu.torch.masked_fill, gu.torch.ops.aten.masked_fill}
+
+
+def _check_mask(mask: Node, dep: set) -> None:
+    """A mask must come from the model inputs to be a padding mask; whether it really is one
+    (a per-token function of a [batch, tokens] input) is checked where it meets merged tokens."""
+    if mask not in dep:
+        raise _Refuse("attention mask is a fixed pattern, not derived from the inputs (causal, "
+                      "windowed or positional): merging would break it")
+
+
+def _peel_mask(gm, logits: Node, shapes, dep: set) -> tuple[Node, Node | None, Node | None]:
+    """``logits + mask`` or ``logits.masked_fill(mask, v)`` in front of a softmax:
+    returns (scores, mask, the node applying it)."""
+    if gu.is_add(logits) or gu.is_call(logits, _MASKED_FILL, ("masked_fill",)):
+        a, b = logits.args[0], logits.args[1]
+        if isinstance(a, Node) and isinstance(b, Node):
+            for scores, mask in ((a, b), (b, a)) if gu.is_add(logits) else ((a, b),):
+                try:
+                    _strip_scaling(gm, scores, shapes)
+                except _Refuse:
+                    continue
+                if mask not in dep:  # a learned table (relative position bias) or fixed pattern
+                    break
+                return scores, mask, logits
+    return logits, None, None
+
+
+def _core_softmax(gm, sm: Node, shapes, dep: set = frozenset()) -> Core:
     dim = gu.arg(sm, 1, "dim", None) if sm.op != "call_module" else gu.module_of(gm, sm).dim
     s = shapes.get(sm)
     if not gu.is_tensor_shape(s) or dim is None or dim % len(s) != len(s) - 1:
         raise _Refuse("softmax is not over the last dimension of a tensor")
     logits_in = sm.args[0]
-    qk, passed = _strip_scaling(gm, logits_in, shapes)
+    scores, mask, applies = _peel_mask(gm, logits_in, shapes, dep)
+    qk, passed = _strip_scaling(gm, scores, shapes)
+    if applies is not None:
+        passed.append(applies)
     kt = qk.args[1]
     keys, transposed = _keys_from_kt(kt, shapes)
     # forward: softmax -> (dropout) -> @ v
@@ -153,22 +185,24 @@ def _core_softmax(gm, sm: Node, shapes) -> Core:
     tokens = ks[-1] if transposed else ks[-2]
     heads = ks[1] if len(ks) == 4 else 1
     return Core(sm, "softmax", qk.args[0], keys, transposed, out, logits_in, tokens, heads,
-                frozenset([qk, sm, out, *passed, *inner]))
+                frozenset([qk, sm, out, *passed, *inner]), mask)
 
 
-def _core_sdpa(gm, node: Node, shapes) -> Core:
+def _core_sdpa(gm, node: Node, shapes, dep: set = frozenset()) -> Core:
     q, k = node.args[0], node.args[1]
     mask = gu.arg(node, 3, "attn_mask", None)
     causal = gu.arg(node, 5, "is_causal", False)
     if causal is not False:
         raise _Refuse("causal attention: a merged token would mix future positions")
-    if mask is not None:
-        raise _Refuse("attention mask given: masks that follow merges are not supported yet")
+    if isinstance(mask, Node):
+        _check_mask(mask, dep)
+    elif mask is not None:
+        raise _Refuse("attention mask is not a tensor computed in the graph")
     ks = shapes[k]
     if shapes[q][-2] != ks[-2]:
         raise _Refuse("cross-attention: queries and keys have different token counts")
     heads = ks[1] if len(ks) == 4 else 1
-    return Core(node, "sdpa", q, k, False, node, None, ks[-2], heads, frozenset([node]))
+    return Core(node, "sdpa", q, k, False, node, None, ks[-2], heads, frozenset([node]), mask)
 
 
 def _descendant_add(start: Node, depth: int = 40) -> tuple[Node, Node]:
@@ -250,6 +284,7 @@ def find_prefix(gm, stream_in: Node, shapes, dependent: set, token_dim: int) -> 
 
 def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
     blocks, cores, refusals = [], [], []
+    dep = gu.data_dependent(gm, shapes)
     for node in gm.graph.nodes:
         if gu.is_sdpa(node):
             build = _core_sdpa
@@ -258,7 +293,7 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
         else:
             continue
         try:
-            core = build(gm, node, shapes)
+            core = build(gm, node, shapes, dep)
         except (_Refuse, IndexError, KeyError, TypeError, AttributeError) as exc:
             reason = str(exc) if isinstance(exc, _Refuse) else f"unrecognised attention layout ({exc})"
             refusals.append(Refusal(site_name(node), reason))
@@ -278,6 +313,5 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
                                        "norm": block.norm}
     prefix = 0
     if blocks:
-        dep = gu.data_dependent(gm, shapes)
         prefix = find_prefix(gm, blocks[0].stream_in, shapes, dep, blocks[0].token_dim)
     return Matches(blocks, cores, refusals, prefix)

@@ -24,11 +24,13 @@ def keys_metric(keys: torch.Tensor, transposed: bool) -> torch.Tensor:
     return keys
 
 
-def bipartite_match(metric: torch.Tensor, r: int, prefix: int):
+def bipartite_match(metric: torch.Tensor, r: int, prefix: int, groups: torch.Tensor | None = None):
     """ToMe bipartite soft matching over the tokens after ``prefix`` protected ones.
 
     Set A is the tokens at even absolute positions, set B at odd ones. Each A token proposes its
     most similar B token (cosine similarity); the ``r`` best proposals are merged.
+    ``groups`` [B, N, K] (optional): tokens may only merge with tokens of equal group vector
+    (padding never merges into real tokens); ``r`` then shrinks to the pairs that exist.
     Returns (unmerged A indices sorted ascending, merged A indices, their B partners).
     """
     with torch.no_grad():
@@ -36,7 +38,13 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int):
         m = m / m.norm(dim=-1, keepdim=True)
         off = prefix % 2
         scores = m[:, off::2] @ m[:, 1 - off :: 2].transpose(-1, -2)
+        if groups is not None:
+            g = groups[:, prefix:]
+            differ = (g[:, off::2, None, :] != g[:, None, 1 - off :: 2, :]).any(dim=-1)
+            scores = scores.masked_fill(differ, float("-inf"))
         best, partner = scores.max(dim=-1)
+        if groups is not None:  # data-dependent: only A tokens with a same-group partner merge
+            r = min(r, int((best > float("-inf")).sum(dim=-1).min()))
         order = best.argsort(dim=-1, descending=True)
         src = order[:, :r]
         unm = order[:, r:].sort(dim=-1).values
@@ -50,21 +58,61 @@ def merge_limit(n_tokens: int, prefix: int) -> int:
 
 
 @fx.wrap
-def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False):
+def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False,
+               origin=None, groups=None):
     """Merge ``r`` token pairs of ``x`` [B, N, C] (size-weighted), matched on ``keys``.
 
     ``size`` is [B, N, 1] or None (all ones). Returns (merged x, merged size). Output order:
     protected prefix, unmerged A tokens, B tokens, each in previous relative order.
+
+    With ``groups`` ([B, N0, K], one vector per *original* token, e.g. the attention mask) only
+    tokens of equal group merge, and a third output is returned: ``origin`` [B, N'] int64, for
+    each output token an original token of its group (``origin`` in: the same for the input
+    tokens, None = identity). Token-aligned side tensors follow the merge by gathering it.
     """
     n = x.shape[1]
     r = min(r, merge_limit(n, prefix))
     if size is None:
         size = _ones_size(x)
+    if groups is None:
+        if r <= 0:
+            return x, size
+        metric = keys_metric(keys, keys_transposed)
+        unm, src, dst = bipartite_match(metric, r, prefix)
+        return merge_by_index(x, size, prefix, unm, src, dst)
+    if origin is None:
+        origin = torch.arange(n, device=x.device).expand(x.shape[0], n)
     if r <= 0:
-        return x, size
+        return x, size, origin
+    cur = groups.gather(1, origin[..., None].expand(-1, -1, groups.shape[-1]))
     metric = keys_metric(keys, keys_transposed)
-    unm, src, dst = bipartite_match(metric, r, prefix)
-    return merge_by_index(x, size, prefix, unm, src, dst)
+    unm, src, dst = bipartite_match(metric, r, prefix, cur)
+    off = prefix % 2
+    rest = origin[:, prefix:]
+    new_origin = torch.cat([origin[:, :prefix], rest[:, off::2].gather(1, unm), rest[:, 1 - off :: 2]], 1)
+    return (*merge_by_index(x, size, prefix, unm, src, dst), new_origin)
+
+
+@fx.wrap
+def token_groups(*masks):
+    """Group vector per token from token-aligned inputs ([B, N, ...] each) -> [B, N, K] float."""
+    return torch.cat([m.reshape(m.shape[0], m.shape[1], -1).float() for m in masks], dim=-1)
+
+
+@fx.wrap
+def follow_tokens(t, origin, dims: tuple):
+    """Re-index a token-aligned side tensor (original token layout, batch at dim 0 or
+    broadcast) to the merged layout: gather each of ``dims`` with ``origin`` [B, N']."""
+    b, n = origin.shape
+    if t.shape[0] != b:
+        t = t.expand(b, *t.shape[1:])
+    for d in dims:
+        view = [1] * t.dim()
+        view[0], view[d] = b, n
+        shape = list(t.shape)
+        shape[d] = n
+        t = t.gather(d, origin.reshape(view).expand(shape))
+    return t
 
 
 def merge_by_index(x, size, prefix: int, unm, src, dst):
@@ -109,7 +157,17 @@ def add_attn_bias(mask, bias):
 @fx.wrap
 def weighted_mean(x, size, dim, keepdim: bool = False):
     """Size-weighted mean over the token dimension ``dim`` (size aligned with x's tokens)."""
-    w = size.to(x.dtype)
-    if dim != 1:
-        w = w.movedim(1, dim)
+    w = _token_weights(x, size, dim)
     return (x * w).sum(dim=dim, keepdim=keepdim) / w.sum(dim=dim, keepdim=keepdim)
+
+
+@fx.wrap
+def weighted_sum(x, size, dim, keepdim: bool = False):
+    """Sum over merged tokens as the sum over their sources: each token counts ``size`` times."""
+    return (x * _token_weights(x, size, dim)).sum(dim=dim, keepdim=keepdim)
+
+
+def _token_weights(x, size, dim: int):
+    """``size`` [B, N, 1] shaped to broadcast against ``x`` whose token dim is ``dim``."""
+    w = size.to(x.dtype).reshape(size.shape[0], size.shape[1], *([1] * (x.dim() - 2)))
+    return w.movedim(1, dim) if dim % x.dim() != 1 else w

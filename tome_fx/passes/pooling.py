@@ -1,4 +1,5 @@
-"""Size-weighted pooling: a mean over merged tokens becomes a mean weighted by token size."""
+"""Size-weighted pooling: a mean (sum) over merged tokens becomes a mean (sum) weighted by
+token size: a merged token is the mean of its sources, so size * token = sum of the sources."""
 from __future__ import annotations
 
 import operator
@@ -20,9 +21,8 @@ def weight_pooling(gm: fx.GraphModule, pools) -> PassResult:
             if pool.offset:
                 index = (slice(None), slice(pool.offset, None))
                 size = inserted(graph.call_function(operator.getitem, (size, index)), "size")
-            new = inserted(
-                graph.call_function(ops.weighted_mean, (x, size, pool.dim, keepdim)), "pool"
-            )
+            fn = ops.weighted_sum if getattr(pool, "kind", "mean") == "sum" else ops.weighted_mean
+            new = inserted(graph.call_function(fn, (x, size, pool.dim, keepdim)), "pool")
         n.replace_all_uses_with(new)
         graph.erase_node(n)
     return PassResult(finish(gm), len(pools))

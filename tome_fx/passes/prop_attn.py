@@ -27,14 +27,15 @@ def add_size_bias(gm: fx.GraphModule, cores: list[Core], sites, shapes: dict) ->
             with graph.inserting_before(core.anchor):
                 ndim = len(shapes[core.query])
                 bias = inserted(graph.call_function(ops.size_bias, (size, ndim, core.query)), "bias")
-                mask = core.anchor.kwargs.get("attn_mask")
-                if len(core.anchor.args) > 3:
-                    mask = core.anchor.args[3]
-                    core.anchor.args = core.anchor.args[:3] + (None,) + core.anchor.args[4:]
+                positional = len(core.anchor.args) > 3  # keep the mask where it was passed
+                mask = core.anchor.args[3] if positional else core.anchor.kwargs.get("attn_mask")
                 new = bias
                 if mask is not None:
                     new = inserted(graph.call_function(ops.add_attn_bias, (mask, bias)), "bias")
-            core.anchor.update_kwarg("attn_mask", new)
+            if positional:
+                core.anchor.update_arg(3, new)
+            else:
+                core.anchor.update_kwarg("attn_mask", new)
         else:
             logits = core.logits
             with graph.inserting_before(core.anchor):

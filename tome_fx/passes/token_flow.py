@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import graph_utils as gu
+from ..capture import float_mask
 from ..errors import one_line
 
 Node = fx.Node
@@ -27,7 +28,7 @@ _ELEMENTWISE_FUNCS = {
     operator.iadd, operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg,
     torch.tanh, torch.sigmoid, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, torch.where,
     F.gelu, F.relu, F.silu, F.sigmoid, F.tanh, F.dropout, F.hardswish, F.mish, F.leaky_relu,
-    F.elu, F.softplus, torch.clamp, torch.abs,
+    F.elu, F.softplus, torch.clamp, torch.abs, float_mask,
 }
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "neg", "pow", "__add__", "__mul__", "__sub__", "__truediv__",
@@ -66,6 +67,8 @@ _LAYOUT_FUNCS |= {
 }
 _META_FUNCS = {_A.sym_size, _A.sym_numel, _A.sym_stride, _A._assert_tensor_metadata}
 _INDEX_FUNCS = {_A.select, _A.slice}
+_EXTREMES = {torch.max, torch.min, torch.amax, torch.amin, torch.argmax, torch.argmin,
+             torch.logsumexp, _A.max, _A.min, _A.amax, _A.amin, _A.argmax, _A.argmin, _A.logsumexp}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Pool:
     dim: int
     size: Node  # size companion of the merge the tokens come from
     offset: int  # the tokens were sliced as x[:, offset:] after that merge
+    kind: str = "mean"  # "mean" | "sum": both become size-weighted
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Flow:
     pools: list[Pool] = field(default_factory=list)
     token_outputs: bool = False
     shapes: dict = field(default_factory=dict)  # shapes with the real schedule
+    reads: set = field(default_factory=set)  # token positions read by index beyond the prefix
 
 
 def _tdims(a, b) -> tuple:
@@ -155,12 +160,17 @@ def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, 
     tdims = {n: _tdims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
     size_of: dict[Node, Node] = {s.x: s.size for s in sites}
     offset: dict[Node, int] = {s.x: 0 for s in sites}
+    for s in sites:  # a merge's token origins (side tensors follow them) align with its sizes
+        for u in s.merge.users:
+            if u.target is operator.getitem and u.args[1] == 2:
+                size_of[u], offset[u] = s.size, 0
 
     for n in gm.graph.nodes:
         token_inputs = [i for i in n.all_input_nodes if tdims.get(i)]
         if not token_inputs or n.op == "placeholder":
             continue
-        src = token_inputs[0]
+        # follow the size of the merged stream, not of a side tensor gathered to its layout
+        src = next((i for i in token_inputs if size_of.get(i) is not None), token_inputs[0])
         if n not in size_of:
             size_of[n] = size_of.get(src)
             offset[n] = offset.get(src, 0)
@@ -215,21 +225,25 @@ def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str |
             )
         return None if ok else f"{name} folds or splits the token dimension ({n.name})"
     if n.op == "call_function" and n.target is operator.getitem:
-        return _check_index(n, src, ndim, tin, prefix, offset)
+        return _check_index(n, src, ndim, tin, prefix, offset, flow.reads)
     if gu.is_call(n, _INDEX_FUNCS) and n.args[0] is src:
-        return _check_index(n, src, ndim, tin, prefix, offset, _aten_index(n, in_shape))
+        return _check_index(n, src, ndim, tin, prefix, offset, flow.reads, _aten_index(n, in_shape))
     if gu.is_call(n, {torch.mean, torch.sum, _A.mean, _A.sum}, ("mean", "sum")):
         dim = gu.arg(n, 1, "dim", None)
         dims = tuple(range(ndim)) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
         dims = tuple(d % ndim for d in dims)
         if not set(dims) & set(tin):
             return None
-        if n.target in (torch.sum, "sum") or gu.packet(n) is _A.sum:
-            return f"sum over merged tokens ({n.name})"
+        kind = "sum" if n.target in (torch.sum, "sum") or gu.packet(n) is _A.sum else "mean"
         if len(dims) != 1 or size_of.get(n) is None:
-            return f"mean over the token dimension together with others ({n.name})"
-        flow.pools.append(Pool(n, dims[0], size_of[n], offset[n]))
+            return f"{kind} over the token dimension together with others ({n.name})"
+        if n.kwargs.get("dtype") is not None or len(n.args) > 3:
+            return f"{kind} over merged tokens with extra arguments ({n.name})"
+        flow.pools.append(Pool(n, dims[0], size_of[n], offset[n], kind))
         return None
+    if gu.is_call(n, _EXTREMES, ("max", "min", "amax", "amin", "argmax", "argmin", "logsumexp")):
+        return (f"{name} over merged tokens has no size-weighted form: a merged token stands "
+                f"for several ({n.name})")
     if gu.is_call(n, gu.CAT):
         dim = gu.arg(n, 1, "dim", 0) % ndim
         return None if dim not in tin else f"concatenation along the token dimension ({n.name})"
@@ -258,7 +272,10 @@ def _aten_index(n, in_shape) -> tuple:
     return (slice(None),) * dim + (entry,)
 
 
-def _check_index(n, src, ndim, tin, prefix, offset, idx=None) -> str | None:
+def _check_index(n, src, ndim, tin, prefix, offset, reads: set, idx=None) -> str | None:
+    """Reads by position are safe inside the protected prefix; positions read beyond it are
+    collected in ``reads`` so the caller can grow the prefix over them. ``idx`` is the
+    getitem-style index of an ATen select/slice."""
     if len(tin) != 1:
         return f"indexing a tensor with several token dimensions ({n.name})"
     entry = _index_entry(n.args[1] if idx is None else idx, ndim, tin[0])
@@ -266,6 +283,8 @@ def _check_index(n, src, ndim, tin, prefix, offset, idx=None) -> str | None:
     if isinstance(entry, int):
         if 0 <= entry and base + entry < prefix:
             return None
+        if 0 <= entry:
+            reads.add(base + entry)
         return f"reads token {entry} by position, which merging moves ({n.name})"
     if isinstance(entry, slice):
         start = 0 if entry.start is None else entry.start
@@ -273,10 +292,13 @@ def _check_index(n, src, ndim, tin, prefix, offset, idx=None) -> str | None:
             return f"strided or dynamic token slice ({n.name})"
         if entry.stop is None:
             if base + start > prefix:
+                reads.update(range(base + start))
                 return f"slice x[{start}:] drops tokens that merging moves ({n.name})"
             offset[n] = base + start
             return None
         if isinstance(entry.stop, int) and 0 <= entry.stop and base + entry.stop <= prefix:
             return None
+        if isinstance(entry.stop, int) and 0 <= entry.stop and start == 0:
+            reads.update(range(base + entry.stop))
         return f"slice [{entry.start}:{entry.stop}] selects tokens by position ({n.name})"
     return f"advanced indexing over merged tokens ({n.name})"

@@ -1,0 +1,297 @@
+"""Padding masks follow the merges; tokens read by position are protected; sums are weighted.
+
+Which original tokens each merged token holds is tracked independently of tome_fx's own
+bookkeeping: every merge call is re-run on ``[x, membership]``, where membership starts as the
+identity. Merging averages rows weighted by size, so a merged row is ``indicator / size`` of the
+original tokens it holds (the matching depends on keys, sizes and groups only, never on x).
+"""
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tome_fx
+from tome_fx import ops
+from mask_models import MiniBert, PaddedEncoder, bert_inputs
+
+VARIANTS = {
+    "sdpa-pooler": dict(),
+    "softmax-pooler": dict(explicit=True),
+    "sdpa-mask4d": dict(mask4d=True),
+    "sdpa-bool": dict(bool_mask=True),
+    "sdpa-positional-mask": dict(positional=True),
+    "softmax-masked_fill": dict(explicit=True, bool_mask=True),
+    "sdpa-mean": dict(head="mean"),
+    "softmax-mean": dict(explicit=True, head="mean"),
+}
+
+
+class Track(fx.Interpreter):
+    """Runs a rewritten module, tracking the original tokens inside each merged token."""
+
+    def __init__(self, gm, grab=()):
+        super().__init__(gm)
+        self.member = None
+        self.merges = []  # per merge: (size [B,N,1], membership [B,N,N0] bool)
+        self.grab, self.grabbed = set(grab), {}
+
+    def call_function(self, target, args, kwargs):
+        if target is not ops.tome_merge:
+            return super().call_function(target, args, kwargs)
+        x = args[0]
+        if self.member is None:
+            self.member = torch.eye(x.shape[1]).expand(x.shape[0], -1, -1)
+        out = target(torch.cat([x, self.member.to(x.dtype)], -1), *args[1:], **kwargs)
+        c = x.shape[-1]
+        self.member = out[0][..., c:]
+        self.merges.append((out[1], self.member > 1e-6))
+        return (out[0][..., :c], *out[1:])
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        if target in self.grab:
+            self.grabbed[target] = out
+        return out
+
+
+def track(gm, *inputs, grab=()):
+    t = Track(gm, grab)
+    with torch.no_grad():
+        out = t.run(*inputs)
+    return t, out
+
+
+def set_r(gm, r):
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is ops.tome_merge:
+            n.update_arg(3, r)
+    gm.recompile()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_r0_unchanged(name):
+    model = MiniBert(**VARIANTS[name]).eval()
+    ids, mask = bert_inputs()
+    with torch.no_grad():
+        ref = model(ids, mask)
+        assert (tome_fx.optimize(model, r=0, example_inputs=(ids, mask))(ids, mask) - ref).abs().max() <= 1e-5
+        # the rewritten graph (group-aware merges, gathered masks) with its merges at r=0
+        fast = tome_fx.optimize(model, r=4, example_inputs=(ids, mask))
+        assert fast.tome_counts["mask_follow"] > 0
+        set_r(fast, 0)
+        assert (fast(ids, mask) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_padding_never_merges_into_real_tokens(name, r=8):
+    model = MiniBert(**VARIANTS[name]).eval()
+    ids, mask = bert_inputs()
+    fast = tome_fx.optimize(model, r=r, example_inputs=(ids, mask))
+    assert fast.tome_counts["merges"] == 3 and fast.tome.skipped == ()
+    t, out = track(fast, ids, mask)
+    assert torch.isfinite(out).all()
+    real = mask.bool()
+    n_prev = ids.shape[1]
+    for size, member in t.merges:
+        assert member.shape[1] < n_prev  # tokens were merged
+        n_prev = member.shape[1]
+        holds_real = (member & real[:, None, :]).any(-1)
+        holds_pad = (member & ~real[:, None, :]).any(-1)
+        assert not (holds_real & holds_pad).any(), "a merged token mixes padding and real tokens"
+        assert torch.equal(member.sum(-1, keepdim=True).float(), size)  # sizes count the sources
+    # a different padded batch through the same module: still never mixed
+    ids2, mask2 = bert_inputs(lengths=(5, 24, 12), seed=1)
+    t2, _ = track(fast, ids2, mask2)
+    for _, member in t2.merges:
+        real2 = mask2.bool()
+        assert not ((member & real2[:, None, :]).any(-1) & (member & ~real2[:, None, :]).any(-1)).any()
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_pooler_token_is_protected(explicit):
+    """BERT's pooler reads x[:, 0]: input token 0 (no concatenated class token) is protected."""
+    model = MiniBert(explicit=explicit).eval()
+    ids, mask = bert_inputs()
+    fast = tome_fx.optimize(model, r=6, example_inputs=(ids, mask))
+    assert fast.tome.protected == 1 and fast.tome_counts["merges"] == 3
+    t, _ = track(fast, ids, mask)
+    for size, member in t.merges:
+        assert member[:, 0, 0].all() and member[:, 0].sum() == ids.shape[0]  # token 0 stays alone, first
+        assert (size[:, 0] == 1).all()
+        assert not member[:, 1:, 0].any()
+
+
+def test_leading_slice_read_is_protected():
+    """A head reading x[:, :2] protects two leading tokens; reading x[:, 5] alone stays refused
+    (tests/test_optimize.py::test_position_read_is_refused)."""
+    model = MiniBert(head="first2").eval()
+    ids, mask = bert_inputs()
+    fast = tome_fx.optimize(model, r=4, example_inputs=(ids, mask))
+    assert fast.tome.protected == 2 and fast.tome_counts["merges"] == 3
+    t, _ = track(fast, ids, mask)
+    for size, member in t.merges:
+        assert member[:, 0, 0].all() and member[:, 1, 1].all() and (size[:, :2] == 1).all()
+
+
+@pytest.mark.parametrize("head", ["mean", "sum"])
+def test_masked_pooling_equals_reference(head):
+    """Masked mean / sum pooling after merging = sum over merged tokens of size * h over real
+    tokens (divided by the true token count), computed by hand from the tracked membership."""
+    model = MiniBert(head=head).eval()
+    ids, mask = bert_inputs()
+    fast = tome_fx.optimize(model, r=5, example_inputs=(ids, mask))
+    assert fast.tome_counts["weighted_pool"] >= 1
+    t, out = track(fast, ids, mask, grab={"layers.2.norm2"})
+    h = t.grabbed["layers.2.norm2"]
+    size, member = t.merges[-1]
+    real = (member & mask.bool()[:, None, :]).any(-1).float()[..., None]
+    ref = (size * h * real).sum(1)
+    if head == "mean":
+        ref = ref / mask.sum(1, keepdim=True).float()
+    assert h.shape[1] < ids.shape[1]
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_max_over_tokens_is_refused():
+    model = MiniBert(head="max").eval()
+    ids, mask = bert_inputs()
+    fast = tome_fx.optimize(model, r=4, example_inputs=(ids, mask))
+    assert fast.tome_counts["merges"] == 0
+    assert all("no size-weighted form" in s.reason for s in fast.tome.skipped)
+    with torch.no_grad():
+        assert torch.equal(fast(ids, mask), model(ids, mask))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_key_padding_mask(norm_first):
+    model = PaddedEncoder(norm_first=norm_first).eval()
+    x = torch.randn(3, 20, 32)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[1, 14:] = True
+    pad[2, 7:] = True
+    with torch.no_grad():
+        ref = model(x, pad)
+        assert (tome_fx.optimize(model, r=0, example_inputs=(x, pad))(x, pad) - ref).abs().max() <= 1e-5
+    fast = tome_fx.optimize(model, r=3, example_inputs=(x, pad))
+    assert fast.tome_counts["merges"] == 3 and fast.tome_counts["mask_follow"] >= 2
+    t, out = track(fast, x, pad, grab={"encoder.layers.2.norm2"} if not norm_first else set())
+    for _, member in t.merges:
+        assert not ((member & pad[:, None]).any(-1) & (member & ~pad[:, None]).any(-1)).any()
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        set_r(fast, 0)
+        assert (fast(x, pad) - ref).abs().max() <= 1e-5
+
+
+def test_mha_key_padding_mask_explicit_softmax():
+    """nn.MultiheadAttention called directly with key_padding_mask (weights requested, so the
+    stand-in uses an explicit softmax with the mask added to the logits)."""
+
+    class Net(nn.Module):
+        def __init__(self, dim=32, depth=2):
+            super().__init__()
+            self.attns = nn.ModuleList([nn.MultiheadAttention(dim, 4, batch_first=True) for _ in range(depth)])
+            self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(dim, dim), nn.ReLU()) for _ in range(depth)])
+
+        def forward(self, x, pad):
+            for attn, mlp in zip(self.attns, self.mlps):
+                x = x + attn(x, x, x, key_padding_mask=pad)[0]
+                x = x + mlp(x)
+            keep = (~pad)[..., None].float()
+            return (x * keep).sum(1) / keep.sum(1)
+
+    model = Net().eval()
+    x = torch.randn(2, 16, 32)
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, 9:] = True
+    fast = tome_fx.optimize(model, r=3, example_inputs=(x, pad))
+    assert fast.tome_counts["merges"] == 2 and fast.tome.skipped == ()
+    assert all(b.kind == "softmax" for b in fast.tome.blocks)
+    t, out = track(fast, x, pad)
+    for _, member in t.merges:
+        assert not ((member & pad[:, None]).any(-1) & (member & ~pad[:, None]).any(-1)).any()
+    with torch.no_grad():
+        set_r(fast, 0)
+        assert (fast(x, pad) - model(x, pad)).abs().max() <= 1e-5
+
+
+class CausalPadded(MiniBert):
+    """Padding mask combined with a causal pattern: not a padding mask."""
+
+    def forward(self, input_ids, attention_mask):
+        b, n = input_ids.shape
+        x = self.norm(self.tok(input_ids) + self.pos(torch.arange(n)))
+        pos = torch.arange(n)
+        causal = (pos[None, :] <= pos[:, None]).float()
+        mask = (1.0 - attention_mask[:, None, None, :].float() * causal) * -10000.0
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x[:, 0]
+
+
+class FixedMask(MiniBert):
+    """A constant causal mask: a fixed pattern, refused at the attention site."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("causal", torch.ones(24, 24).tril().bool())
+
+    def forward(self, input_ids, attention_mask):
+        x = self.norm(self.tok(input_ids))
+        for layer in self.layers:
+            x = layer(x, self.causal)
+        return x[:, 0]
+
+
+def test_non_padding_masks_are_refused():
+    ids, mask = bert_inputs()
+    model = CausalPadded().eval()
+    fast = tome_fx.optimize(model, r=4, example_inputs=(ids, mask))
+    assert fast.tome_counts["merges"] == 0 and len(fast.tome.skipped) == 3
+    assert all("not a per-token function of the padding mask" in s.reason for s in fast.tome.skipped)
+    with torch.no_grad():
+        assert torch.equal(fast(ids, mask), model(ids, mask))
+
+    plan = tome_fx.explain(FixedMask().eval(), example_inputs=(ids, mask))
+    assert plan.blocks == () and len(plan.skipped) == 3
+    assert all("fixed pattern" in s.reason for s in plan.skipped)
+
+
+def test_bipartite_match_respects_groups():
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(4, 21, 8, generator=g)
+    groups = (torch.rand(4, 21, 1, generator=g) > 0.5).float()
+    unm, src, dst = ops.bipartite_match(metric, 10, 1, groups)
+    rest = groups[:, 1:, 0]
+    a, b = rest[:, 1::2], rest[:, 0::2]  # A/B by absolute parity: token 1 is odd, so in B
+    assert torch.equal(a.gather(1, src), b.gather(1, dst))
+    assert src.shape[1] + unm.shape[1] == a.shape[1]
+    # one group holding a single A token: it has no partner, so r shrinks to the pairs that exist
+    groups = torch.zeros(1, 9, 1)
+    groups[0, 0] = 1.0  # token 0 (set A) alone in its group
+    unm, src, dst = ops.bipartite_match(torch.randn(1, 9, 4), 5, 0, groups)
+    assert src.shape[1] == 4 and unm[0].tolist() == [0]
+
+
+def test_follow_tokens_gathers_token_dims():
+    t = torch.randn(2, 1, 7, 7)
+    origin = torch.tensor([[0, 3, 5], [6, 1, 2]])
+    out = ops.follow_tokens(t, origin, (2, 3))
+    for b in range(2):
+        assert torch.equal(out[b, 0], t[b, 0][origin[b]][:, origin[b]])
+    m = torch.randn(1, 7)  # broadcast batch
+    assert torch.equal(ops.follow_tokens(m, origin, (1,)), m[0][origin])
+
+
+def test_flops_budget_with_padding():
+    """Groups cap merges by the data; the cost model takes the caps measured on the inputs."""
+    ids, mask = bert_inputs(lengths=(24, 23, 3))
+    model = MiniBert(head="mean").eval()
+    fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=(ids, mask))
+    assert 0.49 <= fast.tome.ratio <= 0.5
+    t, out = track(fast, ids, mask)
+    assert torch.isfinite(out).all() and len(t.merges) >= 1
+    for _, member in t.merges:
+        real = mask.bool()
+        assert not ((member & real[:, None]).any(-1) & (member & ~real[:, None]).any(-1)).any()
