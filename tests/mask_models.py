@@ -1,7 +1,10 @@
 """Hand-written BERT-style models with padding masks, fx-traceable (tests of mask following)."""
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tome_fx import ops
 
 
 class BertSelfAttention(nn.Module):
@@ -114,3 +117,47 @@ def bert_inputs(batch=3, n=24, vocab=50, lengths=(24, 17, 9), seed=0):
         mask[i, :length] = 1
         ids[i, length:] = 0
     return ids, mask
+
+
+# Which original tokens each merged token holds, tracked independently of tome_fx's own
+# bookkeeping: every merge call is re-run on [x, membership], membership starting as the identity.
+class Track(fx.Interpreter):
+    """Runs a rewritten module, tracking the original tokens inside each merged token."""
+
+    def __init__(self, gm, grab=()):
+        super().__init__(gm)
+        self.member = None
+        self.merges = []  # per merge: (size [B,N,1], membership [B,N,N0] bool)
+        self.grab, self.grabbed = set(grab), {}
+
+    def call_function(self, target, args, kwargs):
+        if target is not ops.tome_merge:
+            return super().call_function(target, args, kwargs)
+        x = args[0]
+        if self.member is None:
+            self.member = torch.eye(x.shape[1]).expand(x.shape[0], -1, -1)
+        out = target(torch.cat([x, self.member.to(x.dtype)], -1), *args[1:], **kwargs)
+        c = x.shape[-1]
+        self.member = out[0][..., c:]
+        self.merges.append((out[1], self.member > 1e-6))
+        return (out[0][..., :c], *out[1:])
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        if target in self.grab:
+            self.grabbed[target] = out
+        return out
+
+
+def track(gm, *inputs, grab=()):
+    t = Track(gm, grab)
+    with torch.no_grad():
+        out = t.run(*inputs)
+    return t, out
+
+
+def set_r(gm, r):
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is ops.tome_merge:
+            n.update_arg(3, r)
+    gm.recompile()

@@ -7,13 +7,11 @@ original tokens it holds (the matching depends on keys, sizes and groups only, n
 """
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 import tome_fx
 from tome_fx import ops
-from mask_models import MiniBert, PaddedEncoder, bert_inputs
+from mask_models import MiniBert, PaddedEncoder, bert_inputs, set_r, track
 
 VARIANTS = {
     "sdpa-pooler": dict(),
@@ -25,48 +23,6 @@ VARIANTS = {
     "sdpa-mean": dict(head="mean"),
     "softmax-mean": dict(explicit=True, head="mean"),
 }
-
-
-class Track(fx.Interpreter):
-    """Runs a rewritten module, tracking the original tokens inside each merged token."""
-
-    def __init__(self, gm, grab=()):
-        super().__init__(gm)
-        self.member = None
-        self.merges = []  # per merge: (size [B,N,1], membership [B,N,N0] bool)
-        self.grab, self.grabbed = set(grab), {}
-
-    def call_function(self, target, args, kwargs):
-        if target is not ops.tome_merge:
-            return super().call_function(target, args, kwargs)
-        x = args[0]
-        if self.member is None:
-            self.member = torch.eye(x.shape[1]).expand(x.shape[0], -1, -1)
-        out = target(torch.cat([x, self.member.to(x.dtype)], -1), *args[1:], **kwargs)
-        c = x.shape[-1]
-        self.member = out[0][..., c:]
-        self.merges.append((out[1], self.member > 1e-6))
-        return (out[0][..., :c], *out[1:])
-
-    def call_module(self, target, args, kwargs):
-        out = super().call_module(target, args, kwargs)
-        if target in self.grab:
-            self.grabbed[target] = out
-        return out
-
-
-def track(gm, *inputs, grab=()):
-    t = Track(gm, grab)
-    with torch.no_grad():
-        out = t.run(*inputs)
-    return t, out
-
-
-def set_r(gm, r):
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is ops.tome_merge:
-            n.update_arg(3, r)
-    gm.recompile()
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tome_fx
 from tome_fx.export_capture import export_program
+from mask_models import set_r, track
 from reference_tome import reference_forward, reference_schedule
 
 T = pytest.importorskip("transformers", reason="the HuggingFace zoo needs transformers (dev extra)")
@@ -106,7 +107,8 @@ def test_r0_unchanged(name):
     assert fast.tome.frontend == "export"
     assert fast.tome.protected == ZOO[name][3]
     assert len(fast.tome.blocks) == LAYERS and not fast.tome.skipped
-    assert fast.tome_counts == {"merges": 0, "size_bias": 0, "weighted_pool": 0, "shape_repairs": 0}
+    assert fast.tome_counts == {"merges": 0, "size_bias": 0, "weighted_pool": 0, "shape_repairs": 0,
+                                "mask_follow": 0}
     with torch.no_grad():
         for batch in (1, 2, 3):
             x = _inputs(name, batch)
@@ -269,16 +271,29 @@ def test_default_inputs_for_video_and_audio_configs():
     assert default_inputs(_model("vit"), batch=3)[0].shape == (3, 3, 64, 64)
 
 
-def test_masked_bert_is_refused_with_reason_and_unchanged():
-    """A padding mask reaches SDPA as an input-dependent tensor: it is kept, and (until masks
-    follow merges) the blocks are refused with the reason, leaving the output exact."""
+def test_masked_bert_padding_follows_merges():
+    """HF BERT with a padding mask, over the export path: the pooler's token 0 is protected,
+    padding never merges into real tokens (tracked independently of tome_fx's bookkeeping),
+    the mask follows the merges, and r=0 leaves the logits unchanged."""
     model = _bert("sequence_classification")
     ids = torch.randint(0, 100, (2, 24))
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, 18:] = 0
     x = {"input_ids": ids, "attention_mask": mask}
-    fast = tome_fx.optimize(model, r=2, example_inputs=x)
-    assert fast.tome.frontend == "export" and fast.tome_counts["merges"] == 0
-    assert len(fast.tome.skipped) == LAYERS and all("mask" in s.reason for s in fast.tome.skipped)
+    fast = tome_fx.optimize(model, r=4, example_inputs=x)
+    assert fast.tome.frontend == "export" and fast.tome.protected == 1 and not fast.tome.skipped
+    assert fast.tome_counts["merges"] == LAYERS and fast.tome_counts["mask_follow"] > 0
+    t, out = track(fast, ids, mask)
+    assert torch.isfinite(out.logits).all()
+    real = mask.bool()
+    n_prev = ids.shape[1]
+    for size, member in t.merges:
+        assert member.shape[1] < n_prev
+        n_prev = member.shape[1]
+        assert member[:, 0, 0].all() and (member[:, 0].sum(-1) == 1).all()  # token 0 alone, first
+        mixed = (member & real[:, None, :]).any(-1) & (member & ~real[:, None, :]).any(-1)
+        assert not mixed.any(), "a merged token mixes padding and real tokens"
+        assert torch.equal(member.sum(-1, keepdim=True).float(), size)
+    set_r(fast, 0)
     with torch.no_grad():
         assert (fast(**x).logits - model(**x).logits).abs().max() <= 1e-5

@@ -21,7 +21,7 @@ def weight_pooling(gm: fx.GraphModule, pools) -> PassResult:
             if pool.offset:
                 index = (slice(None), slice(pool.offset, None))
                 size = inserted(graph.call_function(operator.getitem, (size, index)), "size")
-            fn = ops.weighted_sum if getattr(pool, "kind", "mean") == "sum" else ops.weighted_mean
+            fn = ops.weighted_sum if pool.kind == "sum" else ops.weighted_mean
             new = inserted(graph.call_function(fn, (x, size, pool.dim, keepdim)), "pool")
         n.replace_all_uses_with(new)
         graph.erase_node(n)
