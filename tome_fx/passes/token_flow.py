@@ -66,6 +66,7 @@ class Flow:
     pools: list[Pool] = field(default_factory=list)
     token_outputs: bool = False
     shapes: dict = field(default_factory=dict)  # shapes with the real schedule
+    positional: set = field(default_factory=set)  # token-sized tensors not made from tokens
 
 
 def _tdims(a, b) -> tuple:
@@ -104,6 +105,19 @@ def _run(gm, args, kwargs, merges, values):
     return rec.shapes, None
 
 
+def _fixed_table(node: Node, shapes: dict, dep: set) -> str | None:
+    """Reason a node failed on merged tokens if it combines them with a fixed table (a tensor
+    with several non-trivial dims that does not depend on the input: rotary or position
+    embedding, position bias), else None."""
+    for i in node.all_input_nodes:
+        s = shapes.get(i)
+        if i not in dep and gu.is_tensor_shape(s) and sum(d > 1 for d in s) >= 2:
+            return (f"{node.name} combines merged tokens with {i.name}, a fixed {list(s)} "
+                    "table that does not depend on the input (rotary or position embedding, "
+                    "position bias): merged tokens have no single position")
+    return None
+
+
 def _index_entry(idx, ndim: int, tdim: int):
     """The index entry applied to input dimension ``tdim`` of a getitem, or 'unsupported'."""
     if not isinstance(idx, tuple):
@@ -130,13 +144,25 @@ def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, 
     shapes_b, err_b = _run(gm, args, kwargs, merges, [1] * len(merges))
     shapes_real, err_real = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
     flow.shapes = shapes_real
+    dep = gu.data_dependent(gm, shapes_a)
     for err in (err_a, err_b, err_real):
         if err is not None:
             node, exc = err
-            flow.unsafe.append((node, f"fails on merged tokens: {one_line(exc)}"))
+            flow.unsafe.append((node, _fixed_table(node, shapes_a, dep)
+                                or f"fails on merged tokens: {one_line(exc)}"))
             return flow
 
     tdims = {n: _tdims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        # Token-sized but not computed from the input: built from the token count (arange,
+        # a table sliced to x.shape[1], a causal mask): positions, which merging changes.
+        if (tdims[n] and n not in dep and n.op != "placeholder"
+                and not n.meta.get("tome", {}).get("inserted")
+                and not any(i in flow.positional for i in n.all_input_nodes)):
+            flow.positional.add(n)
+            flow.unsafe.append((n, f"{n.name} is built from the token count, not from the "
+                                   "tokens (a position index, position table or mask); merged "
+                                   "tokens have no single position"))
     size_of: dict[Node, Node] = {s.x: s.size for s in sites}
     offset: dict[Node, int] = {s.x: 0 for s in sites}
 
