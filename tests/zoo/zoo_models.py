@@ -200,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             att = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
-            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            keep = torch.ones_like(att[0, 0], dtype=torch.bool).tril()  # [n, n]
             att = att.masked_fill(~keep, float("-inf"))
             y = att.softmax(dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
