@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import graph_utils as gu
 from ..errors import one_line
+from .token_probe import probe_block
 
 Node = fx.Node
 
@@ -80,29 +81,40 @@ def _tdims(a, b) -> tuple:
 
 
 class _Recorder(gu.ShapeRecorder):
-    def __init__(self, gm):
+    def __init__(self, gm, probe=()):
         super().__init__(gm)
         self.failed: Node | None = None
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.probe = {}  # keys node -> blocks whose token dimension is checked there
+        for b in probe:
+            self.probe.setdefault(b.core.keys, []).append(b)
+        self.wrong: list = []  # (block, reason)
 
     def run_node(self, n):
         try:
-            return super().run_node(n)
+            out = super().run_node(n)
         except Exception:
             self.failed = n
             raise
+        for b in self.probe.get(n, ()):
+            why = probe_block(self, self.order, b, out)
+            if why:
+                self.wrong.append((b, why))
+        return out
 
 
-def _run(gm, args, kwargs, merges, values):
+def _run(gm, args, kwargs, merges, values, probe=()):
     for m, r in zip(merges, values):
         m.update_arg(3, r)
     gm.recompile()
-    rec = _Recorder(gm)
+    rec = _Recorder(gm, probe)
     try:
         with torch.no_grad():
             gu.run_interpreter(rec, gm, args, kwargs)
     except Exception as exc:
-        return rec.shapes, (rec.failed, exc)
-    return rec.shapes, None
+        return rec.shapes, (rec.failed, exc), []
+    # reported at the block's MLP add, so that the block's own merge counts as upstream
+    return rec.shapes, None, [(b.mlp_add, why) for b, why in rec.wrong]
 
 
 def _fixed_table(node: Node, shapes: dict, dep: set) -> str | None:
@@ -136,13 +148,17 @@ def _index_entry(idx, ndim: int, tdim: int):
 
 
 def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, prefix: int,
-                     core_nodes: set) -> Flow:
-    """Classify consumers of merged tokens. ``schedule_r``: merge node -> its real r."""
+                     core_nodes: set, blocks=()) -> Flow:
+    """Classify consumers of merged tokens. ``schedule_r``: merge node -> its real r.
+    ``blocks``: matched blocks; those that merge get their token dimension probed."""
     merges = [s.merge for s in sites]
     flow = Flow()
-    shapes_a, err_a = _run(gm, args, kwargs, merges, [0] * len(merges))
-    shapes_b, err_b = _run(gm, args, kwargs, merges, [1] * len(merges))
-    shapes_real, err_real = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
+    merging = {s.block for s in sites}
+    probe = [b for b in blocks if b.index in merging]
+    shapes_a, err_a, wrong = _run(gm, args, kwargs, merges, [0] * len(merges), probe)
+    flow.unsafe.extend(wrong)
+    shapes_b, err_b, _ = _run(gm, args, kwargs, merges, [1] * len(merges))
+    shapes_real, err_real, _ = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
     flow.shapes = shapes_real
     dep = gu.data_dependent(gm, shapes_a)
     for err in (err_a, err_b, err_real):
