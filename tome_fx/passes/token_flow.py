@@ -89,6 +89,8 @@ class _Recorder(gu.ShapeRecorder):
         for b in probe:
             self.probe.setdefault(b.core.keys, []).append(b)
         self.wrong: list = []  # (block, reason)
+        if self.probe:  # probing re-evaluates paths from values the interpreter would free
+            self.garbage_collect_values = False
 
     def run_node(self, n):
         try:
@@ -97,7 +99,10 @@ class _Recorder(gu.ShapeRecorder):
             self.failed = n
             raise
         for b in self.probe.get(n, ()):
-            why = probe_block(self, self.order, b, out)
+            try:
+                why = probe_block(self, self.order, b, out)
+            except Exception:  # the probe could not run: no evidence either way
+                why = None
             if why:
                 self.wrong.append((b, why))
         return out
@@ -121,7 +126,7 @@ def _fixed_table(node: Node, shapes: dict, dep: set) -> str | None:
     """Reason a node failed on merged tokens if it combines them with a fixed table (a tensor
     with several non-trivial dims that does not depend on the input: rotary or position
     embedding, position bias), else None."""
-    for i in node.all_input_nodes:
+    for i in (node.all_input_nodes if node is not None else ()):
         s = shapes.get(i)
         if i not in dep and gu.is_tensor_shape(s) and sum(d > 1 for d in s) >= 2:
             return (f"{node.name} combines merged tokens with {i.name}, a fixed {list(s)} "
