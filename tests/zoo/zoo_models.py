@@ -139,7 +139,7 @@ class RotaryAttention(SoftmaxAttention):
         n, d = q.shape[-2], q.shape[-1]
         pos = torch.arange(n, dtype=q.dtype, device=q.device)
         freq = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=q.dtype, device=q.device) / d))
-        ang = torch.outer(pos, freq)
+        ang = pos[:, None] * freq[None, :]  # broadcasting: every op on it is element-wise
         cos, sin = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
 
         def rot(t):
