@@ -178,12 +178,12 @@ def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, 
         # Token-sized but not computed from the input: built from the token count (arange,
         # a table sliced to x.shape[1], a causal mask): positions, which merging changes.
         if (tdims[n] and n not in dep and n.op != "placeholder"
-                and not n.meta.get("tome", {}).get("inserted")
-                and not any(i in flow.positional for i in n.all_input_nodes)):
+                and not n.meta.get("tome", {}).get("inserted")):
+            if not any(i in flow.positional for i in n.all_input_nodes):  # report the origin
+                flow.unsafe.append((n, f"{n.name} is built from the token count, not from the "
+                                       "tokens (a position index, position table or mask); "
+                                       "merged tokens have no single position"))
             flow.positional.add(n)
-            flow.unsafe.append((n, f"{n.name} is built from the token count, not from the "
-                                   "tokens (a position index, position table or mask); merged "
-                                   "tokens have no single position"))
     size_of: dict[Node, Node] = {s.x: s.size for s in sites}
     offset: dict[Node, int] = {s.x: 0 for s in sites}
 
