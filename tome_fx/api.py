@@ -146,7 +146,8 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         biased = add_size_bias(gm, matches.cores, sites, shapes) if prop_attn else None
         core_nodes = set().union(*(c.nodes for c in matches.cores))
         r_of = {s.merge: s.merge.args[3] for s in sites}
-        flow = check_token_flow(gm, cap.args, cap.kwargs, sites, r_of, matches.prefix, core_nodes)
+        flow = check_token_flow(gm, cap.args, cap.kwargs, sites, r_of, matches.prefix, core_nodes,
+                                matches.blocks)
         # a mask that cannot follow comes first
         unsafe = followed.info.unsafe or (fixed.info.unsafe + flow.unsafe)
         if not unsafe:

@@ -150,12 +150,19 @@ def has_tensor(s: Any) -> bool:
     return False
 
 
+# Ops whose values depend on their tensor inputs' shapes only (``torch.ones_like(x)``).
+SHAPE_ONLY = {torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like}
+SHAPE_ONLY_METHODS = ("new_ones", "new_zeros", "new_full", "new_empty")
+
+
 def data_dependent(gm: fx.GraphModule, shapes: dict) -> set[Node]:
     """Nodes whose tensor values depend on a model input (not only through shapes)."""
     dep: set[Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             dep.add(n)
+        elif is_call(n, SHAPE_ONLY, SHAPE_ONLY_METHODS):
+            continue
         elif n.op != "get_attr" and any(i in dep for i in n.all_input_nodes):
             if has_tensor(shapes.get(n)):
                 dep.add(n)

@@ -240,6 +240,9 @@ def _token_dim(shape, tokens: int) -> int:
     if not gu.is_tensor_shape(shape) or len(shape) != 3:
         raise _Refuse(f"residual stream is not 3-D (shape {shape})")
     dims = [d for d in range(2) if shape[d] == tokens]
+    if not dims:
+        raise _Refuse(f"the attention sees {tokens} tokens but the residual stream is shaped "
+                      f"{shape}: windowed or regrouped attention, where merging would mix windows")
     if len(dims) != 1:
         raise _Refuse(f"cannot tell the token dimension of a stream shaped {shape}; "
                       "use example inputs whose batch size differs from the token count")
@@ -282,6 +285,58 @@ def find_prefix(gm, stream_in: Node, shapes, dependent: set, token_dim: int) -> 
     return 0
 
 
+_MASKING = ({gu.torch.where}, ("masked_fill", "masked_fill_"))
+_POSITIONAL = {gu.torch.arange, gu.torch.tril, gu.torch.triu, gu.torch.eye, gu.torch.outer}
+
+
+def _positional(node: Node, dependent: set) -> bool:
+    """An input-independent tensor that varies over positions: it comes from a parameter or
+    buffer (a table), or from arange/tril/triu/eye. Uniform fills (zeros/ones) do not count."""
+    if node in dependent:
+        return False
+    for a in gu.ancestors_within(node, 30):
+        if a.op == "get_attr" or gu.is_call(a, _POSITIONAL, ("tril", "triu")):
+            return True
+    return False
+
+
+def _position_term(gm, anchor: Node, shapes, dependent: set) -> str | None:
+    """Why an attention's logits depend on token positions, or None.
+
+    A mask or logits term that does not depend on the model's input is indexed by token
+    position: a relative-position-bias table, a causal or window mask. Merged tokens have no
+    single position, so such attention is refused (masks that come from the input, like
+    padding masks, are a separate question).
+    """
+    if gu.is_sdpa(anchor):
+        mask = gu.arg(anchor, 3, "attn_mask", None)
+        terms = [mask] if isinstance(mask, Node) else []
+        for t in terms:  # a sum of masks: look at each term (an input mask + a bias table)
+            if gu.is_add(t) and len(terms) < 8:
+                terms += [a for a in t.all_input_nodes if a not in terms]
+        for t in terms:
+            if _positional(t, dependent):
+                return (f"attention mask term {t.name} does not depend on the input: a bias or "
+                        "mask indexed by token position (relative position bias, causal or "
+                        "window mask); merged tokens have no single position")
+        return None
+    node = anchor.args[0] if anchor.args else None
+    for _ in range(20):
+        if not isinstance(node, Node) or gu.is_matmul(node):
+            return None
+        terms = [a for a in node.all_input_nodes
+                 if _positional(a, dependent) and gu.is_tensor_shape(shapes.get(a))
+                 and sum(d > 1 for d in shapes[a]) >= 2]
+        if terms and (gu.is_add(node) or gu.is_call(node, *_MASKING)):
+            return (f"attention logits are combined at {node.name} with {terms[0].name}, which "
+                    "does not depend on the input: a bias or mask indexed by token position "
+                    "(relative position bias, causal or window mask); merged tokens have no "
+                    "single position")
+        nxt = [a for a in node.all_input_nodes if a in dependent]
+        node = nxt[0] if len(nxt) == 1 else None
+    return None
+
+
 def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
     blocks, cores, refusals = [], [], []
     dep = gu.data_dependent(gm, shapes)
@@ -293,6 +348,9 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
         else:
             continue
         try:
+            positional = _position_term(gm, node, shapes, dep)
+            if positional:
+                raise _Refuse(positional)
             core = build(gm, node, shapes, dep)
         except (_Refuse, IndexError, KeyError, TypeError, AttributeError) as exc:
             reason = str(exc) if isinstance(exc, _Refuse) else f"unrecognised attention layout ({exc})"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .. import graph_utils as gu
 from ..capture import float_mask
 from ..errors import one_line
+from .token_probe import probe_block
 
 Node = fx.Node
 
@@ -87,6 +88,7 @@ class Flow:
     token_outputs: bool = False
     shapes: dict = field(default_factory=dict)  # shapes with the real schedule
     reads: set = field(default_factory=set)  # token positions read by index beyond the prefix
+    positional: set = field(default_factory=set)  # token-sized tensors not made from tokens
 
 
 def _tdims(a, b) -> tuple:
@@ -100,29 +102,58 @@ def _tdims(a, b) -> tuple:
 
 
 class _Recorder(gu.ShapeRecorder):
-    def __init__(self, gm):
+    def __init__(self, gm, probe=()):
         super().__init__(gm)
         self.failed: Node | None = None
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.probe = {}  # keys node -> blocks whose token dimension is checked there
+        for b in probe:
+            self.probe.setdefault(b.core.keys, []).append(b)
+        self.wrong: list = []  # (block, reason)
+        if self.probe:  # probing re-evaluates paths from values the interpreter would free
+            self.garbage_collect_values = False
 
     def run_node(self, n):
         try:
-            return super().run_node(n)
+            out = super().run_node(n)
         except Exception:
             self.failed = n
             raise
+        for b in self.probe.get(n, ()):
+            try:
+                why = probe_block(self, self.order, b, out)
+            except Exception:  # the probe could not run: no evidence either way
+                why = None
+            if why:
+                self.wrong.append((b, why))
+        return out
 
 
-def _run(gm, args, kwargs, merges, values):
+def _run(gm, args, kwargs, merges, values, probe=()):
     for m, r in zip(merges, values):
         m.update_arg(3, r)
     gm.recompile()
-    rec = _Recorder(gm)
+    rec = _Recorder(gm, probe)
     try:
         with torch.no_grad():
             gu.run_interpreter(rec, gm, args, kwargs)
     except Exception as exc:
-        return rec.shapes, (rec.failed, exc)
-    return rec.shapes, None
+        return rec.shapes, (rec.failed, exc), []
+    # reported at the block's MLP add, so that the block's own merge counts as upstream
+    return rec.shapes, None, [(b.mlp_add, why) for b, why in rec.wrong]
+
+
+def _fixed_table(node: Node, shapes: dict, dep: set) -> str | None:
+    """Reason a node failed on merged tokens if it combines them with a fixed table (a tensor
+    with several non-trivial dims that does not depend on the input: rotary or position
+    embedding, position bias), else None."""
+    for i in (node.all_input_nodes if node is not None else ()):
+        s = shapes.get(i)
+        if i not in dep and gu.is_tensor_shape(s) and sum(d > 1 for d in s) >= 2:
+            return (f"{node.name} combines merged tokens with {i.name}, a fixed {list(s)} "
+                    "table that does not depend on the input (rotary or position embedding, "
+                    "position bias): merged tokens have no single position")
+    return None
 
 
 def _index_entry(idx, ndim: int, tdim: int):
@@ -143,21 +174,37 @@ def _index_entry(idx, ndim: int, tdim: int):
 
 
 def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, prefix: int,
-                     core_nodes: set) -> Flow:
-    """Classify consumers of merged tokens. ``schedule_r``: merge node -> its real r."""
+                     core_nodes: set, blocks=()) -> Flow:
+    """Classify consumers of merged tokens. ``schedule_r``: merge node -> its real r.
+    ``blocks``: matched blocks; those that merge get their token dimension probed."""
     merges = [s.merge for s in sites]
     flow = Flow()
-    shapes_a, err_a = _run(gm, args, kwargs, merges, [0] * len(merges))
-    shapes_b, err_b = _run(gm, args, kwargs, merges, [1] * len(merges))
-    shapes_real, err_real = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
+    merging = {s.block for s in sites}
+    probe = [b for b in blocks if b.index in merging]
+    shapes_a, err_a, wrong = _run(gm, args, kwargs, merges, [0] * len(merges), probe)
+    flow.unsafe.extend(wrong)
+    shapes_b, err_b, _ = _run(gm, args, kwargs, merges, [1] * len(merges))
+    shapes_real, err_real, _ = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
     flow.shapes = shapes_real
+    dep = gu.data_dependent(gm, shapes_a)
     for err in (err_a, err_b, err_real):
         if err is not None:
             node, exc = err
-            flow.unsafe.append((node, f"fails on merged tokens: {one_line(exc)}"))
+            flow.unsafe.append((node, _fixed_table(node, shapes_a, dep)
+                                or f"fails on merged tokens: {one_line(exc)}"))
             return flow
 
     tdims = {n: _tdims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        # Token-sized but not computed from the input: built from the token count (arange,
+        # a table sliced to x.shape[1], a causal mask): positions, which merging changes.
+        if (tdims[n] and n not in dep and n.op != "placeholder"
+                and not n.meta.get("tome", {}).get("inserted")):
+            if not any(i in flow.positional for i in n.all_input_nodes):  # report the origin
+                flow.unsafe.append((n, f"{n.name} is built from the token count, not from the "
+                                       "tokens (a position index, position table or mask); "
+                                       "merged tokens have no single position"))
+            flow.positional.add(n)
     size_of: dict[Node, Node] = {s.x: s.size for s in sites}
     offset: dict[Node, int] = {s.x: 0 for s in sites}
     for s in sites:  # a merge's token origins (side tensors follow them) align with its sizes

@@ -1,0 +1,132 @@
+"""Shared checks for the model zoo (tests/zoo/test_*.py).
+
+Each zoo entry is a ``Case``: how to build the model (random weights, nothing downloaded), how
+to make inputs for a batch size, and what its config says the plan must show (blocks, protected
+prefix tokens). ``check_*`` functions assert the zoo's properties on one case.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from torch.utils import flop_counter as flc
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._pytree import tree_flatten
+
+import tome_fx
+
+CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@dataclass(eq=False)  # hashed by identity: built models are cached per case
+class Case:
+    id: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[int], tuple]  # batch size -> example inputs
+    blocks: Callable[[torch.nn.Module], int]  # expected attention->MLP blocks, from the config
+    prefix: Callable[[torch.nn.Module], int]  # expected protected tokens, from the config
+    slow: bool = False
+    marks: list = field(default_factory=list)
+
+    def param(self):
+        marks = list(self.marks) + ([pytest.mark.slow] if self.slow else [])
+        return pytest.param(self, id=self.id, marks=marks)
+
+
+@functools.lru_cache(maxsize=None)
+def built(case: Case) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return case.build().eval()
+
+
+def inputs(case: Case, batch: int) -> tuple:
+    torch.manual_seed(batch)
+    return case.inputs(batch)
+
+
+def tensors(out) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def max_diff(a, b) -> float:
+    ta, tb = tensors(a), tensors(b)
+    assert len(ta) == len(tb) and all(x.shape == y.shape for x, y in zip(ta, tb))
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(ta, tb))
+
+
+def counted_flops(module, args) -> int:
+    """FlopCounterMode's total, with grad enabled (an original nn.TransformerEncoder takes an
+    uncounted fused fast path under no_grad) and the CPU fused-SDPA formula where this torch
+    lacks it (see tests/test_cost.py)."""
+    mapping = {}
+    if CPU_SDPA is not None and CPU_SDPA not in flc.flop_registry:
+        mapping = {CPU_SDPA: lambda q, k, v, *a, out_shape=None, **kw: flc.sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        module(*args)
+    return fc.get_total_flops()
+
+
+def check_r0(case: Case):
+    """r=0 leaves the output unchanged at batch 1 and 3; the plan has the config's blocks and
+    protected tokens and skips nothing."""
+    model = built(case)
+    fast = tome_fx.optimize(model, r=0, example_inputs=inputs(case, 3))
+    assert fast.tome_counts["merges"] == 0
+    assert len(fast.tome.blocks) == case.blocks(model)
+    assert fast.tome.protected == case.prefix(model)
+    assert fast.tome.skipped == ()
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = inputs(case, batch)
+            assert max_diff(fast(*x), model(*x)) <= 1e-5
+
+
+def check_budget(case: Case, budget: float = 0.5):
+    """flops_budget reached as measured by FlopCounterMode, merges happened, outputs finite at
+    batch 1 and 3, and a backward pass reaches the same parameters as in the original."""
+    model = built(case)
+    x1 = inputs(case, 1)
+    fast = tome_fx.optimize(model, flops_budget=budget, example_inputs=x1)
+    plan = fast.tome
+    assert len(plan.blocks) == case.blocks(model)
+    assert plan.protected == case.prefix(model)
+    assert plan.skipped == ()
+    merging = sum(1 for r in plan.r if r > 0)
+    assert merging > 0 and fast.tome_counts["merges"] == merging
+    assert fast.tome_counts["size_bias"] >= merging - 1  # every attention after a merge
+    original = counted_flops(model, x1)
+    measured = counted_flops(fast, x1)
+    assert plan.flops == measured  # the cost model's prediction is exact
+    assert budget - 0.01 <= measured / original <= budget, (plan.r, measured / original)
+
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = inputs(case, batch)
+            y, ref = fast(*x), model(*x)
+            assert all(torch.isfinite(t).all() for t in tensors(y))
+            assert [t.shape for t in tensors(y)] == [t.shape for t in tensors(ref)]
+
+    x3 = inputs(case, 3)
+    fast.train()
+    model_grads = _grads(model, x3)
+    fast_grads = _grads(fast, x3)
+    model.eval()
+    # the same parameters receive gradients (names can differ where capture used a stand-in)
+    numel = lambda grads: sorted(g.numel() for g in grads.values())  # noqa: E731
+    assert fast_grads and numel(fast_grads) == numel(model_grads)
+    assert all(torch.isfinite(g).all() for g in fast_grads.values())
+    assert any(g.abs().sum() > 0 for g in fast_grads.values())
+
+
+def _grads(module, x) -> dict:
+    module.zero_grad(set_to_none=True)
+    module.train()
+    loss = sum(t.float().square().mean() for t in tensors(module(*x)) if t.is_floating_point())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    module.eval()
+    return grads
