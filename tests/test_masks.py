@@ -211,7 +211,7 @@ def test_non_padding_masks_are_refused():
 
     plan = tome_fx.explain(FixedMask().eval(), example_inputs=(ids, mask))
     assert plan.blocks == () and len(plan.skipped) == 3
-    assert all("fixed pattern" in s.reason for s in plan.skipped)
+    assert all("indexed by token position" in s.reason for s in plan.skipped)
 
 
 def test_bipartite_match_respects_groups():
