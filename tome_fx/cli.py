@@ -233,7 +233,8 @@ def _common(p: argparse.ArgumentParser, default_batch: str) -> None:
     how.add_argument("--r", default=None, metavar="R",
                      help="tokens merged per block: an int or a list a,b,c (default 8)")
     p.add_argument("--input-size", default=None, metavar="C,H,W",
-                   help="input size, e.g. 3,224,224 (default: what the model declares)")
+                   help="one input's shape without the batch, e.g. 3,224,224 (default: what "
+                        "the model declares)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help=default_batch)
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled model (runs code from the file)")

@@ -36,23 +36,26 @@ class Source:
         return type(self.model).__name__
 
 
-def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
-    """``"3,224,224"`` -> (3, 224, 224); ValueError naming the text otherwise."""
+def parse_input_size(text: str | None) -> tuple[int, ...] | None:
+    """``"3,224,224"`` -> (3, 224, 224): one sample's shape (no batch dimension).
+
+    Images are C,H,W; a model over token vectors takes e.g. ``16,64`` (tokens, features).
+    ValueError naming the text otherwise.
+    """
     if text is None:
         return None
-    parts = text.replace("x", ",").split(",")
     try:
-        dims = tuple(int(p) for p in parts)
+        dims = tuple(int(p) for p in text.split(","))
     except ValueError:
         dims = ()
-    if len(dims) != 3 or min(dims) <= 0:
-        raise ValueError(f"--input-size must be C,H,W (three positive integers, e.g. 3,224,224), "
-                         f"got {text!r}")
-    return dims  # type: ignore[return-value]
+    if not dims or min(dims) <= 0:
+        raise ValueError(f"--input-size must be positive integers separated by commas, one "
+                         f"sample's shape (e.g. 3,224,224 for C,H,W), got {text!r}")
+    return dims
 
 
 def load(source: str, *, trust_pickle: bool = False, checkpoint: str | None = None,
-         input_size: tuple[int, int, int] | None = None) -> Source:
+         input_size: tuple[int, ...] | None = None) -> Source:
     """Load a model source. ``input_size`` (C, H, W) sizes timm models built by name."""
     if checkpoint is not None and not source.startswith("timm:"):
         raise SourceError("--checkpoint needs a timm:NAME source (the architecture to load it into)")
@@ -81,6 +84,9 @@ def _timm(name: str, input_size) -> nn.Module:
     import timm
 
     kwargs = {}
+    if input_size is not None and len(input_size) != 3:
+        raise ValueError(f"--input-size for a timm model is C,H,W (three integers), "
+                         f"got {','.join(map(str, input_size))}")
     if input_size is not None:
         kwargs["img_size"] = tuple(input_size[1:])
         if input_size[0] != 3:

@@ -33,6 +33,9 @@ def load_image(path: str, size: tuple[int, int, int], mean, std) -> tuple[torch.
     """Image resized to ``size`` = (C, H, W): (normalised [1, C, H, W] tensor, uint8 RGB [H, W, 3])."""
     from PIL import Image, UnidentifiedImageError
 
+    if len(size) != 3:
+        raise ValueError(f"visualize needs an image model (input C,H,W), the input size is "
+                         f"{','.join(map(str, size))}")
     c, h, w = size
     if c not in (1, 3):
         raise ValueError(f"visualize needs a 1- or 3-channel model input, got {c} channels")
