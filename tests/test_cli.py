@@ -73,7 +73,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     torch.save(timm_model(1), d / "model.pt")  # weights differ from the CLI's seed-0 timm: build
     torch.save(timm_model(2).state_dict(), d / "weights.pth")
-    torch.save({"head.weight": torch.zeros(3, 3)}, d / "other.pth")
+    torch.save({"classifier.weight": torch.zeros(3, 3)}, d / "other.pth")
     (d / "notes.pt").write_text("not a model\n")
     from models import Untraceable
 
@@ -148,7 +148,7 @@ def test_state_dict_and_checkpoint(files):
         ((*base, "--checkpoint", files / "weights.pth", "--r", "2", "--format", "json"), None),
     ])
     assert_error(plain, "state dict", "architecture is needed", "--checkpoint")
-    assert_error(other, "does not match", "missing keys", "unexpected keys: head.weight")
+    assert_error(other, "does not match", "missing keys", "unexpected keys: classifier.weight")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     x = cli_inputs()

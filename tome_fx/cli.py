@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     rep = sub.add_parser("report", help="blocks found, merges and FLOPs per block, fidelity",
-                         description="Show what tome_fx does to a model: per-block merges and "
-                                     "FLOPs, protected tokens, skipped sites, totals, fidelity.",
+                         description="Show what tome_fx does to a model: per-block merges and FLOPs,\n"
+                                     "protected tokens, skipped sites, totals, fidelity.",
                          epilog=REPORT_EPILOG, formatter_class=fmt)
     _common(rep, "batch of random inputs for planning and fidelity (default 2)")
     rep.add_argument("--strategy", choices=["auto", "constant", "decreasing"], default="auto",
@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=report)
 
     ben = sub.add_parser("bench", help="throughput of original vs rewritten (eager, compiled)",
-                         description="Measure throughput (batch items per second) of the original "
-                                     "and the rewritten model: warm-up, then the median of timed runs.",
+                         description="Measure throughput (batch items per second) of the original and\n"
+                                     "the rewritten model: warm-up, then the median of timed runs.",
                          epilog=BENCH_EPILOG, formatter_class=fmt)
     _common(ben, "batch size to time (default 32 on CUDA, 8 on CPU)")
     ben.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.set_defaults(func=bench)
 
     vis = sub.add_parser("visualize", help="draw the merge groups of one image",
-                         description="Run one image through the rewritten model and draw which "
-                                     "patches were merged together after a block (default: the last).",
+                         description="Run one image through the rewritten model and draw which patches\n"
+                                     "were merged together after a block (default: the last).",
                          epilog=VISUALIZE_EPILOG, formatter_class=fmt)
     _common(vis, argparse.SUPPRESS)
     vis.add_argument("image", help="image file (any format Pillow reads); resized to the input size")

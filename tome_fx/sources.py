@@ -81,12 +81,12 @@ def load(source: str, *, trust_pickle: bool = False, checkpoint: str | None = No
 # ---------------------------------------------------------------------------------------------
 
 def _timm(name: str, input_size) -> nn.Module:
-    import timm
-
-    kwargs = {}
     if input_size is not None and len(input_size) != 3:
         raise ValueError(f"--input-size for a timm model is C,H,W (three integers), "
                          f"got {','.join(map(str, input_size))}")
+    import timm
+
+    kwargs = {}
     if input_size is not None:
         kwargs["img_size"] = tuple(input_size[1:])
         if input_size[0] != 3:
