@@ -108,14 +108,12 @@ def _measure(original, rewritten, inputs, args, label=""):
 # ---------------------------------------------------------------------------------------------
 
 def report(args) -> int:
-    import torch
-
     from . import report as rep
     from .sources import example_inputs
 
     _check(args)
     src = _source(args)
-    inputs = example_inputs(src, args.size, args.batch_size or 2)
+    inputs = example_inputs(src, args.size, args.batch_size)
     data, fast = rep.build(src.target, src.model, inputs, r=args.r_value,
                            flops_budget=args.flops_budget, strategy=args.strategy)
     data["source"] = args.source
@@ -125,7 +123,6 @@ def report(args) -> int:
         speeds = _measure(src.model.to(device), fast.to(device), moved, args)
         data["bench"] = {"device": str(device), "dtype": "float32", "batch": len(moved[0]),
                          "warmup": args.warmup, "runs": args.runs, **speeds}
-        torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.format == "json":
         print(json.dumps(data, indent=2))
     else:
@@ -144,9 +141,10 @@ def bench(args) -> int:
     _check(args)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
-    batch = args.batch_size or (32 if device.type == "cuda" else 8)
     src = _source(args)
-    plan_inputs = example_inputs(src, args.size, min(batch, 2))
+    recorded = src.example_inputs  # an ExportedProgram's: its batch may be fixed
+    batch = args.batch_size or (len(recorded[0]) if recorded else 32 if device.type == "cuda" else 8)
+    plan_inputs = example_inputs(src, args.size, batch if recorded else min(batch, 2))
     fast = tome_fx.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
                             example_inputs=plan_inputs)
     plan = fast.tome
