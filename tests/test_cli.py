@@ -15,6 +15,7 @@ from PIL import Image
 
 import tome_fx
 from tome_fx import cli
+from tome_fx.report import format_text
 from tome_fx.track import track_sources
 from tome_fx.visualize import group_ids, load_image, normalization
 
@@ -111,6 +112,7 @@ def test_pickled_model_needs_trust_and_json_matches_api(files):
     assert t["predicted_speedup"] == pytest.approx(1 / t["flop_ratio"])
     assert sum(b["flops_before"] for b in data["blocks"]) + t["flops_outside_blocks_before"] == t["flops_before"]
     assert data["request"] == {"flops_budget": 0.6, "r": None, "strategy": "auto"}
+    assert data["frontend"] == plan.frontend
 
     fast = tome_fx.optimize(model, r=plan.r, example_inputs=x)
     assert fast.tome.r == plan.r
@@ -120,6 +122,11 @@ def test_pickled_model_needs_trust_and_json_matches_api(files):
     assert data["fidelity"]["cosine_mean"] == pytest.approx(cos, abs=1e-6)
     assert data["fidelity"]["top1_agreement"] == top1
     assert data["fidelity"]["samples"] == 2 and data["input_shape"] == [[2, *SIZE]]
+    md = format_text(data, "markdown").splitlines()  # --format markdown renders this same data
+    assert md[0].startswith("## tome-fx report: ") and "flops budget 0.6" in md[0]
+    rows = [ln for ln in md if re.match(r"\|\s+\d+ \| blocks\.", ln)]
+    assert len(rows) == 12 and all(f"| {b['tokens_in']} -> {b['tokens_out']} " in ln
+                                   for ln, b in zip(rows, data["blocks"]))
 
 
 def test_timm_name_table_with_bench():

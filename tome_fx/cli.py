@@ -6,9 +6,13 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import warnings
+
+_STDERR = None  # the real stderr while main() holds back library output (progress bars go here)
 
 SOURCE_HELP = ("model: timm:NAME (random weights unless --checkpoint), a .pt/.pth file saved with "
                "torch.save(model) (needs --trust-pickle), a .pt2 archive from torch.export.save, "
@@ -94,7 +98,7 @@ def _measure(original, rewritten, inputs, args, label=""):
 
     res = {}
     for name, fn in (("original", original), ("rewritten", rewritten)):
-        bar = Progress(args.warmup + args.runs, f"{label}{name}")
+        bar = Progress(args.warmup + args.runs, f"{label}{name}", stream=_STDERR)
         try:
             res[name] = throughput(fn, inputs, args.warmup, args.runs, bar)
         finally:
@@ -293,19 +297,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_torch_logs() -> None:
+    import logging
+
+    import torch
+
+    try:
+        torch._logging.set_logs(all=logging.ERROR)
+    except Exception:  # private API: fall back to the root of torch's loggers
+        logging.getLogger("torch").setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
+    global _STDERR
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:
-        warnings.simplefilter("ignore")
-    try:
+    if args.debug:
         return args.func(args)
+    # Errors are one line: warnings and torch log records are off, and what libraries print to
+    # stderr meanwhile (torch.export prints partial graphs when it fails) is held back; it is
+    # passed on after a success and dropped after an error. --debug shows everything.
+    warnings.simplefilter("ignore")
+    _quiet_torch_logs()
+    _STDERR, held = sys.stderr, io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            code = args.func(args)
     except KeyboardInterrupt:
         print("tome-fx: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if args.debug:
-            raise
         from .errors import TomeError, one_line
 
         known = (TomeError, ValueError, TypeError, NotImplementedError, OSError)
@@ -314,6 +335,8 @@ def main(argv=None) -> int:
             msg = f"{type(exc).__name__}: {msg}"
         print(f"tome-fx: error: {msg}", file=sys.stderr)
         return 2
+    sys.stderr.write(held.getvalue())
+    return code
 
 
 if __name__ == "__main__":

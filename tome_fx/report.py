@@ -77,6 +77,7 @@ def build(target: Any, model: nn.Module, inputs: tuple, *, r: Any = None,
     data = {
         "source": None,
         "model_class": type(model).__name__,
+        "frontend": plan.frontend,  # how the graph was captured (fx symbolic tracing, export)
         "input_shape": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
         "request": {"flops_budget": flops_budget, "r": None if flops_budget is not None else r,
                     "strategy": plan.strategy},
@@ -128,7 +129,8 @@ def format_text(data: dict, fmt: str = "table") -> str:
             if req["flops_budget"] is not None else f"r = {req['r']}")
     bullet = "- " if md else ""
     lines = []
-    title = f"tome-fx report: {data['source']} ({data['model_class']}), input {shape}, {what}"
+    title = (f"tome-fx report: {data['source']} ({data['model_class']}, captured with "
+             f"{data['frontend']}), input {shape}, {what}")
     lines += [f"## {title}", ""] if md else [title, ""]
     lines += [tabulate(rows, headers=head, tablefmt=tablefmt, floatfmt=".1f"), ""]
     lines.append(f"{bullet}protected prefix tokens (never merged): {data['protected_tokens']}")
