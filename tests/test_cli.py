@@ -1,34 +1,280 @@
-"""The command line, run as a subprocess like a user would."""
+"""The command line, run as a subprocess (``python -m tome_fx``) like a user would."""
+import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import tome_fx
+from tome_fx import cli
+from tome_fx.report import format_text
+from tome_fx.track import track_sources
+from tome_fx.visualize import group_ids, load_image, normalization
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "vit_tiny_patch16_224"
+SIZE = (3, 64, 64)  # 16 patches + class token: small and fast
+SIZE_ARG = "3,64,64"
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "tome_fx", *args], capture_output=True, text=True,
-                          timeout=300)
+def _cmd(args):
+    return [sys.executable, "-m", "tome_fx", *map(str, args)]
 
 
-def test_report_timm_r():
-    res = run("report", "timm:deit_tiny_patch16_224", "--r", "4")
+def run(*args, env=None):
+    return subprocess.run(_cmd(args), capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def run_many(cases, env=None):
+    """Start several CLI runs at once (each spends most of its time importing) and wait."""
+    procs = [subprocess.Popen(_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=e if e is not None else env) for args, e in cases]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def assert_error(res, *texts):
+    assert res.returncode == 2, (res.args, res.stdout, res.stderr)
+    assert res.stderr.startswith("tome-fx: error:"), res.stderr
+    for text in texts:
+        assert text in res.stderr, (text, res.stderr)
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+def timm_model(seed):
+    torch.manual_seed(seed)
+    return timm.create_model(NAME, img_size=SIZE[1:], pretrained=False).eval()
+
+
+def cli_inputs(batch=2, size=SIZE):
+    """What the CLI feeds a model: randn from a generator seeded with 0."""
+    return (torch.randn(batch, *size, generator=torch.Generator().manual_seed(0)),)
+
+
+def cosine_top1(model, fast, x):
+    with torch.no_grad():
+        a, b = model(*x), fast(*x)
+    cos = F.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+    return cos, (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.save(timm_model(1), d / "model.pt")  # weights differ from the CLI's seed-0 timm: build
+    torch.save(timm_model(2).state_dict(), d / "weights.pth")
+    torch.save({"classifier.weight": torch.zeros(3, 3)}, d / "other.pth")
+    (d / "notes.pt").write_text("not a model\n")
+    from models import Untraceable
+
+    torch.save(Untraceable(), d / "untraceable.pt")
+    # a 64x64 image of 4x4 flat colour blocks (one per patch, some colours repeated)
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, size=(6, 3))[rng.integers(0, 6, size=(4, 4))].astype(np.uint8)
+    Image.fromarray(colours).resize((64, 64), Image.NEAREST).save(d / "image.png")
+    return d
+
+
+def test_pickled_model_needs_trust_and_json_matches_api(files):
+    path = files / "model.pt"
+    refused, res = run_many([
+        (("report", path), None),
+        (("report", path, "--trust-pickle", "--flops-budget", "0.6", "--format", "json"), None),
+    ])
+    assert_error(refused, "--trust-pickle", "timm.models.vision_transformer.VisionTransformer")
     assert res.returncode == 0, res.stderr
-    assert "blocks.11.attn" in res.stdout and "protected prefix tokens: 1" in res.stdout
-    assert "'merges': 12" in res.stdout and "cosine" in res.stdout
+    data = json.loads(res.stdout)
+
+    model = torch.load(path, weights_only=False)
+    x = cli_inputs()
+    plan = tome_fx.plan(model, 0.6, example_inputs=x)
+    assert [b["r"] for b in data["blocks"]] == plan.r
+    assert [(b["tokens_in"], b["tokens_out"], b["flops_after"]) for b in data["blocks"]] == [
+        (b.tokens_in, b.tokens_out, b.flops) for b in plan.blocks]
+    assert [(b["site"], b["attention"], b["norm"]) for b in data["blocks"]] == [
+        (b.site, b.kind, b.norm) for b in plan.blocks]
+    assert data["protected_tokens"] == plan.protected == 1
+    assert data["skipped"] == [{"site": s.site, "reason": s.reason} for s in plan.skipped]
+    t = data["totals"]
+    assert (t["flops_before"], t["flops_after"]) == (plan.flops_original, plan.flops)
+    assert t["flop_ratio"] == pytest.approx(plan.ratio) and 0.59 <= t["flop_ratio"] <= 0.6
+    assert t["predicted_speedup"] == pytest.approx(1 / t["flop_ratio"])
+    assert sum(b["flops_before"] for b in data["blocks"]) + t["flops_outside_blocks_before"] == t["flops_before"]
+    assert data["request"] == {"flops_budget": 0.6, "r": None, "strategy": "auto"}
+    assert data["frontend"] == plan.frontend
+
+    fast = tome_fx.optimize(model, r=plan.r, example_inputs=x)
+    assert fast.tome.r == plan.r
+    n_params = sum(p.numel() for p in model.parameters())
+    assert t["params_original"] == t["params_rewritten"] == n_params and t["params_unchanged"]
+    cos, top1 = cosine_top1(model, fast, x)
+    assert data["fidelity"]["cosine_mean"] == pytest.approx(cos, abs=1e-6)
+    assert data["fidelity"]["top1_agreement"] == top1
+    assert data["fidelity"]["samples"] == 2 and data["input_shape"] == [[2, *SIZE]]
+    md = format_text(data, "markdown").splitlines()  # --format markdown renders this same data
+    assert md[0].startswith("## tome-fx report: ") and "flops budget 0.6" in md[0]
+    rows = [ln for ln in md if re.match(r"\|\s+\d+ \| blocks\.", ln)]
+    assert len(rows) == 12 and all(f"| {b['tokens_in']} -> {b['tokens_out']} " in ln
+                                   for ln, b in zip(rows, data["blocks"]))
 
 
-def test_report_budget():
-    res = run("report", "timm:deit_tiny_patch16_224", "--flops-budget", "0.6", "--batch-size", "1")
+def test_timm_name_table_with_bench():
+    res = run("report", f"timm:{NAME}", "--input-size", SIZE_ARG, "--r", "3", "--bench",
+              "--runs", "2", "--warmup", "1")
     assert res.returncode == 0, res.stderr
-    ratio = float(res.stdout.split("ratio ")[1].split()[0])
-    assert 0.59 <= ratio <= 0.6
+    out = res.stdout
+    plan = tome_fx.optimize(timm_model(0), r=3, example_inputs=cli_inputs()).tome
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+blocks\.\d+\.attn", line)]
+    assert len(rows) == len(plan.blocks) == 12
+    for line, b in zip(rows, plan.blocks):
+        assert f"{b.tokens_in} -> {b.tokens_out}" in line and "sdpa, pre-norm" in line
+    assert "MFLOPs before" in out and "protected prefix tokens (never merged): 1" in out
+    assert "skipped sites: none" in out and "(unchanged)" in out
+    assert "fidelity on 2 random inputs: output cosine similarity" in out and "top-1 agreement" in out
+    speeds = re.search(r"original ([\d.]+)/s, rewritten ([\d.]+)/s, measured speed-up ([\d.]+)x", out)
+    assert speeds and float(speeds[1]) > 0 and float(speeds[2]) > 0
+    assert float(speeds[3]) == pytest.approx(float(speeds[2]) / float(speeds[1]), abs=0.01)
 
 
-def test_errors_are_one_line():
-    for args, text in [
+def test_state_dict_and_checkpoint(files):
+    base = ("report", f"timm:{NAME}", "--input-size", SIZE_ARG)
+    plain, other, res = run_many([
+        (("report", files / "weights.pth"), None),
+        ((*base, "--checkpoint", files / "other.pth"), None),
+        ((*base, "--checkpoint", files / "weights.pth", "--r", "2", "--format", "json"), None),
+    ])
+    assert_error(plain, "state dict", "architecture is needed", "--checkpoint")
+    assert_error(other, "does not match", "missing keys", "unexpected keys: classifier.weight")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    x = cli_inputs()
+    loaded = timm_model(2)  # the checkpoint's weights
+    cos, _ = cosine_top1(loaded, tome_fx.optimize(loaded, r=2, example_inputs=x), x)
+    assert data["fidelity"]["cosine_mean"] == pytest.approx(cos, abs=1e-6)
+    unloaded = timm_model(0)  # what timm: gives without the checkpoint: must differ
+    cos0, _ = cosine_top1(unloaded, tome_fx.optimize(unloaded, r=2, example_inputs=x), x)
+    assert abs(cos0 - cos) > 1e-4
+
+
+def test_exported_program_archive(tmp_path):
+    """A .pt2 from torch.export.save. Needs the torch.export capture path of tome_fx."""
+    model, x = timm_model(3), cli_inputs()
+    torch.export.save(torch.export.export(model, x), tmp_path / "vit.pt2")
+    res = run("report", tmp_path / "vit.pt2", "--r", "2", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    plan = tome_fx.optimize(model, r=2, example_inputs=x).tome
+    assert [(b["tokens_in"], b["r"]) for b in data["blocks"]] == [(b.tokens_in, b.r) for b in plan.blocks]
+    assert data["protected_tokens"] == 1 and data["input_shape"] == [[2, *SIZE]]
+
+
+def test_huggingface_directory(tmp_path):
+    """A local directory from save_pretrained. Needs tome_fx to capture HuggingFace ViTs."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    res = run("report", tmp_path / "vit", "--r", "2", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["model_class"] == "ViTForImageClassification"
+    assert [(b["tokens_in"], b["tokens_out"]) for b in data["blocks"]] == [(17, 15), (15, 13)]
+    assert data["protected_tokens"] == 1 and data["fidelity"]["top1_agreement"] is not None
+
+
+def test_errors_are_one_line(files):
+    timm_src = ("report", f"timm:{NAME}", "--input-size", SIZE_ARG)
+    with_tests = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # so the pickled class imports
+    cases = [
+        (("report", files / "missing.pt"), "no such file or directory"),
+        (("report", files / "notes.pt"), "not a torch.save file"),
+        (("report", files / "untraceable.pt", "--trust-pickle", "--input-size", "8"),
+         "cannot trace Untraceable with torch.fx"),
+        (("report", files / "untraceable.pt", "--trust-pickle", "--input-size", "8", "--debug"), None),
+        ((*timm_src, "--flops-budget", "1.5"), "flops_budget must be in (0, 1]"),
+        ((*timm_src, "--flops-budget", "0.01"), "below the smallest reachable FLOP ratio"),
+        (("report", f"timm:{NAME}", "--input-size", "3,abc,64"), "--input-size must be"),
+        (("report", f"timm:{NAME}", "--input-size", "64,64"), "C,H,W"),
         (("report", "timm:no_such_model"), "cannot build timm model"),
-        (("report", "timm:deit_tiny_patch16_224", "--flops-budget", "1.5"), "got 1.5"),
-        (("report", "model.xyz"), "unsupported model source"),
-    ]:
-        res = run(*args)
-        assert res.returncode == 2
-        assert res.stderr.startswith("tome-fx: error:") and text in res.stderr
-        assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1
+        (("bench", f"timm:{NAME}", "--r", "-1"), "r must be >= 0"),
+        (("visualize", f"timm:{NAME}", files / "notes.pt", "-o", files / "x.png"), "cannot read image"),
+    ]
+    results = run_many([(args, with_tests) for args, _ in cases])
+    for (args, text), res in zip(cases, results):
+        if text is None:  # --debug: the traceback is shown
+            assert res.returncode != 0 and "Traceback" in res.stderr and "CaptureError" in res.stderr
+        else:
+            assert_error(res, text)
+
+
+@pytest.mark.parametrize("command", ["report", "bench", "visualize"])
+def test_help_has_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"tome-fx {command} " in out.split("examples:")[1]
+
+
+def test_visualize_colours_follow_tracked_sources(files):
+    out = files / "groups.png"
+    res = run("visualize", files / "model.pt", files / "image.png", "-o", out, "--trust-pickle",
+              "--r", "4", "--layer", "1", "--scale", "1")
+    assert res.returncode == 0, res.stderr
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape == (64, 64 * 2, 3)  # [image | groups], each the input size at scale 1
+
+    model = torch.load(files / "model.pt", weights_only=False)
+    x, _ = load_image(str(files / "image.png"), SIZE, *normalization(model))
+    fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
+    tracked = track_sources(fast, x)
+    groups = group_ids(tracked.at(1)[0], tracked.prefix).reshape(4, 4)
+    assert 1 < len(groups.unique()) < 16  # after two merges of 4: 8 groups of 16 patches
+    right = img[:, 64:]
+    colour = {}
+    for i in range(4):
+        for j in range(4):
+            patch = right[16 * i: 16 * i + 15, 16 * j: 16 * j + 15]  # without the boundary line
+            assert (patch == patch[0, 0]).all()
+            colour[(i, j)] = tuple(patch[0, 0])
+    for p in colour:
+        for q in colour:
+            assert (colour[p] == colour[q]) == (groups[p] == groups[q]).item(), (p, q)
+    assert f"{len(groups.unique())} groups of 16 patches" in res.stdout
+
+
+def test_bench_command(files):
+    path = files / "bench.json"
+    res = run("bench", f"timm:{NAME}", "--input-size", SIZE_ARG, "--r", "2", "--batch-size", "4",
+              "--runs", "2", "--warmup", "1", "--device", "cpu", "--json", path)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(path.read_text())
+    assert data["device"] == "cpu" and data["batch"] == 4 and data["input_shape"] == [4, *SIZE]
+    assert data["r"] == tome_fx.optimize(timm_model(0), r=2, example_inputs=cli_inputs()).tome.r
+    (row,) = data["results"]
+    assert row["mode"] == "eager" and row["original"] > 0 and row["rewritten"] > 0
+    assert row["speedup"] == pytest.approx(row["rewritten"] / row["original"])
+    assert "eager" in res.stdout and f"wrote {path}" in res.stdout
+
+
+def test_readme_main_job():
+    """The README's main-job command works as written (on the built-in default model)."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("tome-fx report "))
+    budget = float(line.split("--flops-budget")[1].split()[0])
+    res = run(*line.split()[1:])
+    assert res.returncode == 0, res.stderr
+    ratio = float(res.stdout.split("(ratio ")[1].split(",")[0])
+    assert budget - 0.01 <= ratio <= budget

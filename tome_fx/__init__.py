@@ -6,9 +6,10 @@ from .errors import CaptureError, NoAttentionError, TomeError
 from .match import find_blocks
 from .plans import BlockPlan, Plan
 from .schedule import parse_r
+from .track import track_sources
 
 __all__ = [
     "optimize", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan", "BlockPlan",
-    "TomeError", "CaptureError", "NoAttentionError",
+    "TomeError", "CaptureError", "NoAttentionError", "track_sources",
 ]
 __version__ = "0.1.0"

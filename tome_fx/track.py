@@ -1,0 +1,92 @@
+"""Token sources: which input tokens each merged token holds, without changing any output.
+
+``track_sources(module, *inputs)`` runs a rewritten module with an ``fx.Interpreter``. Every
+``tome_merge`` call runs unchanged (so outputs are bit-identical to ``module(*inputs)``); next to
+it the same matching is recomputed and applied to a source map ``S`` of shape [B, N, N0]
+(``S[b, i, j] = 1`` when token ``i`` holds input token ``j``; ``N0`` = tokens entering the first
+merge, protected prefix included). Merging adds rows (a sum, not a mean), so a row's sum is the
+token's size; that is checked against the size the merge returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import graph_utils as gu
+from . import ops
+
+
+def merge_sources(sources: torch.Tensor, prefix: int, unm, src, dst) -> torch.Tensor:
+    """Apply a matching (``ops.bipartite_match``'s indices) to a source map, adding merged rows."""
+    n0 = sources.shape[-1]
+    off = prefix % 2
+    rest = sources[:, prefix:]
+    a, b = rest[:, off::2], rest[:, 1 - off :: 2]
+    unm_s = a.gather(1, unm[..., None].expand(-1, -1, n0))
+    src_s = a.gather(1, src[..., None].expand(-1, -1, n0))
+    b = b.scatter_add(1, dst[..., None].expand(-1, -1, n0), src_s)
+    return torch.cat([sources[:, :prefix], unm_s, b], dim=1)
+
+
+@dataclass
+class Tracked:
+    output: object  # the module's output, identical to module(*inputs)
+    sources: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [B, N, N0]
+    prefix: int = 0  # protected tokens (rows and columns 0..prefix-1)
+    num_blocks: int = 0
+
+    def at(self, block: int) -> torch.Tensor | None:
+        """Source map of the tokens leaving ``block`` (the last merge at or before it)."""
+        done = [k for k in self.sources if k <= block]
+        return self.sources[max(done)] if done else None
+
+
+class _Tracker(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.current: torch.Tensor | None = None
+        self.by_block: dict[int, torch.Tensor] = {}
+        self.prefix = 0
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is ops.tome_merge:
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self._track(n, out, *args, **kwargs)
+        return out
+
+    def _track(self, n, out, x, keys, size, r, prefix, keys_transposed=False):
+        batch, tokens = x.shape[0], x.shape[1]
+        self.prefix = prefix
+        if self.current is None:
+            self.current = torch.eye(tokens, device=x.device).expand(batch, -1, -1)
+        elif self.current.shape[1] != tokens:
+            raise RuntimeError(f"source tracking: {n.name} sees {tokens} tokens, "
+                               f"the previous merge left {self.current.shape[1]}")
+        r = min(r, ops.merge_limit(tokens, prefix))
+        if r > 0:
+            metric = ops.keys_metric(keys, keys_transposed)
+            unm, src, dst = ops.bipartite_match(metric, r, prefix)
+            self.current = merge_sources(self.current, prefix, unm, src, dst)
+        new_size = out[1][..., 0].float()
+        if new_size.shape != self.current.shape[:2] or not torch.equal(new_size, self.current.sum(-1)):
+            raise RuntimeError(f"source tracking disagrees with {n.name}'s token sizes")
+        block = n.meta.get("tome", {}).get("block", len(self.by_block))
+        self.by_block[block] = self.current
+
+
+def track_sources(module: fx.GraphModule, *args, **kwargs) -> Tracked:
+    """Run a module from ``tome_fx.optimize`` on inputs, recording each merge's token sources."""
+    if not isinstance(module, fx.GraphModule):
+        raise TypeError(f"track_sources needs the GraphModule tome_fx.optimize returns "
+                        f"(not compiled), got {type(module).__name__}")
+    run = _Tracker(module)
+    with torch.no_grad():
+        output = gu.run_interpreter(run, module, args, kwargs)
+    plan = getattr(module, "tome", None)
+    num = len(plan.blocks) if plan is not None else len(run.by_block)
+    prefix = plan.protected if plan is not None else run.prefix
+    return Tracked(output, run.by_block, prefix, num)
