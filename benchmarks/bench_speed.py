@@ -250,12 +250,12 @@ def plot(results, path):
             rows = [r for r in res["rows"] if r["mode"] == mode]
             base = next((r for r in rows if r["method"] == "original"), None)
             if base:
-                xs = [0.3, 1.0]
+                xs = [0.3 + 0.01 * i for i in range(71)]
                 ax.plot(xs, [base["images_per_s"] / x for x in xs], ":", color="gray",
-                        label="FLOP limit")
+                        label="FLOP limit (original / ratio)")
             for method in METHODS:
                 pts = sorted((r["flop_ratio"], r["images_per_s"]) for r in rows
-                             if r["method"] == method and r["flop_ratio"])
+                             if r["method"] in (method, "original") and r["flop_ratio"])
                 if pts:
                     ax.plot(*zip(*pts), "o-", color=colors[method], label=method)
             ax.set_title(f"{res['model']} {res['img_size']}px, {mode}", fontsize=9)
