@@ -104,7 +104,8 @@ def merge_by_index(x, size, prefix: int, unm, src, dst):
 
     flat = x.reshape(bsz * n, c)
     out = flat.index_select(0, keep)
-    moved = (flat.index_select(0, src_in).float() - flat.index_select(0, dst_in).float()) * weight
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 rows are combined in fp32
+    moved = (flat.index_select(0, src_in).to(acc) - flat.index_select(0, dst_in).to(acc)) * weight
     out = out.index_add(0, dst_out, moved.to(x.dtype))
     out_size = new_size.view(bsz, n_out, 1)
     if size is not None:
