@@ -1,6 +1,7 @@
 """tome_fx: Token Merging (ToMe) as a torch.fx graph pass."""
 from .api import explain, optimize, rewrite
 from .capture import capture
+from .compiling import compile
 from .cost import plan
 from .errors import CaptureError, NoAttentionError, TomeError
 from .match import find_blocks
@@ -9,7 +10,7 @@ from .schedule import parse_r
 from .track import track_sources
 
 __all__ = [
-    "optimize", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan", "BlockPlan",
-    "TomeError", "CaptureError", "NoAttentionError", "track_sources",
+    "optimize", "compile", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan",
+    "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "track_sources",
 ]
 __version__ = "0.1.0"

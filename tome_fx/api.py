@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import graph_utils as gu
 from .capture import capture, reuse_captures
+from .compiling import compile_module, compile_options
 from .errors import NoAttentionError
 from .match import Matches, find_blocks
 from .export_capture import exported_inputs, is_exported_program
@@ -187,14 +188,17 @@ def optimize(
     flops_budget: float | None = None,
     example_inputs: Any = None,
     prop_attn: bool = True,
-    compile: bool = False,
+    compile: bool | dict = False,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
 
     ``r``: int (same every block), list (per block, padded with 0) or ``(r, inflect)``.
     The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``.
+    ``compile``: True (or a dict of ``torch.compile`` options) returns it compiled with
+    ``torch.compile(fullgraph=True)``; see ``tome_fx.compiling``.
     """
     _check_args(model, r, flops_budget)
+    compile_options(compile)  # TypeError before the (slow) rewrite
     if r is not None:
         parse_r(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type/range errors early
     if flops_budget is not None:  # schedule from the cost model (tome_fx.cost.plan)
@@ -208,8 +212,8 @@ def optimize(
         result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
     out = result.graph_module
     out.tome_counts = result.counts
-    if compile:
-        out = torch.compile(out)
+    if compile not in (False, None):
+        out = compile_module(out, compile)  # .tome and .tome_counts stay reachable
     return out
 
 

@@ -116,23 +116,51 @@ def follow_tokens(t, origin, dims: tuple):
 
 
 def merge_by_index(x, size, prefix: int, unm, src, dst):
-    """Apply a matching: weighted sum of x*size into B partners, then divide by summed size."""
-    c = x.shape[-1]
+    """Apply a matching (indices into sets A and B) to ``x`` [B, N, C] and ``size`` (or None).
+
+    One row gather builds the output layout (prefix, unmerged A, B); each merged B token is then
+    moved to the size-weighted mean by adding ``s_a / s_total * (x_a - x_b)`` over its partners,
+    which touches only the ``r`` merged rows. Untouched tokens are copied bit-exactly. Flat
+    ``index_select``/``index_add_`` are used because they are much cheaper than ``gather`` /
+    ``scatter_add`` with channel-expanded indices on CPU.
+    """
+    bsz, n, c = x.shape
     off = prefix % 2
-    rest = x[:, prefix:]
-    rest_size = size[:, prefix:]
-    w = torch.cat([rest * rest_size.to(x.dtype), rest_size.to(x.dtype)], dim=-1)
-    a, b = w[:, off::2], w[:, 1 - off :: 2]
-    unm_w = a.gather(1, unm[..., None].expand(-1, -1, c + 1))
-    src_w = a.gather(1, src[..., None].expand(-1, -1, c + 1))
-    b = b.scatter_add(1, dst[..., None].expand(-1, -1, c + 1), src_w)
-    merged = torch.cat([unm_w, b], dim=1)
-    new_size = merged[..., c:]
-    new_x = merged[..., :c] / new_size
-    # Prefix tokens pass through bit-exactly.
-    out_x = torch.cat([x[:, :prefix], new_x], dim=1)
-    out_size = torch.cat([size[:, :prefix], new_size.to(size.dtype)], dim=1)
-    return out_x, out_size
+    a0, b0 = prefix + off, prefix + 1 - off  # absolute positions of the first A and B tokens
+    nb = (n - b0 + 1) // 2
+    n_out = prefix + unm.shape[1] + nb
+    dev = x.device
+    batch = torch.arange(bsz, device=dev)[:, None]
+    keep = torch.cat([
+        torch.arange(prefix, device=dev).expand(bsz, prefix),
+        a0 + 2 * unm,
+        (b0 + 2 * torch.arange(nb, device=dev)).expand(bsz, nb),
+    ], dim=1)
+    keep = (keep + batch * n).reshape(-1)
+    src_in = (a0 + 2 * src + batch * n).reshape(-1)
+    dst_in = (b0 + 2 * dst + batch * n).reshape(-1)
+    dst_out = (prefix + unm.shape[1] + dst + batch * n_out).reshape(-1)
+
+    if size is None:
+        new_size = torch.ones(bsz * n_out, dtype=torch.float32, device=dev)
+        src_size = torch.ones(src_in.shape[0], dtype=torch.float32, device=dev)
+    else:
+        flat_size = size.reshape(-1)
+        new_size = flat_size.index_select(0, keep)
+        src_size = flat_size.index_select(0, src_in).float()
+        new_size = new_size.float()
+    new_size.index_add_(0, dst_out, src_size)
+    weight = (src_size / new_size.index_select(0, dst_out))[:, None]
+
+    flat = x.reshape(bsz * n, c)
+    out = flat.index_select(0, keep)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 rows are combined in fp32
+    moved = (flat.index_select(0, src_in).to(acc) - flat.index_select(0, dst_in).to(acc)) * weight
+    out = out.index_add(0, dst_out, moved.to(x.dtype))
+    out_size = new_size.view(bsz, n_out, 1)
+    if size is not None:
+        out_size = out_size.to(size.dtype)
+    return out.view(bsz, n_out, c), out_size
 
 
 @fx.wrap

@@ -1,0 +1,47 @@
+"""torch.compile for rewritten modules: one graph, static token counts, dynamic batch.
+
+The rewritten GraphModule is plain torch code (no Python state, no data-dependent shapes), so
+dynamo captures it as a single graph. Token counts after each merge are Python ints computed
+from ``x.shape[1]``, which depends only on the input resolution, so they stay static. The batch
+dimension follows torch's automatic dynamic shapes: the first call compiles for its batch size,
+the first call with a different size recompiles once with a symbolic batch, and later sizes
+reuse that graph. Mark the batch dimension up front (``torch._dynamo.mark_dynamic(x, 0)``) to
+skip that one recompile.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+DEFAULTS = {"fullgraph": True}  # a graph break is an error, not a silent slow path
+
+
+def compile_options(option: Any) -> dict | None:
+    """``optimize``'s ``compile`` argument as torch.compile keyword arguments (None: no compile)."""
+    if option is False or option is None:
+        return None
+    if option is True:
+        return dict(DEFAULTS)
+    if isinstance(option, dict):
+        return {**DEFAULTS, **option}
+    raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {option!r}")
+
+
+def compile_module(module: nn.Module, option: Any = True) -> nn.Module:
+    """``torch.compile(module, fullgraph=True, **options)``; ``option``: True or a dict."""
+    return torch.compile(module, **compile_options(option))
+
+
+def compile(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+            dynamic: bool | None = None, fullgraph: bool = True, **optimize_kwargs) -> nn.Module:
+    """``optimize(model, **optimize_kwargs)`` compiled with ``torch.compile``.
+
+    The result still exposes ``.tome`` (the plan) and ``.tome_counts``. ``dynamic`` is passed to
+    torch.compile; leave it None (automatic): ``True`` would make the resolution symbolic too.
+    """
+    from .api import optimize  # api imports this module
+
+    options = {"backend": backend, "mode": mode, "dynamic": dynamic, "fullgraph": fullgraph}
+    return optimize(model, compile=options, **optimize_kwargs)
