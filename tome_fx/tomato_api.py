@@ -76,17 +76,13 @@ class _Site:
                             self.matches.prefix, self.head_dim)
 
 
-def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_attn=True):
-    """(patch tokens removed r, FLOPs, original FLOPs): the fewest merges meeting the budget.
+def _flops_curve(cm, site: _Site):
+    """FLOPs (for the example batch) as a function of the tokens after the merge.
 
-    FLOPs come from the ToMe cost model's closed form (``tome_fx.cost``): its per-segment terms
+    The ToMe cost model's closed form (``tome_fx.cost``): its per-segment terms
     ``c + a*T + q*T^2`` evaluated with ``N`` tokens up to the chosen block's merge point and
     ``N'`` after, plus the ToMato op's own product (``tomato_flops``).
     """
-    from .cost import CostModel, check_budget
-
-    b = check_budget(flops_budget)
-    cm = CostModel.build(model, example_inputs, prop_attn)
     j = site.block.index
     n0 = cm.tokens
     measured = cm.token_counts(cm.max_schedule())
@@ -99,14 +95,44 @@ def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_att
         total = sum(term.at(t[seg]) for (seg, _), term in cm.terms.items())
         return int(round(total)) + (site.extra_flops() if n_after < n0 else 0)
 
-    orig = cm.flops_original
+    return flops
+
+
+def flops_curve(model, example_inputs=None, *, similarity="attention", block=0, grid=None,
+                prop_attn=True):
+    """``(flops(n_after), flops_original)`` of ToMato for the example inputs' batch.
+
+    ``n_after`` counts all tokens after the merge (protected ones included). In threshold mode
+    each image has its own count: its FLOPs are ``flops(n_i) / batch``.
+    """
+    from .api import default_inputs
+    from .cost import CostModel
+
+    _check(0.0, None, similarity, block, grid)
+    if example_inputs is None:
+        example_inputs = default_inputs(model)
+    site = _Site(model, example_inputs, block, grid, similarity)
+    if site.reason is not None:
+        raise ValueError(f"ToMato cannot merge this model: {site.reason}")
+    cm = CostModel.build(model, example_inputs, prop_attn)
+    return _flops_curve(cm, site), cm.flops_original
+
+
+def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_attn=True):
+    """(patch tokens removed r, FLOPs, original FLOPs): the fewest merges meeting the budget."""
+    from .cost import CostModel, check_budget
+
+    b = check_budget(flops_budget)
+    cm = CostModel.build(model, example_inputs, prop_attn)
+    flops = _flops_curve(cm, site)
+    n0, orig = cm.tokens, cm.flops_original
     for n_after in range(n0, cm.prefix, -1):
         if flops(n_after) <= b * orig:
             return n0 - n_after, flops(n_after), orig
     least = flops(cm.prefix + 1) / orig
     raise ValueError(f"flops_budget={flops_budget} is below the smallest reachable FLOP ratio "
-                     f"{least:.4f} for ToMato at block {j} (one token per image left); "
-                     f"pass flops_budget >= {math.ceil(least * 1e4) / 1e4}")
+                     f"{least:.4f} for ToMato at block {site.block.index} (one token per image "
+                     f"left); pass flops_budget >= {math.ceil(least * 1e4) / 1e4}")
 
 
 def rewrite_tomato(model: nn.Module, *, example_inputs=None, sim_threshold=None,
