@@ -210,6 +210,12 @@ def test_attention_similarity_matches_explicit_softmax():
             assert sim[i, e_idx].item() == pytest.approx(want.item() / heads, abs=1e-6)
     # explicit-softmax cores hand the probabilities over directly: same similarity
     assert torch.allclose(edge_similarity("probs", probs, u, v, prefix), sim, atol=1e-6)
+    # ... also laid out [B*H, N, N] (batch-major), and the merges agree with the q/k route
+    x = torch.randn(b, n, 5, generator=g)
+    want = tomato_merge(x, (q, k), None, 5, prefix, (h, w), "qk")
+    for p in (probs, probs.reshape(b * heads, n, n)):
+        got = tomato_merge(x, p, None, 5, prefix, (h, w), "probs")
+        assert torch.allclose(got[0], want[0], atol=1e-6) and torch.equal(got[1], want[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +452,7 @@ def test_errors_are_one_line():
         (dict(method="tomato", r=4), ValueError, "not r"),
         (dict(method="tomatoes", r=4), ValueError, "method"),
         (dict(r=4, sim_threshold=0.1), TypeError, "sim_threshold"),
+        (dict(method="tomato", sim_threshold=0.1, prop_attn=False), ValueError, "prop_attn"),
     ]
     for kw, exc, text in cases:
         with pytest.raises(exc, match=text) as info:

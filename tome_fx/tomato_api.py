@@ -142,6 +142,9 @@ def rewrite_tomato(model: nn.Module, *, example_inputs=None, sim_threshold=None,
     from .api import Rewrite, _block_plan, default_inputs
 
     _check(sim_threshold, flops_budget, similarity, block, grid)
+    if sim_threshold is not None and not prop_attn:
+        raise ValueError("ToMato threshold mode needs prop_attn=True: its log(size) bias is what "
+                         "keeps padding tokens (size 0) out of attention")
     if example_inputs is None:
         example_inputs = default_inputs(model)
     site = _Site(model, example_inputs, block, grid, similarity)
