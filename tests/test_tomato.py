@@ -100,7 +100,7 @@ def test_grid_edges_are_the_4_neighbours_without_wrap():
         assert len(u) == h * (w - 1) + (h - 1) * w
 
 
-@pytest.mark.parametrize("h,w", [(1, 1), (1, 6), (6, 1), (3, 4), (8, 8), (14, 14), (2, 31)])
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 6), (6, 1), (3, 4), (8, 8), (14, 14), (2, 31), (32, 32)])
 def test_components_match_union_find(h, w):
     g = torch.Generator().manual_seed(h * 100 + w)
     u, v = grid_edges(h, w)
