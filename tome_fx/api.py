@@ -189,6 +189,8 @@ def optimize(
     example_inputs: Any = None,
     prop_attn: bool = True,
     compile: bool | dict = False,
+    method: str = "tome",
+    **tomato: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
 
@@ -196,9 +198,25 @@ def optimize(
     The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``.
     ``compile``: True (or a dict of ``torch.compile`` options) returns it compiled with
     ``torch.compile(fullgraph=True)``; see ``tome_fx.compiling``.
+    ``method="tomato"`` merges once instead (``sim_threshold``, ``similarity``, ``block``,
+    ``grid``: see ``tome_fx.tomato_api.rewrite_tomato``).
     """
-    _check_args(model, r, flops_budget)
     compile_options(compile)  # TypeError before the (slow) rewrite
+    if method == "tomato":
+        from .tomato_api import rewrite_tomato
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if r is not None:
+            raise ValueError("method='tomato' takes sim_threshold or flops_budget, not r")
+        result = rewrite_tomato(model, example_inputs=example_inputs, flops_budget=flops_budget,
+                                prop_attn=prop_attn, **tomato)
+        return _finish(result, compile)
+    if method != "tome":
+        raise ValueError(f"method must be 'tome' or 'tomato', got {method!r}")
+    if tomato:
+        raise TypeError(f"unexpected arguments for method='tome': {', '.join(sorted(tomato))}")
+    _check_args(model, r, flops_budget)
     if r is not None:
         parse_r(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type/range errors early
     if flops_budget is not None:  # schedule from the cost model (tome_fx.cost.plan)
@@ -210,6 +228,10 @@ def optimize(
             result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn)
     else:
         result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
+    return _finish(result, compile)
+
+
+def _finish(result: Rewrite, compile: bool | dict) -> nn.Module:
     out = result.graph_module
     out.tome_counts = result.counts
     if compile not in (False, None):

@@ -40,6 +40,12 @@ class Plan:
     strategy: str | None = None
     drift: float | None = None  # fidelity proxy of the chosen schedule (see tome_fx.cost.plan)
     notes: tuple[str, ...] = ()  # what capture and rewrite noticed (e.g. why export was used)
+    # ToMato (tome_fx.tomato_api): one merge at ``merge_block`` over 4-neighbour components.
+    method: str = "tome"  # "tome" | "tomato"
+    merge_block: int | None = None
+    similarity: str | None = None  # "attention" | "keys"
+    sim_threshold: float | None = None  # threshold mode; None in budget (count) mode
+    grid: tuple | None = None  # (h, w) patch grid the components are taken over
 
     @property
     def r(self) -> list[int]:
@@ -80,6 +86,11 @@ class Plan:
                 f"FLOPs: {self.flops / 1e9:.4g} G of {self.flops_original / 1e9:.4g} G, "
                 f"ratio {self.ratio:.4f}{budget}, predicted speed-up {self.predicted_speedup:.3f}x"
             )
+        if self.method != "tome":
+            how = (f"threshold {self.sim_threshold:g}" if self.sim_threshold is not None
+                   else "exact token count per image")
+            lines.append(f"method: {self.method} at block {self.merge_block}, {self.similarity} "
+                         f"similarity, {how}, grid {self.grid}")
         if self.strategy is not None:
             drift = "" if self.drift is None else f", output drift {self.drift:.3g}"
             lines.append(f"strategy: {self.strategy}{drift}")

@@ -1,0 +1,77 @@
+"""Insert one ToMato merge at a chosen block's merge point (between attention residual and MLP)."""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import graph_utils as gu
+from ..match import Block
+from ..tomato import tomato_merge
+from .base import PassResult, finish, inserted
+from .merge import MergeSite
+
+
+def find_grid(gm: fx.GraphModule, block: Block, shapes: dict, prefix: int) -> tuple | str:
+    """(h, w) of the patch grid, or the reason it cannot be found.
+
+    The grid is the output of the 2-D convolution (patch embedding) that feeds the token stream;
+    the tokens after the prefix must be its ``h*w`` positions (flattened row-major, as
+    ``flatten(2)`` of NCHW and reshapes of NHWC do).
+    """
+    tokens = shapes[block.merge_at][block.token_dim]
+    convs = []
+    for n in gu.ancestors_within(block.stream_in, 10_000):
+        mod = gu.module_of(gm, n)
+        if isinstance(mod, nn.Conv2d) or gu.is_call(n, {F.conv2d}):
+            s = shapes.get(n)
+            if gu.is_tensor_shape(s) and len(s) == 4:
+                convs.append((s[2], s[3]))
+    if not convs:
+        return "no 2-D patch embedding (Conv2d) feeds the tokens; pass grid=(h, w)"
+    fits = {g for g in convs if g[0] * g[1] == tokens - prefix}
+    if len(fits) != 1:
+        return (f"{tokens} tokens with {prefix} protected do not form the patch grid "
+                f"{' or '.join(f'{h}x{w}' for h, w in sorted(set(convs)))}; pass grid=(h, w)")
+    return fits.pop()
+
+
+def sim_source(block: Block, similarity: str):
+    """(src, kind, scale) for ``tomato_merge`` from the block's attention core."""
+    core = block.core
+    if similarity == "keys":
+        return core.keys, ("keys_t" if core.keys_transposed else "keys"), None
+    if core.kind == "softmax":
+        return core.anchor, "probs", None
+    return (core.query, core.keys), "qk", gu.arg(core.anchor, 6, "scale", None)
+
+
+def insert_tomato(gm: fx.GraphModule, block: Block, prefix: int, grid: tuple, similarity: str,
+                  threshold, r) -> PassResult:
+    """One ``tomato_merge`` after ``block``'s attention residual; every use of the merge point
+    sees the merged tokens. ``r`` None: threshold mode; int: patch tokens removed."""
+    graph = gm.graph
+    s = block.merge_at
+    old_users = list(s.users)
+    src, kind, scale = sim_source(block, similarity)
+    with graph.inserting_after(s):
+        x = s
+        if block.token_dim != 1:
+            x = inserted(graph.call_method("transpose", (s, 0, 1)), "layout")
+    with graph.inserting_after(x):
+        call = graph.call_function(
+            tomato_merge, (x, src, None, r, prefix, tuple(grid), kind, threshold, scale))
+        inserted(call, "merge", block=block.index, r=r, method="tomato")
+    with graph.inserting_after(call):
+        new_x = inserted(graph.call_function(operator.getitem, (call, 0)), "merged_x")
+    with graph.inserting_after(new_x):
+        new_size = inserted(graph.call_function(operator.getitem, (call, 1)), "size")
+    out = new_x
+    if block.token_dim != 1:
+        with graph.inserting_after(new_size):
+            out = inserted(graph.call_method("transpose", (new_x, 0, 1)), "layout")
+    for u in old_users:
+        u.replace_input_with(s, out)
+    return PassResult(finish(gm), 1, [MergeSite(block.index, call, out, new_size)])
