@@ -132,10 +132,12 @@ def optimize(
     example_inputs: Any = None,
     prop_attn: bool = True,
     compile: bool = False,
+    strategy: str = "auto",
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
 
     ``r``: int (same every block), list (per block, padded with 0) or ``(r, inflect)``.
+    ``strategy``: how ``flops_budget`` is turned into a schedule (see ``tome_fx.plan``).
     The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``.
     """
     _check_args(model, r, flops_budget)
@@ -144,7 +146,7 @@ def optimize(
     if flops_budget is not None:  # schedule from the cost model (tome_fx.cost.plan)
         from .cost import rewrite_for_budget
 
-        result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn)
+        result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn, strategy)
     else:
         result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
     out = result.graph_module
