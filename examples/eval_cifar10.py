@@ -74,11 +74,15 @@ def throughput(model, batch: torch.Tensor, reps: int) -> float:
     return len(batch) / times[len(times) // 2]
 
 
-def _accuracy(model, x, y, batch, label) -> float:
+def _predict(model, x, batch, label) -> torch.Tensor:
     bar = cv.Progress((len(x) + batch - 1) // batch, label)
     pred = cv.predict(model, x, batch, bar)
     bar.close()
-    return float((pred == y).float().mean()) * 100
+    return pred
+
+
+def _pct(a, b) -> float:
+    return float((a == b).float().mean()) * 100
 
 
 def run(args) -> dict:
@@ -92,29 +96,33 @@ def run(args) -> dict:
     tp_batch = x[: args.tp_batch]
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
     rows = []
-    orig_acc = _accuracy(model, x, y, args.batch, "original")
-    row = dict(method="original", budget=1.0, ratio=1.0, r=None, accuracy=orig_acc)
+    orig = _predict(model, x, args.batch, "original")
+    row = dict(method="original", budget=1.0, ratio=1.0, r=None, accuracy=_pct(orig, y),
+               agreement=100.0)
     if not args.no_throughput:
         row["images_per_s"] = throughput(model, tp_batch, args.reps)
         traced = tome_fx.optimize(model, r=0, example_inputs=calib)
         row["images_per_s_traced_r0"] = throughput(traced, tp_batch, args.reps)
     rows.append(row)
     cache: dict = {}  # same rewrite (schedule, prop-attn, method kind) -> same accuracy
-    for method in methods:
-        for budget in args.budgets:
+    for budget in args.budgets:  # budget-major: partial runs cover every method
+        for method in methods:
             t0 = time.perf_counter()
             module = method.build(model, budget, calib)
             plan = module.tome
             key = (tuple(plan.r), method.prop_attn, getattr(plan, "method", None))
             label = f"{method.name} b={budget}"
             if key not in cache:
-                cache[key] = _accuracy(module, x, y, args.batch, label)
+                cache[key] = _predict(module, x, args.batch, label)
             row = dict(method=method.name, budget=budget, ratio=plan.ratio, r=list(plan.r),
-                       accuracy=cache[key], strategy=plan.strategy, drift=plan.drift,
+                       accuracy=_pct(cache[key], y), agreement=_pct(cache[key], orig),
+                       strategy=plan.strategy, drift=plan.drift,
                        build_s=time.perf_counter() - t0)
             if not args.no_throughput:
                 row["images_per_s"] = throughput(module, tp_batch, args.reps)
             rows.append(row)
+            if args.partial:  # rows so far, for long runs on busy machines
+                args.partial.write_text(json.dumps(rows, indent=1))
     return dict(
         model="vit_cifar10.pth (../shared/models)", test_images=len(x),
         calibration="%d training images (seeded random subset)" % args.calib,
@@ -126,17 +134,21 @@ def run(args) -> dict:
 
 def table(result: dict) -> str:
     tp = any("images_per_s" in r for r in result["rows"])
-    head = "| method | budget | FLOP ratio | schedule r | top-1 % | Δ vs original |"
-    sep = "|---|---|---|---|---|---|"
+    head = ("| method | budget | FLOP ratio | schedule r | top-1 % | Δ vs original "
+            "| same prediction as original % |")
+    sep = "|---|---|---|---|---|---|---|"
     if tp:
         head += " images/s | speed-up |"
         sep += "---|---|"
     base = result["rows"][0]
     lines = [head, sep]
-    for r in result["rows"]:
+    names = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    rows = sorted(result["rows"], key=lambda r: (names.index(r["method"]), -r["budget"]))
+    for r in rows:
         sched = "—" if r["r"] is None else " ".join(str(v) for v in r["r"])
         line = (f"| {r['method']} | {r['budget']:g} | {r['ratio']:.3f} | {sched} | "
-                f"{r['accuracy']:.2f} | {r['accuracy'] - base['accuracy']:+.2f} |")
+                f"{r['accuracy']:.2f} | {r['accuracy'] - base['accuracy']:+.2f} | "
+                f"{r['agreement']:.2f} |")
         if tp:
             line += f" {r['images_per_s']:.0f} | {r['images_per_s'] / base['images_per_s']:.2f}x |"
         lines.append(line)
@@ -195,22 +207,33 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10, help="timed passes per throughput number")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default torch's)")
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--partial", type=Path, default=None, help="write rows here as they finish")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--eval-md", type=Path, default=None,
                    help="also write the table into this markdown file's cifar10_eval section")
+    p.add_argument("--render", type=Path, default=None,
+                   help="no run: re-write the table, plot and --eval-md section from this JSON")
     args = p.parse_args(argv)
-    if not cv.available():
+    if args.render:
+        result = json.loads(args.render.read_text())
+    elif not cv.available():
         sys.exit(f"eval_cifar10: {cv.missing_reason()}")
-    result = run(args)
+    else:
+        result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cifar10_eval.json").write_text(json.dumps(result, indent=1))
+    if not args.render:
+        (args.out / "cifar10_eval.json").write_text(json.dumps(result, indent=1))
     md = table(result)
     (args.out / "cifar10_eval.md").write_text(md + "\n")
     plot(result, args.out / "cifar10_eval.png")
     if args.eval_md:
+        tp = any("images_per_s" in r for r in result["rows"])
         note = (f"Command: `{result['command']}` ({result['test_images']} test images, "
-                f"torch {result['torch']}, {result['threads']} threads, throughput on a batch of "
-                f"{result['throughput_batch']}, median of {result['throughput_reps']}).")
+                f"calibration: {result['calibration']}, torch {result['torch']}, "
+                f"{result['threads']} threads"
+                + (f", throughput on a batch of {result['throughput_batch']}, median of "
+                   f"{result['throughput_reps']} passes)." if tp else ", no throughput).")
+                + " Plot: `benchmarks/results/cifar10_eval.png`.")
         update_section(args.eval_md, "cifar10_eval", note + "\n\n" + md)
     print(md)
     return result
