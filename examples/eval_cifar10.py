@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tome_fx first
 import cifar_vit as cv  # noqa: E402
 
 import tome_fx  # noqa: E402

@@ -30,9 +30,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import tome_fx  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's tome_fx first
+
+import tome_fx  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.9, 0.75, 0.5)
 

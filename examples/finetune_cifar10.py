@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tome_fx first
 import cifar_vit as cv  # noqa: E402
 from eval_cifar10 import RESULTS, update_section  # noqa: E402
 
@@ -59,7 +60,7 @@ def _step(module, opt, sched, x, y) -> float:
     opt.step()
     if sched is not None:
         sched.step()
-    return float(loss)
+    return loss.item()
 
 
 def _optimizer(module, lr, wd, steps, warmup):
