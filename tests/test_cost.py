@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from tome_fx.cost import CostModel, search
 
 CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from cifar_vit import CifarViT  # noqa: E402  (the architecture of ../shared/models/vit_cifar10.pth)
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -180,27 +183,6 @@ def test_default_inputs_used():
 
 
 # (f) the default strategy is at least as faithful as the constant one at the same FLOPs
-class CifarViT(nn.Module):
-    """The architecture of ../shared/models/vit_cifar10.pth (see its README)."""
-
-    def __init__(self):
-        super().__init__()
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, 128, kernel_size=4, stride=4)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, 128))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 65, 128))
-        self.dropout = nn.Dropout(0.1)
-        layer = nn.TransformerEncoderLayer(128, 8, 256, dropout=0.1, batch_first=True)
-        self.transformer = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
-        self.mlp_head = nn.Sequential(nn.LayerNorm(128), nn.Linear(128, 10))
-
-    def forward(self, x):
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.dropout(x + self.pos_embed)
-        return self.mlp_head(self.transformer(x)[:, 0])
-
-
 def _cifar():
     """Real weights and real images where ../shared has them, else random weights (noted)."""
     weights = os.path.join(SHARED, "models", "vit_cifar10.pth")

