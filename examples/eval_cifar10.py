@@ -50,6 +50,13 @@ def _strategy(strategy: str, prop_attn: bool) -> Callable:
     return build
 
 
+def _tomato(similarity: str) -> Callable:
+    def build(model, budget, calib):  # budget mode: every image ends with the same token count
+        return tome_fx.optimize(model, method="tomato", flops_budget=budget, example_inputs=calib,
+                                similarity=similarity)
+    return build
+
+
 METHODS = [
     Method("auto (default)", _strategy("auto", True)),
     Method("constant", _strategy("constant", True)),
@@ -57,8 +64,8 @@ METHODS = [
     Method("auto, no prop-attn", _strategy("auto", False), prop_attn=False),
     Method("constant, no prop-attn", _strategy("constant", False), prop_attn=False),
     Method("decreasing, no prop-attn", _strategy("decreasing", False), prop_attn=False),
-    # ToMato: Method("tomato", lambda m, b, c: tome_fx.optimize(m, method="tomato",
-    #                 flops_budget=b, example_inputs=c)),
+    Method("ToMato (keys)", _tomato("keys")),
+    Method("ToMato (attention)", _tomato("attention")),
 ]
 
 
