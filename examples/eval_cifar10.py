@@ -118,7 +118,7 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             module = method.build(model, budget, calib)
             plan = module.tome
-            key = (tuple(plan.r), method.prop_attn, getattr(plan, "method", None))
+            key = (tuple(plan.r), method.prop_attn, plan.method, plan.similarity)
             label = f"{method.name} b={budget}"
             if key not in cache:
                 cache[key] = _predict(module, x, args.batch, label)

@@ -181,7 +181,12 @@ def main(argv=None):
         from eval_cifar10 import update_section
 
         note = (f"Command: `HF_HUB_OFFLINE=1 {result['command']}` ({result['sentences']} sentences "
-                f"from {result['source']}, padded batches of {result['batch']}).")
+                f"from {result['source']}, batches of {result['batch']} padded to "
+                f"{result['length']} tokens, the longest sentence; "
+                f"{result['padding_share']:.0%} of the positions are padding). The FLOP ratio "
+                "counts padded positions, which the original model computes too: merging "
+                "padding into padding is part of the saving, so the ratio on real tokens alone "
+                "is higher.")
         update_section(args.eval_md, "minilm_eval", note + "\n\n" + md)
     print(md)
     return result
