@@ -29,28 +29,32 @@ def insert_merges(gm: fx.GraphModule, blocks: list[Block], schedule: list[int], 
         r = schedule[block.index]
         if r <= 0 or block.index not in enabled:
             continue
-        s = block.merge_at
-        old_users = list(s.users)
-        with graph.inserting_after(s):
-            x = s
-            if block.token_dim != 1:
-                x = inserted(graph.call_method("transpose", (s, 0, 1)), "layout")
-        with graph.inserting_after(x):
-            call = graph.call_function(
-                ops.tome_merge,
-                (x, block.core.keys, size, r, prefix, block.core.keys_transposed),
-            )
-            inserted(call, "merge", block=block.index, r=r)
-        with graph.inserting_after(call):
-            new_x = inserted(graph.call_function(operator.getitem, (call, 0)), "merged_x")
-        with graph.inserting_after(new_x):
-            new_size = inserted(graph.call_function(operator.getitem, (call, 1)), "size")
-        out = new_x
-        if block.token_dim != 1:
-            with graph.inserting_after(new_size):
-                out = inserted(graph.call_method("transpose", (new_x, 0, 1)), "layout")
-        for u in old_users:
-            u.replace_input_with(s, out)
-        size = new_size
-        sites.append(MergeSite(block.index, call, out, new_size))
+        site = splice_merge(graph, block, ops.tome_merge, lambda x: (
+            x, block.core.keys, size, r, prefix, block.core.keys_transposed), r=r)
+        size = site.size
+        sites.append(site)
     return PassResult(finish(gm), len(sites), sites)
+
+
+def splice_merge(graph: fx.Graph, block: Block, fn, args_of, **meta) -> MergeSite:
+    """Call ``fn(*args_of(x))`` -> (merged x, size) on the tokens at ``block.merge_at`` (moved
+    to [B, N, C] and back if sequence-first) and route every use of the merge point to it."""
+    s = block.merge_at
+    old_users = list(s.users)
+    with graph.inserting_after(s):
+        x = s
+        if block.token_dim != 1:
+            x = inserted(graph.call_method("transpose", (s, 0, 1)), "layout")
+    with graph.inserting_after(x):
+        call = inserted(graph.call_function(fn, args_of(x)), "merge", block=block.index, **meta)
+    with graph.inserting_after(call):
+        new_x = inserted(graph.call_function(operator.getitem, (call, 0)), "merged_x")
+    with graph.inserting_after(new_x):
+        new_size = inserted(graph.call_function(operator.getitem, (call, 1)), "size")
+    out = new_x
+    if block.token_dim != 1:
+        with graph.inserting_after(new_size):
+            out = inserted(graph.call_method("transpose", (new_x, 0, 1)), "layout")
+    for u in old_users:
+        u.replace_input_with(s, out)
+    return MergeSite(block.index, call, out, new_size)

@@ -1,7 +1,6 @@
 """Insert one ToMato merge at a chosen block's merge point (between attention residual and MLP)."""
 from __future__ import annotations
 
-import operator
 
 import torch.fx as fx
 import torch.nn as nn
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 from .. import graph_utils as gu
 from ..match import Block
 from ..tomato import tomato_merge
-from .base import PassResult, finish, inserted
-from .merge import MergeSite
+from .base import PassResult, finish
+from .merge import splice_merge
 
 
 def find_grid(gm: fx.GraphModule, block: Block, shapes: dict, prefix: int) -> tuple | str:
@@ -52,26 +51,7 @@ def insert_tomato(gm: fx.GraphModule, block: Block, prefix: int, grid: tuple, si
                   threshold, r) -> PassResult:
     """One ``tomato_merge`` after ``block``'s attention residual; every use of the merge point
     sees the merged tokens. ``r`` None: threshold mode; int: patch tokens removed."""
-    graph = gm.graph
-    s = block.merge_at
-    old_users = list(s.users)
     src, kind, scale = sim_source(block, similarity)
-    with graph.inserting_after(s):
-        x = s
-        if block.token_dim != 1:
-            x = inserted(graph.call_method("transpose", (s, 0, 1)), "layout")
-    with graph.inserting_after(x):
-        call = graph.call_function(
-            tomato_merge, (x, src, None, r, prefix, tuple(grid), kind, threshold, scale))
-        inserted(call, "merge", block=block.index, r=r, method="tomato")
-    with graph.inserting_after(call):
-        new_x = inserted(graph.call_function(operator.getitem, (call, 0)), "merged_x")
-    with graph.inserting_after(new_x):
-        new_size = inserted(graph.call_function(operator.getitem, (call, 1)), "size")
-    out = new_x
-    if block.token_dim != 1:
-        with graph.inserting_after(new_size):
-            out = inserted(graph.call_method("transpose", (new_x, 0, 1)), "layout")
-    for u in old_users:
-        u.replace_input_with(s, out)
-    return PassResult(finish(gm), 1, [MergeSite(block.index, call, out, new_size)])
+    site = splice_merge(gm.graph, block, tomato_merge, lambda x: (
+        x, src, None, r, prefix, tuple(grid), kind, threshold, scale), r=r, method="tomato")
+    return PassResult(finish(gm), 1, [site])
