@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tome_fx
 from tome_fx.api import rewrite
-from tome_fx.cost import CostModel, search
+from tome_fx import ops
+from tome_fx.cost import CostModel, _Calibration, search
 
 CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
@@ -209,3 +210,25 @@ def test_auto_at_least_as_faithful_as_constant():
         assert auto.drift <= const.drift, (auto.r, auto.drift, const.r, const.drift)
         print(f"b={budget} real={real}: auto {auto.r} drift {auto.drift:.4g}; "
               f"constant {const.r} drift {const.drift:.4g}")
+
+
+def test_auto_merges_most_in_free_last_block():
+    # The head reads only the class token, so the last block's merge (before its MLP) cannot
+    # move the output: auto must spend it fully there and say so; constant stays the paper's.
+    model, x, _ = _cifar()
+    plan = tome_fx.plan(model, flops_budget=0.9, example_inputs=x)
+    last = plan.blocks[-1]
+    assert last.r == ops.merge_limit(last.tokens_in, plan.protected) > 0
+    assert any("block(s) 5 leaves the calibration outputs unchanged" in n for n in plan.notes)
+    assert 0.89 <= plan.ratio <= 0.9
+    const = tome_fx.plan(model, flops_budget=0.9, example_inputs=x, strategy="constant")
+    assert not any("unchanged" in n for n in const.notes)
+    assert max(const.r) - min(const.r) <= 2  # no block singled out
+
+
+def test_no_free_block_with_average_pooling():
+    # Average pooling reads every token after the last block: its merge moves the output.
+    model, x, cm = _zoo("vit_avgpool_no_cls")
+    assert _Calibration(cm).free_blocks() == frozenset()
+    plan = tome_fx.plan(model, flops_budget=0.8, example_inputs=x)
+    assert not any("unchanged" in n for n in plan.notes)

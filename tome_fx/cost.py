@@ -341,6 +341,7 @@ def _fit_terms(gm, f0: dict, f1: dict, n0: int, t1: list[int], owners: dict,
 
 TOLERANCE = 0.01  # achieved ratio must be in [b - TOLERANCE, b]
 _CLOSE = 0.0025  # the adjustment stops once this close below the budget
+_ROUNDING = 1e-10  # output drift below this is float rounding (one merge moves it >= 1e-7)
 
 
 def check_budget(flops_budget) -> float:
@@ -372,43 +373,57 @@ def _shapes(num: int) -> dict[str, list[float]]:
     }
 
 
-def _adjust(cm: CostModel, schedule: list[int], hi: float, close: float) -> list[int]:
-    """Single-block (and pairwise) r changes that bring the FLOPs to <= hi and close below it."""
-    s = cm.clamp(schedule)
+_MOST = 1 << 30  # "as many merges as the block allows" (clamp cuts it to the block's limit)
+
+
+def _pin(cm: CostModel, schedule: list[int], pinned: frozenset) -> list[int]:
+    """``schedule`` with the pinned blocks merging the most their token count allows."""
+    return cm.clamp([_MOST if i in pinned else r for i, r in enumerate(schedule)])
+
+
+def _adjust(cm: CostModel, schedule: list[int], hi: float, close: float,
+            pinned: frozenset = frozenset()) -> list[int]:
+    """Single-block (and pairwise) r changes that bring the FLOPs to <= hi and close below it.
+
+    Pinned blocks are never moved; they are re-pinned after each move (their limit depends on
+    the tokens earlier blocks leave).
+    """
+    s = _pin(cm, schedule, pinned)
     cost = cm.flops(s)
     num = cm.num_blocks
+    movable = [i for i in range(num) if i not in pinned]
     for _ in range(10 * (cm.tokens + num)):
         if cost <= hi and cost >= close:
             break
         moves = []
         if cost > hi:  # merge more: the single +1 that stays closest above/below hi
-            for i in range(num):
+            for i in movable:
                 t = s.copy()
                 t[i] += 1
-                t = cm.clamp(t)
+                t = _pin(cm, t, pinned)
                 if t != s:
                     moves.append((cm.flops(t), t))
             under = [m for m in moves if m[0] <= hi]
             pick = max(under, key=lambda m: m[0]) if under else min(moves, key=lambda m: m[0], default=None)
         else:  # merge less: the single -1, else a (-1, +1) pair, that rises most within hi
-            for i in range(num):
+            for i in movable:
                 if s[i] > 0:
                     t = s.copy()
                     t[i] -= 1
-                    t = cm.clamp(t)
+                    t = _pin(cm, t, pinned)
                     moves.append((cm.flops(t), t))
             under = [m for m in moves if cost < m[0] <= hi]
             if not under:
-                for i in range(num):
+                for i in movable:
                     if s[i] == 0:
                         continue
-                    for j in range(num):
+                    for j in movable:
                         if j == i:
                             continue
                         t = s.copy()
                         t[i] -= 1
                         t[j] += 1
-                        t = cm.clamp(t)
+                        t = _pin(cm, t, pinned)
                         c = cm.flops(t)
                         if cost < c <= hi:
                             under.append((c, t))
@@ -419,15 +434,16 @@ def _adjust(cm: CostModel, schedule: list[int], hi: float, close: float) -> list
     return s
 
 
-def _fit(cm: CostModel, weights: list[float], hi: float, close: float) -> list[int] | None:
+def _fit(cm: CostModel, weights: list[float], hi: float, close: float,
+         pinned: frozenset = frozenset()) -> list[int] | None:
     """Scale a shape to the least merging that meets ``hi`` FLOPs, then adjust block by block."""
-    if not any(w > 0 for w in weights):
+    if not any(w > 0 for i, w in enumerate(weights) if i not in pinned):
         return None
 
     def sched(alpha: float) -> list[int]:
-        return cm.clamp([int(math.floor(alpha * w + 1e-9)) for w in weights])
+        return _pin(cm, [int(math.floor(alpha * w + 1e-9)) for w in weights], pinned)
 
-    top = (cm.tokens + 1) / min(w for w in weights if w > 0)
+    top = (cm.tokens + 1) / min(w for i, w in enumerate(weights) if w > 0 and i not in pinned)
     if cm.flops(sched(top)) > hi:
         return None  # this shape cannot reach the budget
     lo = 0.0
@@ -437,7 +453,7 @@ def _fit(cm: CostModel, weights: list[float], hi: float, close: float) -> list[i
             top = mid
         else:
             lo = mid
-    return _adjust(cm, sched(top), hi, close)
+    return _adjust(cm, sched(top), hi, close, pinned)
 
 
 def _features(out: Any) -> list[torch.Tensor]:
@@ -481,14 +497,33 @@ class _Calibration:
     def drift(self, schedule: list[int]) -> float:
         return output_drift(self.reference, self.output(schedule))
 
+    def free_blocks(self) -> frozenset:
+        """Trailing blocks where merging the most leaves the calibration outputs unchanged.
 
-def search(cm: CostModel, budget: float, strategy: str = "auto") -> tuple[list[int], float | None]:
-    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees."""
+        E.g. the last block of a class-token ViT: its merge only shrinks the MLP over tokens
+        the head never reads. Walks back from the last block and stops at the first block
+        whose merge moves the output (drift above float rounding).
+        """
+        free = set()
+        for i in reversed(range(self.cm.num_blocks)):
+            alone = [0] * self.cm.num_blocks
+            alone[i] = _MOST
+            alone = self.cm.clamp(alone)
+            if alone[i] == 0 or self.drift(alone) > _ROUNDING:
+                break
+            free.add(i)
+        return frozenset(free)
+
+
+def candidates(cm: CostModel, budget: float, strategy: str = "auto",
+               notes: list | None = None, calib: _Calibration | None = None) -> dict[str, list[int]]:
+    """The schedules ``search`` chooses among for a budget < 1, by name, in the FLOP window.
+
+    ``notes``, if given, receives a line per fact the search used (free blocks).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     num = cm.num_blocks
-    if budget >= 1.0:
-        return [0] * num, 0.0
     orig = cm.flops_original
     hi = budget * orig
     floor = cm.flops(cm.max_schedule())
@@ -500,10 +535,20 @@ def search(cm: CostModel, budget: float, strategy: str = "auto") -> tuple[list[i
     close = (budget - _CLOSE) * orig
     shapes = _shapes(num)
     names = list(shapes) if strategy == "auto" else [strategy]
+    pinned = (calib or _Calibration(cm)).free_blocks() if strategy == "auto" else frozenset()
+    if pinned and notes is not None:
+        notes.append(f"auto: merging in block(s) {', '.join(map(str, sorted(pinned)))} leaves the "
+                     f"calibration outputs unchanged, so every schedule merges the most there")
     fits = {}
     for name in names:
-        s = _fit(cm, shapes[name], hi, close)
-        fits[name] = s if s is not None else _adjust(cm, cm.max_schedule(), hi, close)
+        s = _fit(cm, shapes[name], hi, close, pinned)
+        fits[name] = s if s is not None else _adjust(cm, cm.max_schedule(), hi, close, pinned)
+    if pinned:  # the free merges alone, trimmed (or topped up) to the budget
+        fits["free-first"] = _adjust(cm, _pin(cm, [0] * num, pinned), hi, close)
+        for name in ("constant", "decreasing"):  # unpinned too: auto never loses to these
+            s = _fit(cm, shapes[name], hi, close)
+            if s is not None:
+                fits[name + " (unpinned)"] = s
     in_window = lambda s: cm.flops(s) >= (budget - TOLERANCE) * orig  # noqa: E731
     if not any(in_window(s) for s in fits.values()):  # keep the >= b - 0.01 guarantee
         for name in _shapes(num):
@@ -512,12 +557,27 @@ def search(cm: CostModel, budget: float, strategy: str = "auto") -> tuple[list[i
                 if s is not None and in_window(s):
                     fits[name] = s
                     break
-    choices = [s for s in fits.values() if in_window(s)] or list(fits.values())
-    unique = []
-    for s in choices:
-        if s not in unique:
-            unique.append(s)
+    if any(in_window(s) for s in fits.values()):
+        fits = {k: s for k, s in fits.items() if in_window(s)}
+    unique: dict[str, list[int]] = {}
+    for name, s in fits.items():
+        if s not in unique.values():
+            unique[name] = s
+    return unique
+
+
+def search(cm: CostModel, budget: float, strategy: str = "auto",
+           notes: list | None = None) -> tuple[list[int], float | None]:
+    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees.
+
+    Ties in drift go to the schedule with more FLOPs (closer to the budget).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if budget >= 1.0:
+        return [0] * cm.num_blocks, 0.0
     calib = _Calibration(cm)
+    unique = list(candidates(cm, budget, strategy, notes, calib).values())
     if len(unique) == 1:
         return unique[0], calib.drift(unique[0])
     scored = [(calib.drift(s), -cm.flops(s), s) for s in unique]
@@ -526,7 +586,7 @@ def search(cm: CostModel, budget: float, strategy: str = "auto") -> tuple[list[i
 
 
 def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
-            strategy: str | None = None, drift: float | None = None) -> Plan:
+            strategy: str | None = None, drift: float | None = None, notes=()) -> Plan:
     """The Plan for a schedule: the max-merge rewrite's sites, with this schedule's numbers."""
     r = cm.clamp(schedule)
     t = cm.token_counts(r)
@@ -538,7 +598,8 @@ def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
     )
     return dataclasses.replace(cm.base_plan, blocks=rows, flops=cm.flops(r),
                                flops_original=cm.flops_original, budget=budget,
-                               strategy=strategy, drift=drift)
+                               strategy=strategy, drift=drift,
+                               notes=cm.base_plan.notes + tuple(notes))
 
 
 def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
@@ -559,7 +620,10 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
     * ``"auto"`` (default): a family of schedules (constant; decreasing/increasing ramps of two
       slopes; front- and back-loaded; merging only after the first quarter/half; only in the
       first half; peaked in the middle), each fitted to the budget, and the one with the least
-      **output drift** wins. Output drift is the fidelity proxy: the mean over the calibration
+      **output drift** wins. Trailing blocks whose merge leaves the calibration outputs
+      unchanged (the last block of a class-token model: the head never reads the tokens its MLP
+      would process) are *free*: every shape merges the most there, so the FLOPs they save are
+      not taken from blocks that matter (``Plan.notes`` names them). Output drift is the fidelity proxy: the mean over the calibration
       samples of the cosine distance ``1 - cos(f, f_r)`` between the unmerged model's output
       ``f`` and the merged model's ``f_r`` (token dimensions that merging shortens are averaged
       out). Pass real inputs as ``example_inputs`` for a meaningful proxy; random inputs only
@@ -576,8 +640,9 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
 
         example_inputs = default_inputs(model)
     cm = CostModel.build(model, example_inputs, prop_attn)
-    schedule, drift = search(cm, b, strategy)
-    return to_plan(cm, schedule, b, strategy, drift)
+    notes: list[str] = []
+    schedule, drift = search(cm, b, strategy, notes)
+    return to_plan(cm, schedule, b, strategy, drift, notes)
 
 
 def rewrite_for_budget(model: nn.Module, flops_budget: float, example_inputs: Any = None,
