@@ -123,3 +123,18 @@ def test_minilm_small(tmp_path, monkeypatch):
     assert row["status"] == "ok", row["status"]
     assert 0.74 <= row["ratio"] <= 0.75
     assert row["mean_cosine"] >= 0.9 and row["nn_agreement"] >= 0.5
+
+
+@needs_shared
+def test_heldout_schedules_small(tmp_path):
+    import heldout_schedules
+
+    result = heldout_schedules.main(["--heldout", "100", "--budgets", "0.8", "--calib", "32",
+                                     "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert sum(r["auto"] for r in rows) == 1 and sum(r["constant"] for r in rows) == 1
+    assert all(0.79 <= r["ratio"] <= 0.8 for r in rows)
+    auto = next(r for r in rows if r["auto"])
+    assert auto["drift"] == pytest.approx(min(r["drift"] for r in rows), rel=1e-9)  # auto's criterion
+    assert auto["r"][-1] > 0  # the free last block merges
+    assert (tmp_path / "heldout_schedules.md").read_text().count("| 0.8 |") == len(rows)
