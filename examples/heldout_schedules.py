@@ -44,20 +44,19 @@ def run(args) -> dict:
     x = cv.normalize(x_u8)
     original = cv.predict(model, x)
     cm = cost.CostModel.build(model, (calib,), True)
-    cal = cost._Calibration(cm)
     rows = []
     for budget in args.budgets:
-        picked, _ = cost.search(cm, budget, "auto")
-        constant, _ = cost.search(cm, budget, "constant")
-        cands = cost.candidates(cm, budget, "auto", calib=cal)
-        if constant not in cands.values():
-            cands["constant (strategy)"] = constant
+        cands = cost.scored_candidates(cm, budget, "auto")  # what search("auto") picks from
+        picked, _ = cost.best(cm, cands)
+        constant, constant_drift = cost.search(cm, budget, "constant")
+        if constant not in [sched for sched, _ in cands.values()]:
+            cands["constant (strategy)"] = (constant, constant_drift)
         bar = cv.Progress(len(cands), f"b={budget}: {len(cands)} schedules")
-        for name, sched in cands.items():
+        for name, (sched, drift) in cands.items():
             gm = rewrite(model, lambda n, s=sched: list(s) + [0] * (n - len(s)), (calib,)).graph_module
             pred = cv.predict(gm, x)
             rows.append(dict(budget=budget, name=name, r=list(sched),
-                             ratio=cm.flops(sched) / cm.flops_original, drift=cal.drift(sched),
+                             ratio=cm.flops(sched) / cm.flops_original, drift=drift,
                              accuracy=100 * float((pred == y).float().mean()),
                              agreement=100 * float((pred == original).float().mean()),
                              auto=sched == picked, constant=sched == constant))

@@ -566,23 +566,27 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
     return unique
 
 
+def scored_candidates(cm: CostModel, budget: float, strategy: str = "auto",
+                      notes: list | None = None) -> dict[str, tuple[list[int], float]]:
+    """``candidates`` with each schedule's calibration drift: name -> (schedule, drift)."""
+    calib = _Calibration(cm)
+    return {name: (s, calib.drift(s))
+            for name, s in candidates(cm, budget, strategy, notes, calib).items()}
+
+
+def best(cm: CostModel, scored: dict[str, tuple[list[int], float]]) -> tuple[list[int], float]:
+    """The least-drift (schedule, drift) of ``scored``; ties go to more FLOPs (closer to the budget)."""
+    return min(scored.values(), key=lambda sd: (sd[1], -cm.flops(sd[0])))
+
+
 def search(cm: CostModel, budget: float, strategy: str = "auto",
            notes: list | None = None) -> tuple[list[int], float | None]:
-    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees.
-
-    Ties in drift go to the schedule with more FLOPs (closer to the budget).
-    """
+    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if budget >= 1.0:
         return [0] * cm.num_blocks, 0.0
-    calib = _Calibration(cm)
-    unique = list(candidates(cm, budget, strategy, notes, calib).values())
-    if len(unique) == 1:
-        return unique[0], calib.drift(unique[0])
-    scored = [(calib.drift(s), -cm.flops(s), s) for s in unique]
-    drift, _, best = min(scored, key=lambda x: (x[0], x[1]))
-    return best, drift
+    return best(cm, scored_candidates(cm, budget, strategy, notes))
 
 
 def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
