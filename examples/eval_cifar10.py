@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,7 +126,8 @@ def run(args) -> dict:
             row = dict(method=method.name, budget=budget, ratio=plan.ratio, r=list(plan.r),
                        accuracy=_pct(cache[key], y), agreement=_pct(cache[key], orig),
                        strategy=plan.strategy, drift=plan.drift,
-                       build_s=time.perf_counter() - t0)
+                       build_s=time.perf_counter() - t0,
+                       right=_bits(cache[key] == y))
             if not args.no_throughput:
                 row["images_per_s"] = throughput(module, tp_batch, args.reps)
             rows.append(row)
@@ -138,6 +140,38 @@ def run(args) -> dict:
         or platform.machine(), throughput_batch=len(tp_batch), throughput_reps=args.reps,
         command=" ".join(["python", "examples/eval_cifar10.py", *sys.argv[1:]]), rows=rows,
     )
+
+
+def _bits(mask: torch.Tensor) -> str:
+    """A bool per test image, packed as hex (which images a method gets right)."""
+    return np.packbits(mask.numpy()).tobytes().hex()
+
+
+def _unbits(text: str, n: int) -> set:
+    return set(np.flatnonzero(np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8))[:n]))
+
+
+def paired(result: dict, a: str = "auto (default)", b: str = "constant") -> str:
+    """Method ``a`` vs ``b`` on the same test images, per budget: how many images only one of
+    them gets right, and the two-sided exact McNemar p-value (whether the accuracy difference
+    could be the luck of which changed predictions land on a correct label)."""
+    from math import comb
+
+    n = result["test_images"]
+    right = {(r["method"], r["budget"]): _unbits(r["right"], n) for r in result["rows"]
+             if "right" in r}
+    lines = [f"| budget | only {a} right | only {b} right | difference (points) | McNemar p |",
+             "|---|---|---|---|---|"]
+    for budget in sorted({k[1] for k in right}, reverse=True):
+        if (a, budget) not in right or (b, budget) not in right:
+            continue
+        ra, rb = right[(a, budget)], right[(b, budget)]
+        only_a, only_b = len(ra - rb), len(rb - ra)
+        k, m = min(only_a, only_b), only_a + only_b
+        p = min(1.0, 2 * sum(comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+        lines.append(f"| {budget:g} | {only_a} | {only_b} | {100 * (only_a - only_b) / n:+.2f} | "
+                     f"{p:.2f} |")
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -232,6 +266,8 @@ def main(argv=None):
     if not args.render:
         (args.out / "cifar10_eval.json").write_text(json.dumps(result, indent=1))
     md = table(result)
+    if any("right" in r for r in result["rows"]):
+        md += "\n\nPaired, default vs constant (same test images):\n\n" + paired(result)
     (args.out / "cifar10_eval.md").write_text(md + "\n")
     plot(result, args.out / "cifar10_eval.png")
     if args.eval_md:

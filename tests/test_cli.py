@@ -190,7 +190,9 @@ def test_huggingface_directory(tmp_path):
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["model_class"] == "ViTForImageClassification"
-    assert [(b["tokens_in"], b["tokens_out"]) for b in data["blocks"]] == [(17, 15), (15, 13)]
+    # the classifier reads the class token only: the last block computes only it (drop.py)
+    assert [(b["tokens_in"], b["tokens_out"]) for b in data["blocks"]] == [(17, 15), (15, 1)]
+    assert data["rewrites"]["drop_unread"] == 1
     assert data["protected_tokens"] == 1 and data["fidelity"]["top1_agreement"] is not None
 
 

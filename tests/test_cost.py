@@ -215,15 +215,38 @@ def test_auto_at_least_as_faithful_as_constant():
 def test_auto_merges_most_in_free_last_block():
     # The head reads only the class token, so the last block's merge (before its MLP) cannot
     # move the output: auto must spend it fully there and say so; constant stays the paper's.
+    # (With unread tokens dropped, the default, that merge is gone: see the test below.)
     model, x, _ = _cifar()
-    plan = tome_fx.plan(model, flops_budget=0.9, example_inputs=x)
+    plan = tome_fx.plan(model, flops_budget=0.9, example_inputs=x, drop=False)
     last = plan.blocks[-1]
     assert last.r == ops.merge_limit(last.tokens_in, plan.protected) > 0
     assert any("block(s) 5 leaves the calibration outputs unchanged" in n for n in plan.notes)
     assert 0.89 <= plan.ratio <= 0.9
-    const = tome_fx.plan(model, flops_budget=0.9, example_inputs=x, strategy="constant")
+    const = tome_fx.plan(model, flops_budget=0.9, example_inputs=x, strategy="constant", drop=False)
     assert not any("unchanged" in n for n in const.notes)
     assert max(const.r) - min(const.r) <= 2  # no block singled out
+
+
+def test_dropping_unread_tokens_counts_against_the_original():
+    # The CIFAR ViT's head reads the class token only: its last block computes only that token
+    # after attention. The budget stays a fraction of the *original* FLOPs (FlopCounterMode on
+    # the user's model), and the closed form matches the dropped graph's measured FLOPs.
+    model, x, _ = _cifar()
+    cm = CostModel.build(model, x)
+    assert cm.flops_original == _counted(model, x, grad=True)
+    assert cm.enabled[-1] is False  # no merge in the dropping block
+    dropped_only = cm.flops([0] * cm.num_blocks)
+    assert dropped_only < 0.9 * cm.flops_original
+    fast = tome_fx.optimize(model, r=0, example_inputs=x)
+    assert _counted(fast, x) == dropped_only
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*x), model(*x), atol=1e-5, rtol=1e-5)
+    plan = tome_fx.plan(model, flops_budget=0.8, example_inputs=x)
+    last = plan.blocks[-1]
+    assert (last.r, last.tokens_out, last.dropped) == (0, 1, last.tokens_in - 1)
+    assert any("only the 1 protected token(s)" in n for n in plan.notes)
+    assert not any("unchanged" in n for n in plan.notes)  # no free merges left to find
+    assert 0.79 <= plan.ratio <= 0.8
 
 
 def test_no_free_block_with_average_pooling():

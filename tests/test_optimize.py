@@ -74,17 +74,25 @@ def test_merging_is_sane(name):
     nblocks = len(plan.blocks)
     assert plan.protected == prefix
     assert plan.skipped == ()
-    assert plan.r == [4] * nblocks
-    # every block merges; every block after the first gets the proportional-attention bias
-    assert fast.tome_counts == {"merges": nblocks, "size_bias": nblocks - 1,
-                                "weighted_pool": fast.tome_counts["weighted_pool"], "mask_follow": 0}
+    # In this zoo every model with protected tokens reads only those (a class-token head): the
+    # last block computes only them after its attention and merges nothing (passes/drop.py).
+    drops = int(prefix > 0)
+    merges = nblocks - drops
+    assert plan.r == [4] * merges + [0] * drops
+    last = plan.blocks[-1]
+    assert last.tokens_out == (prefix if drops else last.tokens_in - 4)
+    assert last.dropped == (last.tokens_in - prefix if drops else 0)
+    # every block after the first gets the proportional-attention bias
+    assert fast.tome_counts == {"merges": merges, "size_bias": nblocks - 1,
+                                "weighted_pool": fast.tome_counts["weighted_pool"], "mask_follow": 0,
+                                "drop_unread": drops}
     for a, b in zip(plan.blocks, plan.blocks[1:]):
         assert b.tokens_in == a.tokens_out == a.tokens_in - 4
     rec = SizeRecorder(fast)
     with torch.no_grad():
         y = rec.run(x)
     assert torch.isfinite(y).all()
-    assert len(rec.sizes) == nblocks
+    assert len(rec.sizes) == merges
     n0 = plan.blocks[0].tokens_in
     for s in rec.sizes:
         assert (s[:, :prefix] == 1).all()  # protected tokens never merge
@@ -213,7 +221,11 @@ def test_r_forms():
     assert tome_fx.optimize(model, r=[3, 2], example_inputs=(x,)).tome.r == [3, 2, 0, 0]
     assert tome_fx.optimize(model, r=(4, -1), example_inputs=(x,)).tome.r == [8, 5, 2, 0]
     # r larger than the limit is clamped to (N - protected) // 2 per block
-    assert tome_fx.optimize(model, r=100, example_inputs=(x,)).tome.r == [16, 8, 4, 2]
+    forms = dict(example_inputs=(x,), drop_unread=False)
+    assert tome_fx.optimize(model, r=100, **forms).tome.r == [16, 8, 4, 2]
+    # the last block of this class-token model computes only its class token after attention
+    plan = tome_fx.optimize(model, r=100, example_inputs=(x,)).tome
+    assert plan.r == [16, 8, 4, 0] and plan.blocks[-1].dropped == 34 - 16 - 8 - 4 - 1
 
 
 @pytest.mark.parametrize("bad, exc, text", [
@@ -282,7 +294,8 @@ def test_multihead_attention_called_directly():
     x = torch.randn(3, 21, 32)
     r0 = tome_fx.optimize(model, r=0, example_inputs=(x,))
     fast = tome_fx.optimize(model, r=3, example_inputs=(x,))
-    assert fast.tome_counts == {"merges": 2, "size_bias": 1, "weighted_pool": 1, "mask_follow": 0}
+    assert fast.tome_counts == {"merges": 2, "size_bias": 1, "weighted_pool": 1, "mask_follow": 0,
+                                "drop_unread": 0}  # mean pooling reads every token
     assert [b.kind for b in fast.tome.blocks] == ["softmax", "softmax"]  # need_weights=True path
     with torch.no_grad():
         assert (r0(x) - model(x)).abs().max() <= 1e-5

@@ -17,6 +17,7 @@ from .errors import NoAttentionError
 from .match import Matches, find_blocks
 from .export_capture import exported_inputs, is_exported_program
 from .passes import add_size_bias, check_token_flow, insert_merges, repair_shapes, weight_pooling
+from .passes.drop import check_drop, drop_unread
 from .passes.follow import follow_side_tensors
 from .plans import BlockPlan, Plan, Skipped
 from .schedule import parse_r
@@ -87,10 +88,12 @@ def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str], front
     merged = {s.block: s for s in sites}
     rows = []
     for b in matches.blocks:
-        n_in = shapes[b.merge_at][b.token_dim]
+        n_in = shapes[b.stream_in][b.token_dim]
         site = merged.get(b.index)
-        n_out = shapes[site.x][b.token_dim] if site else n_in
-        rows.append(BlockPlan(b.index, b.name, b.core.kind, b.norm, n_in, n_in - n_out, n_out))
+        n_out = shapes[site.x if site else b.merge_at][b.token_dim]  # fewer: dropped (drop.py)
+        r = n_in - shapes[site.x][b.token_dim] if site else 0
+        rows.append(BlockPlan(b.index, b.name, b.core.kind, b.norm, n_in, r, n_out,
+                              dropped=n_in - r - n_out))
     skipped = [Skipped(r.site, r.reason) for r in matches.refusals]
     skipped += [Skipped(matches.blocks[i].name, why) for i, why in sorted(disabled.items())]
     return Plan(tuple(rows), matches.prefix, tuple(skipped), frontend=frontend, notes=notes)
@@ -119,16 +122,40 @@ def _protect_reads(reads: set, matches: Matches) -> int:
     return want
 
 
-def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool = True) -> Rewrite:
+def _drop_last(gm, matches: Matches, shapes, cap):
+    """Drop the tokens the output never reads after the last attention (``passes.drop``):
+    (Drop, None) if done and verified, else (None, reason). Updates ``matches`` and ``shapes``."""
+    last = matches.blocks[-1]
+    done = drop_unread(gm, last, matches.prefix)
+    if done.info is None:
+        return None, done.notes[0]
+    why = check_drop(gm, done.info, matches.prefix, cap.args, cap.kwargs)
+    if why:
+        return None, why
+    drop = done.info
+    matches.blocks[-1] = drop.block
+    matches.cores = [drop.block.core if c.anchor is last.core.anchor else c for c in matches.cores]
+    for old, new in drop.copies.items():  # copies have the ndim of their originals
+        if old in shapes:
+            shapes[new] = shapes[old]
+    return drop, None
+
+
+def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool = True,
+            drop: bool = True) -> Rewrite:
     """Capture, match and rewrite. ``schedule_fn(num_blocks) -> list[int]`` gives r per block.
 
     Merges whose tokens would reach an op that merging makes wrong are switched off, and the
     rewrite repeated, until every consumer of merged tokens is one the merge keeps exact.
+    ``drop``: after the last attention, compute only the protected tokens the output reads
+    (``passes.drop``; exact, verified, skipped where it does not apply). The last block's merge
+    is then pointless and not inserted.
     """
     if example_inputs is None:
         example_inputs = default_inputs(model)
     disabled: dict[int, str] = {}
     protect = 0  # leading tokens the graph reads by position (grown from the token-flow check)
+    dropping, dropped = drop, None
     captured = capture(model, example_inputs)
     while True:  # each round rewrites a fresh copy of the one capture
         cap = dataclasses.replace(captured, graph_module=copy.deepcopy(captured.graph_module))
@@ -140,10 +167,18 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         matches.prefix = max(matches.prefix, protect)
         schedule = schedule_fn(len(matches.blocks))
         enabled = {b.index for b in matches.blocks} - set(disabled)
+        dropping = dropping and bool(matches.blocks) and matches.prefix >= 1
+        if dropping:
+            enabled.discard(matches.blocks[-1].index)
         merged = insert_merges(gm, matches.blocks, schedule, matches.prefix, enabled)
         sites = merged.info
         followed = _follow(gm, matches, sites, shapes, cap)
         fixed = repair_shapes(gm, sites, cap.args, cap.kwargs)  # baked token counts (export)
+        if dropping:
+            dropped, _ = _drop_last(gm, matches, shapes, cap)
+            if dropped is None:  # not applicable here: redo the round with the last merge
+                dropping = False
+                continue
         biased = add_size_bias(gm, matches.cores, sites, shapes) if prop_attn else None
         core_nodes = set().union(*(c.nodes for c in matches.cores))
         r_of = {s.merge: s.merge.args[3] for s in sites}
@@ -166,6 +201,11 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
             disabled[i] = f"merged tokens would reach {node.name}: {reason}"
     pooled = weight_pooling(gm, flow.pools)
     notes = list(cap.notes)
+    if dropped is not None:
+        b = dropped.block
+        notes.append(f"block {b.index}: after its attention only the {matches.prefix} protected "
+                     "token(s) the output reads are computed (the other tokens' query rows, "
+                     "output projection and MLP are dropped; exact)")
     if flow.token_outputs and sites:
         notes.append("the model's output keeps a token dimension; it holds merged tokens")
     plan = _block_plan(matches, sites, flow.shapes, disabled, cap.frontend, tuple(notes))
@@ -174,6 +214,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         "size_bias": biased.count if biased else 0,
         "weighted_pool": pooled.count,
         "mask_follow": followed.count,
+        "drop_unread": int(dropped is not None),
     }
     if cap.frontend == "export":
         counts["shape_repairs"] = fixed.count
@@ -191,6 +232,7 @@ def optimize(
     compile: bool | dict = False,
     strategy: str = "auto",
     method: str = "tome",
+    drop_unread: bool = True,
     **tomato: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
@@ -202,6 +244,9 @@ def optimize(
     ``torch.compile(fullgraph=True)``; see ``tome_fx.compiling``.
     ``method="tomato"`` merges once instead (``sim_threshold``, ``similarity``, ``block``,
     ``grid``: see ``tome_fx.tomato_api.rewrite_tomato``).
+    ``drop_unread``: after the last attention, compute only the protected tokens the output
+    reads (a class-token head): exact, verified on the example inputs, skipped where it does not
+    apply; the last block then merges nothing (``Plan`` shows the tokens as ``dropped``).
     """
     compile_options(compile)  # TypeError before the (slow) rewrite
     if method == "tomato":
@@ -227,9 +272,10 @@ def optimize(
         if example_inputs is None:
             example_inputs = default_inputs(model)
         with reuse_captures():  # the cost model and the final rewrite share one capture
-            result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn, strategy)
+            result = rewrite_for_budget(model, flops_budget, example_inputs, prop_attn, strategy,
+                                        drop_unread)
     else:
-        result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn)
+        result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn, drop_unread)
     return _finish(result, compile)
 
 
@@ -241,8 +287,9 @@ def _finish(result: Rewrite, compile: bool | dict) -> nn.Module:
     return out
 
 
-def explain(model: nn.Module, example_inputs: Any = None, r: Any = 1) -> Plan:
+def explain(model: nn.Module, example_inputs: Any = None, r: Any = 1,
+            drop_unread: bool = True) -> Plan:
     """What tome_fx finds in ``model``: blocks, protected tokens, skipped sites with reasons."""
     if example_inputs is None:
         example_inputs = default_inputs(model)
-    return rewrite(model, lambda n: parse_r(r, n), example_inputs).plan
+    return rewrite(model, lambda n: parse_r(r, n), example_inputs, drop=drop_unread).plan

@@ -187,6 +187,9 @@ class CostModel:
     # Padding-mask groups limit merges by the data (tokens merge only within their group): the
     # most each block merged at the max schedule on the example inputs caps it.
     caps: tuple[int, ...] = ()
+    # FLOPs of the model without merging or dropping, when the rewrite drops unread tokens
+    # (tome_fx.passes.drop: then r = 0 everywhere is already cheaper than the original)
+    original: tuple[list[float], float] | None = None  # (FLOPs per block, outside blocks)
 
     @property
     def num_blocks(self) -> int:
@@ -238,18 +241,24 @@ class CostModel:
 
     @property
     def flops_original(self) -> int:
-        return self.flops([0] * self.num_blocks)
+        per_block, outside = self.breakdown_original()
+        return int(round(sum(per_block) + outside))
+
+    def breakdown_original(self) -> tuple[list[float], float]:
+        """``breakdown`` of the model as given: no merges, no tokens dropped."""
+        return self.original if self.original is not None else self.breakdown([0] * self.num_blocks)
 
     def max_schedule(self) -> list[int]:
         return self.clamp([BIG_R] * self.num_blocks)
 
     @classmethod
-    def build(cls, model: nn.Module, example_inputs=None, prop_attn: bool = True) -> "CostModel":
+    def build(cls, model: nn.Module, example_inputs=None, prop_attn: bool = True,
+              drop: bool = True) -> "CostModel":
         from .api import default_inputs, rewrite
 
         if example_inputs is None:
             example_inputs = default_inputs(model)
-        rw = rewrite(model, lambda n: [BIG_R] * n, example_inputs, prop_attn)
+        rw = rewrite(model, lambda n: [BIG_R] * n, example_inputs, prop_attn, drop)
         gm, base = rw.graph_module, rw.plan
         inputs = normalize_inputs(example_inputs)
         merge_nodes = {}
@@ -278,6 +287,17 @@ class CostModel:
         model_.heads = _heads(gm, num)
         owners = _owners(gm, rw.blocks)
         model_.terms = _fit_terms(gm, run0.flops, run1.flops, tokens, t1, owners, model_.irregular)
+        if rw.counts.get("drop_unread"):
+            plain = rewrite(model, lambda n: [0] * n, example_inputs, prop_attn, drop=False)
+            flops = _run(plain.graph_module, inputs, {}).flops
+            owner = _owners(plain.graph_module, plain.blocks)
+            per_block, outside = [0.0] * num, 0.0
+            for n, f in flops.items():
+                if owner[n] < 0:
+                    outside += f
+                else:
+                    per_block[owner[n]] += f
+            model_.original = (per_block, outside)
         return model_
 
 
@@ -595,8 +615,10 @@ def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
     r = cm.clamp(schedule)
     t = cm.token_counts(r)
     per_block, _ = cm.breakdown(r)
-    rows = tuple(
-        dataclasses.replace(b, r=r[i], tokens_in=t[i], tokens_out=t[i + 1],
+    rows = tuple(  # a block that drops unread tokens keeps the protected ones
+        dataclasses.replace(b, r=r[i], tokens_in=t[i],
+                            tokens_out=cm.prefix if b.dropped else t[i + 1],
+                            dropped=t[i + 1] - cm.prefix if b.dropped else 0,
                             flops=int(round(per_block[i])))
         for i, b in enumerate(cm.base_plan.blocks)
     )
@@ -607,14 +629,15 @@ def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
 
 
 def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
-         strategy: str = "auto", prop_attn: bool = True) -> Plan:
+         strategy: str = "auto", prop_attn: bool = True, drop: bool = True) -> Plan:
     """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's.
 
     ``example_inputs`` set the token count (and serve as calibration inputs); without them the
     model's declared input size is used (timm ``pretrained_cfg``, a config's ``image_size``).
     FLOPs come from ``CostModel`` (2 per multiply-add, as ``FlopCounterMode``), for the example
     inputs' batch. Guarantees: achieved ratio <= b, and >= b - 0.01 whenever an integer schedule
-    gets there; ``b = 1`` merges nothing; ``b`` below the smallest reachable ratio (the most
+    gets there (dropping unread tokens, see ``optimize(drop_unread=)``, can leave the ratio
+    lower with no merging at all); ``b = 1`` merges nothing; ``b`` below the smallest reachable ratio (the most
     merging every block allows) raises ValueError naming that ratio.
 
     Strategies (each is scaled to the budget, then adjusted block by block to land just below it):
@@ -643,22 +666,22 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
         from .api import default_inputs
 
         example_inputs = default_inputs(model)
-    cm = CostModel.build(model, example_inputs, prop_attn)
+    cm = CostModel.build(model, example_inputs, prop_attn, drop)
     notes: list[str] = []
     schedule, drift = search(cm, b, strategy, notes)
     return to_plan(cm, schedule, b, strategy, drift, notes)
 
 
 def rewrite_for_budget(model: nn.Module, flops_budget: float, example_inputs: Any = None,
-                       prop_attn: bool = True, strategy: str = "auto"):
+                       prop_attn: bool = True, strategy: str = "auto", drop: bool = True):
     """``rewrite`` with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
     from .api import default_inputs, rewrite
 
     if example_inputs is None:
         example_inputs = default_inputs(model)
-    chosen = plan(model, flops_budget, example_inputs, strategy, prop_attn)
+    chosen = plan(model, flops_budget, example_inputs, strategy, prop_attn, drop)
     result = rewrite(model, lambda n: list(chosen.r) + [0] * (n - len(chosen.r)),
-                     example_inputs, prop_attn)
+                     example_inputs, prop_attn, drop)
     if result.plan.r == chosen.r:
         result.plan = chosen
         result.graph_module.tome = chosen

@@ -16,6 +16,9 @@ class BlockPlan:
     r: int  # merges actually applied (after clamping to the block's limit)
     tokens_out: int
     flops: int | None = None  # the block's FLOPs incl. its merge (cost model), else None
+    # tokens not computed after this block's attention because the output never reads them
+    # (tome_fx.passes.drop); tokens_out = tokens_in - r - dropped
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,16 @@ class Plan:
 
     def table(self, fmt: str = "simple") -> str:
         with_flops = any(b.flops is not None for b in self.blocks)
+        with_drop = any(b.dropped for b in self.blocks)
         rows = []
         for b in self.blocks:
-            row = [b.index, b.site, b.kind, b.norm, b.tokens_in, b.r, b.tokens_out]
+            row = [b.index, b.site, b.kind, b.norm, b.tokens_in, b.r]
+            row += [b.dropped, b.tokens_out] if with_drop else [b.tokens_out]
             if with_flops:
                 row.append(None if b.flops is None else b.flops / 1e6)
             rows.append(row)
-        head = ["block", "attention", "kind", "norm", "tokens in", "r", "tokens out"]
+        head = ["block", "attention", "kind", "norm", "tokens in", "r"]
+        head += ["dropped", "tokens out"] if with_drop else ["tokens out"]
         if with_flops:
             head.append("MFLOPs")
         return tabulate(rows, headers=head, tablefmt=fmt, floatfmt=".1f")

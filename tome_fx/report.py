@@ -69,7 +69,7 @@ def build(target: Any, model: nn.Module, inputs: tuple, *, r: Any = None,
     plan = cost.to_plan(cm, rw.plan.r, flops_budget,
                         strategy if flops_budget is not None else None, drift)
     fast.tome, fast.tome_counts = plan, rw.counts
-    before, outside_before = cm.breakdown([0] * cm.num_blocks)
+    before, outside_before = cm.breakdown_original()
     after, outside_after = cm.breakdown(plan.r)
     with torch.no_grad():
         ref, out = model(*inputs), fast(*inputs)

@@ -113,7 +113,7 @@ def flops_curve(model, example_inputs=None, *, similarity="attention", block=0, 
     site = _Site(model, example_inputs, block, grid, similarity)
     if site.reason is not None:
         raise ValueError(f"ToMato cannot merge this model: {site.reason}")
-    cm = CostModel.build(model, example_inputs, prop_attn)
+    cm = CostModel.build(model, example_inputs, prop_attn, drop=False)  # ToMato keeps every token
     return _flops_curve(cm, site), cm.flops_original
 
 
@@ -122,7 +122,7 @@ def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_att
     from .cost import CostModel, check_budget
 
     b = check_budget(flops_budget)
-    cm = CostModel.build(model, example_inputs, prop_attn)
+    cm = CostModel.build(model, example_inputs, prop_attn, drop=False)  # ToMato keeps every token
     flops = _flops_curve(cm, site)
     n0, orig = cm.tokens, cm.flops_original
     for n_after in range(n0, cm.prefix, -1):
