@@ -91,7 +91,7 @@ def _block_plan(matches: Matches, sites, shapes, disabled: dict[int, str], front
         n_in = shapes[b.stream_in][b.token_dim]
         site = merged.get(b.index)
         n_out = shapes[site.x if site else b.merge_at][b.token_dim]  # fewer: dropped (drop.py)
-        r = n_in - shapes[site.x][b.token_dim] if site else 0
+        r = n_in - n_out if site else 0
         rows.append(BlockPlan(b.index, b.name, b.core.kind, b.norm, n_in, r, n_out,
                               dropped=n_in - r - n_out))
     skipped = [Skipped(r.site, r.reason) for r in matches.refusals]

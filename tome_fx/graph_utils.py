@@ -93,6 +93,14 @@ def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def set_arg(node: Node, index: int, name: str, value: Any) -> None:
+    """Set a call's argument where it was passed: by position if it was, else by keyword."""
+    if len(node.args) > index:
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
 def node_inputs(node: Node) -> list[Node]:
     return list(node.all_input_nodes)
 

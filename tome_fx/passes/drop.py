@@ -68,13 +68,6 @@ def _value_args(core: Core) -> list[tuple[Node, int, str]]:
     return [(qk, 1, "other"), (core.out, 1, "other")]
 
 
-def _set_arg(node: Node, pos: int, name: str, value) -> None:
-    if len(node.args) > pos:
-        node.update_arg(pos, value)
-    else:
-        node.update_kwarg(name, value)
-
-
 def drop_unread(gm: fx.GraphModule, block: Block, prefix: int) -> PassResult:
     """Narrow the last block's queries and residual to the first ``prefix`` tokens.
 
@@ -96,7 +89,7 @@ def drop_unread(gm: fx.GraphModule, block: Block, prefix: int) -> PassResult:
         for n in branch:
             env[n] = graph.node_copy(n, lambda a: env.get(a, a))
     for n, pos, name in _value_args(core):
-        _set_arg(env[n], pos, name, gu.arg(n, pos, name))
+        gu.set_arg(env[n], pos, name, gu.arg(n, pos, name))
     new_add = env[block.attn_add]
     for u in list(block.attn_add.users):
         if u is not new_add:
@@ -160,11 +153,10 @@ def check_drop(gm: fx.GraphModule, drop: Drop, prefix: int, args, kwargs) -> str
         tokens = shapes_a[drop.block.stream_in][drop.block.token_dim]
         _, out_full = _run(gm, keep, tokens, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means the layout does not allow it
+        return f"the graph does not run with the unread tokens dropped: {one_line(exc)}"
+    finally:
         keep.update_arg(3, prefix)
         gm.recompile()
-        return f"the graph does not run with the unread tokens dropped: {one_line(exc)}"
-    keep.update_arg(3, prefix)
-    gm.recompile()
     tdims = {n: _tdims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
     core_nodes = drop.block.core.nodes
     flow, size_of, offset = Flow(), {}, {}

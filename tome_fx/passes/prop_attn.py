@@ -5,6 +5,7 @@ import operator
 
 import torch.fx as fx
 
+from .. import graph_utils as gu
 from .. import ops
 from ..match import Core
 from .base import PassResult, finish, inserted
@@ -27,15 +28,11 @@ def add_size_bias(gm: fx.GraphModule, cores: list[Core], sites, shapes: dict) ->
             with graph.inserting_before(core.anchor):
                 ndim = len(shapes[core.query])
                 bias = inserted(graph.call_function(ops.size_bias, (size, ndim, core.query)), "bias")
-                positional = len(core.anchor.args) > 3  # keep the mask where it was passed
-                mask = core.anchor.args[3] if positional else core.anchor.kwargs.get("attn_mask")
+                mask = gu.arg(core.anchor, 3, "attn_mask")
                 new = bias
                 if mask is not None:
                     new = inserted(graph.call_function(ops.add_attn_bias, (mask, bias)), "bias")
-            if positional:
-                core.anchor.update_arg(3, new)
-            else:
-                core.anchor.update_kwarg("attn_mask", new)
+            gu.set_arg(core.anchor, 3, "attn_mask", new)  # where the mask was passed
         else:
             logits = core.logits
             with graph.inserting_before(core.anchor):
