@@ -7,7 +7,9 @@ For each FLOP budget it lists auto's candidates (``tome_fx.cost.candidates``) wi
 calibration drift (what ``auto`` minimises, on the same 256 calibration images as
 ``eval_cifar10.py``) and, on a disjoint seeded sample of training images, top-1 accuracy and the
 share of predictions unchanged from the original. It marks the schedule auto picks and the
-constant one. This is how to judge a change to the selection rule without the test set.
+constant one, and groups the candidates by drift relative to the constant schedule's with their
+accuracy against it (the evidence for ``cost.MARGIN``). This is how to judge a change to the
+selection rule without the test set.
 """
 from __future__ import annotations
 
@@ -47,16 +49,15 @@ def run(args) -> dict:
     rows = []
     for budget in args.budgets:
         cands = cost.scored_candidates(cm, budget, "auto")  # what search("auto") picks from
-        picked, _ = cost.best(cm, cands)
+        picked, _ = cost.search(cm, budget, "auto")
         constant, constant_drift = cost.search(cm, budget, "constant")
-        if constant not in [sched for sched, _ in cands.values()]:
-            cands["constant (strategy)"] = (constant, constant_drift)
         bar = cv.Progress(len(cands), f"b={budget}: {len(cands)} schedules")
         for name, (sched, drift) in cands.items():
             gm = rewrite(model, lambda n, s=sched: list(s) + [0] * (n - len(s)), (calib,)).graph_module
             pred = cv.predict(gm, x)
             rows.append(dict(budget=budget, name=name, r=list(sched),
                              ratio=cm.flops(sched) / cm.flops_original, drift=drift,
+                             drift_vs_constant=drift / constant_drift if constant_drift > 0 else None,
                              accuracy=100 * float((pred == y).float().mean()),
                              agreement=100 * float((pred == original).float().mean()),
                              auto=sched == picked, constant=sched == constant))
@@ -72,20 +73,40 @@ def table(result: dict) -> str:
     lines = [f"Held-out: {result['heldout']} training images outside the {result['calibration']} "
              f"calibration images; original top-1 {result['original_accuracy']:.2f}%. "
              f"Command: `{result['command']}`.", "",
-             "| budget | candidate | schedule r | FLOP ratio | calibration drift | top-1 % "
-             "| same prediction % | |", "|---|---|---|---|---|---|---|---|"]
+             "| budget | candidate | schedule r | FLOP ratio | calibration drift "
+             "| drift / constant's | top-1 % | same prediction % | |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mark = " ".join(m for m, on in (("auto", r["auto"]), ("constant", r["constant"])) if on)
+        rel = "" if r["drift_vs_constant"] is None else f"{r['drift_vs_constant']:.2f}"
         lines.append(f"| {r['budget']:g} | {r['name']} | {' '.join(map(str, r['r']))} | "
-                     f"{r['ratio']:.3f} | {r['drift']:.2e} | {r['accuracy']:.2f} | "
+                     f"{r['ratio']:.3f} | {r['drift']:.2e} | {rel} | {r['accuracy']:.2f} | "
                      f"{r['agreement']:.2f} | {mark} |")
+    return "\n".join(lines + ["", bands(result["rows"])])
+
+
+def bands(rows: list[dict]) -> str:
+    """Candidates grouped by calibration drift relative to the constant schedule's, with their
+    held-out top-1 against constant's at the same budget: the evidence for ``cost.MARGIN``."""
+    const = {r["budget"]: r["accuracy"] for r in rows if r["constant"]}
+    edges = [(0.0, cost.MARGIN, f"<= {cost.MARGIN:g} (auto may pick)"),
+             (cost.MARGIN, 1.0, f"{cost.MARGIN:g} to 1"), (1.0, float("inf"), "> 1")]
+    lines = ["| drift / constant's | candidates | mean top-1 minus constant's | more accurate |",
+             "|---|---|---|---|"]
+    for lo, hi, label in edges:
+        d = [r["accuracy"] - const[r["budget"]] for r in rows
+             if not r["constant"] and r["drift_vs_constant"] is not None
+             and (lo < r["drift_vs_constant"] <= hi if lo else r["drift_vs_constant"] <= hi)]
+        if d:
+            lines.append(f"| {label} | {len(d)} | {sum(d) / len(d):+.2f} | "
+                         f"{sum(x > 0 for x in d)} of {len(d)} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    p.add_argument("--heldout", type=int, default=10000, help="held-out training images")
+    p.add_argument("--heldout", type=int, default=20000, help="held-out training images")
     p.add_argument("--calib", type=int, default=256, help="calibration training images")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default torch's)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")

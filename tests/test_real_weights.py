@@ -17,6 +17,7 @@ sys.path.insert(0, str(EXAMPLES))
 import cifar_vit as cv  # noqa: E402
 
 import tome_fx  # noqa: E402
+from tome_fx import cost  # noqa: E402
 
 needs_shared = pytest.mark.skipif(not cv.available(), reason=cv.missing_reason()
                                   if not cv.available() else "")
@@ -146,6 +147,13 @@ def test_heldout_schedules_small(tmp_path):
     assert sum(r["auto"] for r in rows) == 1 and sum(r["constant"] for r in rows) == 1
     assert all(0.79 <= r["ratio"] <= 0.8 for r in rows)
     auto = next(r for r in rows if r["auto"])
-    assert auto["drift"] == pytest.approx(min(r["drift"] for r in rows), rel=1e-9)  # auto's criterion
+    const = next(r for r in rows if r["constant"])
+    if not auto["constant"]:  # auto's criterion: the least drift, and a clear gain over constant
+        assert auto["drift"] == pytest.approx(min(r["drift"] for r in rows), rel=1e-9)
+        assert auto["drift"] <= cost.MARGIN * const["drift"]
+    md = (tmp_path / "heldout_schedules.md").read_text()
+    banded = md.split("| drift / constant's | candidates |")[1].splitlines()[2:]
+    assert sum(int(line.split("|")[2]) for line in banded if line.startswith("|")) == sum(
+        not r["constant"] and r["drift_vs_constant"] is not None for r in rows)
     assert auto["r"][-1] == 0  # the last block computes only the class token: nothing to merge
     assert (tmp_path / "heldout_schedules.md").read_text().count("| 0.8 |") == len(rows)
