@@ -569,7 +569,7 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
         fits[name] = s if s is not None else _adjust(cm, cm.max_schedule(), hi, close, pinned)
     if pinned:  # the free merges alone, trimmed (or topped up) to the budget
         fits["free-first"] = _adjust(cm, _pin(cm, [0] * num, pinned), hi, close)
-        for name in ("constant", "decreasing"):  # unpinned too: auto never loses to these
+        for name in ("constant", "decreasing"):  # unpinned too, as the strategies fit them
             s = _fit(cm, shapes[name], hi, close)
             if s is not None:
                 fits[name + " (unpinned)"] = s
