@@ -509,17 +509,13 @@ class _Calibration:
         self.reference = cm.reference
         if self.reference is None:
             self.reference = self.output([0] * cm.num_blocks)
-        self._drifts: dict[tuple, float] = {}
 
     def output(self, schedule: list[int]) -> Any:
         r_of = {node: schedule[i] for i, node in self.cm.merge_nodes.items()}
         return _run(self.cm.graph_module, self.cm.inputs, r_of, count=False).output
 
     def drift(self, schedule: list[int]) -> float:
-        key = tuple(schedule)
-        if key not in self._drifts:
-            self._drifts[key] = output_drift(self.reference, self.output(schedule))
-        return self._drifts[key]
+        return output_drift(self.reference, self.output(schedule))
 
     def free_blocks(self) -> frozenset:
         """Trailing blocks where merging the most leaves the calibration outputs unchanged.
@@ -569,7 +565,7 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
         fits[name] = s if s is not None else _adjust(cm, cm.max_schedule(), hi, close, pinned)
     if pinned:  # the free merges alone, trimmed (or topped up) to the budget
         fits["free-first"] = _adjust(cm, _pin(cm, [0] * num, pinned), hi, close)
-        for name in ("constant", "decreasing"):  # unpinned too, as the strategies fit them
+        for name in ("constant", "decreasing"):  # unpinned too: auto never loses to these
             s = _fit(cm, shapes[name], hi, close)
             if s is not None:
                 fits[name + " (unpinned)"] = s
@@ -591,47 +587,16 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
 
 
 def scored_candidates(cm: CostModel, budget: float, strategy: str = "auto",
-                      notes: list | None = None,
-                      calib: _Calibration | None = None) -> dict[str, tuple[list[int], float]]:
-    """``candidates`` with each schedule's calibration drift: name -> (schedule, drift).
-
-    For "auto" the constant strategy's schedule is always among them (as "constant (strategy)"
-    when no candidate equals it): it is auto's reference, see ``best``.
-    """
-    calib = calib or _Calibration(cm)
-    scored = {name: (s, calib.drift(s))
-              for name, s in candidates(cm, budget, strategy, notes, calib).items()}
-    if strategy == "auto":
-        ref = reference(cm, budget, calib)
-        if ref not in [s for s, _ in scored.values()]:
-            scored["constant (strategy)"] = (ref, calib.drift(ref))
-    return scored
+                      notes: list | None = None) -> dict[str, tuple[list[int], float]]:
+    """``candidates`` with each schedule's calibration drift: name -> (schedule, drift)."""
+    calib = _Calibration(cm)
+    return {name: (s, calib.drift(s))
+            for name, s in candidates(cm, budget, strategy, notes, calib).items()}
 
 
-def reference(cm: CostModel, budget: float, calib: _Calibration | None = None) -> list[int]:
-    """The constant strategy's schedule for a budget: the one "auto" must clearly beat."""
-    return best(cm, scored_candidates(cm, budget, "constant", calib=calib))[0]
-
-
-# "auto" leaves the constant schedule only for a candidate with at most this share of its
-# drift. Drift ranks schedules by accuracy only when the gap is wide: on 20,000 held-out CIFAR-10
-# training images every candidate under half the constant schedule's drift was more accurate,
-# while those between half and equal were no better on average (benchmarks/EVAL.md).
-MARGIN = 0.5
-
-
-def best(cm: CostModel, scored: dict[str, tuple[list[int], float]],
-         reference: list[int] | None = None) -> tuple[list[int], float]:
-    """The least-drift (schedule, drift) of ``scored``; ties go to more FLOPs (closer to the budget).
-
-    With a ``reference`` schedule among them, another wins only with at most ``MARGIN`` times
-    the reference's drift (or drift at float rounding).
-    """
-    pool = list(scored.values())
-    ref = next((sd for sd in pool if sd[0] == reference), None)
-    if ref is not None:
-        pool = [sd for sd in pool if sd is ref or sd[1] <= max(MARGIN * ref[1], _ROUNDING)]
-    return min(pool, key=lambda sd: (sd[1], -cm.flops(sd[0])))
+def best(cm: CostModel, scored: dict[str, tuple[list[int], float]]) -> tuple[list[int], float]:
+    """The least-drift (schedule, drift) of ``scored``; ties go to more FLOPs (closer to the budget)."""
+    return min(scored.values(), key=lambda sd: (sd[1], -cm.flops(sd[0])))
 
 
 def search(cm: CostModel, budget: float, strategy: str = "auto",
@@ -641,18 +606,7 @@ def search(cm: CostModel, budget: float, strategy: str = "auto",
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if budget >= 1.0:
         return [0] * cm.num_blocks, 0.0
-    calib = _Calibration(cm)
-    scored = scored_candidates(cm, budget, strategy, notes, calib)
-    if strategy != "auto":
-        return best(cm, scored)
-    ref = reference(cm, budget, calib)
-    chosen = best(cm, scored, ref)
-    closest = best(cm, scored)
-    if chosen[0] == ref and closest[0] != ref and notes is not None:
-        name = next(k for k, v in scored.items() if v is closest)
-        notes.append(f"auto: kept the constant schedule (drift {chosen[1]:.3g}); the least-drift "
-                     f"candidate, {name} ({closest[1]:.3g}), was not under {MARGIN:g} times it")
-    return chosen
+    return best(cm, scored_candidates(cm, budget, strategy, notes))
 
 
 def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
@@ -693,19 +647,15 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
     * ``"auto"`` (default): a family of schedules (constant; decreasing/increasing ramps of two
       slopes; front- and back-loaded; merging only after the first quarter/half; only in the
       first half; peaked in the middle), each fitted to the budget, and the one with the least
-      **output drift** wins if it has at most ``MARGIN`` (half) the drift of the constant
-      strategy's schedule; otherwise that constant schedule is kept (``Plan.notes`` says so).
-      Drift ranks schedules by accuracy only when the gap is wide, and the paper's constant r
-      is the better-tested choice when it is not. Trailing blocks whose merge leaves the
-      calibration outputs unchanged (the last block of a class-token model without dropping:
-      the head never reads the tokens its MLP would process) are *free*: every shape merges the
-      most there, so the FLOPs they save are not taken from blocks that matter (``Plan.notes``
-      names them). Output drift is the fidelity proxy: the mean over the calibration samples
-      of the cosine distance ``1 - cos(f, f_r)`` between the unmerged model's output ``f`` and
-      the merged model's ``f_r`` (token dimensions that merging shortens are averaged out).
-      Pass real inputs as ``example_inputs`` for a meaningful proxy; random inputs only
-      measure how much the schedule perturbs the function. On the calibration inputs "auto"
-      never drifts more than the constant schedule.
+      **output drift** wins. Trailing blocks whose merge leaves the calibration outputs
+      unchanged (the last block of a class-token model: the head never reads the tokens its MLP
+      would process) are *free*: every shape merges the most there, so the FLOPs they save are
+      not taken from blocks that matter (``Plan.notes`` names them). Output drift is the fidelity proxy: the mean over the calibration
+      samples of the cosine distance ``1 - cos(f, f_r)`` between the unmerged model's output
+      ``f`` and the merged model's ``f_r`` (token dimensions that merging shortens are averaged
+      out). Pass real inputs as ``example_inputs`` for a meaningful proxy; random inputs only
+      measure how much the schedule perturbs the function. The constant and decreasing schedules
+      are in the family, so on the calibration inputs "auto" is never worse than either.
 
     The returned Plan's ``drift`` is the chosen schedule's proxy value for every strategy.
     """
