@@ -8,8 +8,8 @@ calibration drift (what ``auto`` minimises, on the same 256 calibration images a
 ``eval_cifar10.py``) and, on a disjoint seeded sample of training images, top-1 accuracy and the
 share of predictions unchanged from the original. It marks the schedule auto picks and the
 constant one, and groups the candidates by drift relative to the constant schedule's with their
-accuracy and agreement against it. This is how to judge a change to the
-selection rule without the test set.
+accuracy and agreement against it. This is how to judge a change to the selection rule without
+the test set.
 """
 from __future__ import annotations
 

@@ -152,4 +152,4 @@ def test_heldout_schedules_small(tmp_path):
     assert sum(int(line.split("|")[2]) for line in banded if line.startswith("|")) == sum(
         not r["constant"] and r["drift_vs_constant"] is not None for r in rows)
     assert auto["r"][-1] == 0  # the last block computes only the class token: nothing to merge
-    assert (tmp_path / "heldout_schedules.md").read_text().count("| 0.8 |") == len(rows)
+    assert md.count("| 0.8 |") == len(rows)
