@@ -222,14 +222,8 @@ class CostModel:
         """(FLOPs per block, FLOPs outside the blocks) for a schedule."""
         r = self.clamp(schedule)
         t = self.token_counts(r)
-        per_block = [0.0] * self.num_blocks
-        outside = 0.0
-        for (seg, owner), term in self.terms.items():
-            f = term.at(t[seg])
-            if owner < 0:
-                outside += f
-            else:
-                per_block[owner] += f
+        per_block, outside = _by_owner(
+            ((owner, term.at(t[seg])) for (seg, owner), term in self.terms.items()), self.num_blocks)
         for i in range(self.num_blocks):
             if r[i] > 0:
                 per_block[i] += merge_flops(t[i], r[i], self.prefix, self.batch, self.merge_dims[i])
@@ -291,13 +285,7 @@ class CostModel:
             plain = rewrite(model, lambda n: [0] * n, example_inputs, prop_attn, drop=False)
             flops = _run(plain.graph_module, inputs, {}).flops
             owner = _owners(plain.graph_module, plain.blocks)
-            per_block, outside = [0.0] * num, 0.0
-            for n, f in flops.items():
-                if owner[n] < 0:
-                    outside += f
-                else:
-                    per_block[owner[n]] += f
-            model_.original = (per_block, outside)
+            model_.original = _by_owner(((owner[n], f) for n, f in flops.items()), num)
         return model_
 
 
@@ -326,6 +314,17 @@ def _owners(gm: fx.GraphModule, blocks) -> dict:
         inside = [i for i, lo in enumerate(bounds) if lo < k]
         owners[n] = inside[-1] if inside and k <= end else -1
     return owners
+
+
+def _by_owner(flops, num: int) -> tuple[list[float], float]:
+    """(FLOPs per block, FLOPs outside the blocks) from (owner block or -1, FLOPs) pairs."""
+    per_block, outside = [0.0] * num, 0.0
+    for owner, f in flops:
+        if owner < 0:
+            outside += f
+        else:
+            per_block[owner] += f
+    return per_block, outside
 
 
 def _fit_terms(gm, f0: dict, f1: dict, n0: int, t1: list[int], owners: dict,
