@@ -99,8 +99,16 @@ def test_drop_refused_where_other_tokens_are_read(readout, reason):
     # optimize leaves such a model's last block to its merge, and its function intact
     fast = tome_fx.optimize(model, r=0, example_inputs=(x,))
     assert fast.tome_counts["drop_unread"] == 0 and fast.tome.blocks[-1].dropped == 0
+    assert any(n.startswith("unread tokens are not dropped") and reason in n
+               for n in fast.tome.notes)
+    # ToMato too: redone without the drop (an infinite threshold merges nothing)
+    tomato = tome_fx.optimize(model, method="tomato", sim_threshold=float("inf"), grid=(3, 4),
+                              example_inputs=(x,))
+    assert tomato.tome_counts["drop_unread"] == 0 and tomato.tome.blocks[-1].dropped == 0
+    assert any(n.startswith("unread tokens are not dropped") for n in tomato.tome.notes)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tomato(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_no_prefix_no_drop():
@@ -108,3 +116,4 @@ def test_no_prefix_no_drop():
     x = torch.randn(2, 3, 64, 64)
     fast = tome_fx.optimize(model, r=2, example_inputs=(x,))
     assert fast.tome_counts["drop_unread"] == 0 and fast.tome.r == [2, 2, 2]
+    assert "unread tokens are not dropped: no protected prefix token" in fast.tome.notes[-1]

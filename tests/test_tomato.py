@@ -337,7 +337,8 @@ def test_cifar_threshold_batch_equals_single(similarity, threshold):
     plan = fast.tome
     assert plan.method == "tomato" and plan.grid == (8, 8) and plan.protected == 1
     assert plan.sim_threshold == threshold and plan.merge_block == 0
-    assert fast.tome_counts == {"merges": 1, "size_bias": 5, "weighted_pool": 0}
+    assert fast.tome_counts == {"merges": 1, "size_bias": 5, "weighted_pool": 0,
+                                "drop_unread": 1}
     size = _sizes(fast, x)[..., 0]
     counts = (size > 0).sum(1)
     assert counts.min() < counts.max() <= 65  # images really differ, so padding is exercised
@@ -365,6 +366,28 @@ def test_cifar_budget_exact_counts_and_flops():
     # the fewest merges meeting the budget: one token more would break it
     assert plan.budget == 0.6 and plan.sim_threshold is None
     assert (out - _per_image(fast, x)).abs().max().item() <= 1e-5
+    assert fast.tome_counts["drop_unread"] == 1 and plan.blocks[-1].tokens_out == 1
+    # without the drop the same budget needs more merges
+    kept = tome_fx.optimize(model, method="tomato", flops_budget=0.6, example_inputs=(x,),
+                            drop_unread=False)
+    assert kept.tome_counts["drop_unread"] == 0 and kept.tome.blocks[-1].dropped == 0
+    assert kept.tome.blocks[0].tokens_out < n_out
+    with FlopCounterMode(display=False) as fc_kept, torch.no_grad():
+        kept(x)
+    assert kept.tome.flops == fc_kept.get_total_flops() and kept.tome.ratio <= 0.6
+
+
+def test_cifar_budget_met_by_the_drop_alone_is_exact():
+    """At 0.9 dropping the unread tokens after the last attention is enough: no merge, and the
+    outputs are the original's."""
+    model, x, _ = _need_cifar()
+    x = x[:4]
+    fast = tome_fx.optimize(model, method="tomato", flops_budget=0.9, example_inputs=(x,))
+    assert fast.tome_counts["merges"] == 0 and fast.tome_counts["drop_unread"] == 1
+    assert fast.tome.blocks[0].tokens_out == 65 and fast.tome.ratio <= 0.9
+    assert any("only the 1 protected token(s)" in n for n in fast.tome.notes)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max().item() <= 1e-5
 
 
 def test_cifar_threshold_inf_is_exact():
@@ -410,6 +433,8 @@ def test_avg_pool_model_ignores_padding():
     fast = tome_fx.optimize(model, method="tomato", sim_threshold=0.5, similarity="keys",
                             example_inputs=(x,))
     assert fast.tome.protected == 0 and fast.tome_counts["weighted_pool"] == 1
+    assert fast.tome_counts["drop_unread"] == 0
+    assert "unread tokens are not dropped: no protected prefix token" in fast.tome.notes[-1]
     size = _sizes(fast, x)[..., 0]
     assert (size == 0).any()  # padding present
     with torch.no_grad():

@@ -141,6 +141,15 @@ def _drop_last(gm, matches: Matches, shapes, cap):
     return drop, None
 
 
+def drop_note(dropped, why: str | None, prefix: int) -> str:
+    """The plan's note on ``drop_unread``: what was dropped, or why nothing was."""
+    if dropped is None:
+        return f"unread tokens are not dropped: {why or 'no block to drop them in'}"
+    return (f"block {dropped.block.index}: after its attention only the {prefix} protected "
+            "token(s) the output reads are computed (the other tokens' query rows, output "
+            "projection and MLP are dropped; exact)")
+
+
 def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool = True,
             drop: bool = True) -> Rewrite:
     """Capture, match and rewrite. ``schedule_fn(num_blocks) -> list[int]`` gives r per block.
@@ -155,7 +164,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         example_inputs = default_inputs(model)
     disabled: dict[int, str] = {}
     protect = 0  # leading tokens the graph reads by position (grown from the token-flow check)
-    dropping, dropped = drop, None
+    dropping, dropped, drop_why = drop, None, None
     captured = capture(model, example_inputs)
     while True:  # each round rewrites a fresh copy of the one capture
         cap = dataclasses.replace(captured, graph_module=copy.deepcopy(captured.graph_module))
@@ -167,7 +176,9 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         matches.prefix = max(matches.prefix, protect)
         schedule = schedule_fn(len(matches.blocks))
         enabled = {b.index for b in matches.blocks} - set(disabled)
-        dropping = dropping and bool(matches.blocks) and matches.prefix >= 1
+        if dropping and matches.prefix < 1:
+            dropping, drop_why = False, "no protected prefix token: the output reads every token"
+        dropping = dropping and bool(matches.blocks)
         if dropping:
             enabled.discard(matches.blocks[-1].index)
         merged = insert_merges(gm, matches.blocks, schedule, matches.prefix, enabled)
@@ -175,7 +186,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         followed = _follow(gm, matches, sites, shapes, cap)
         fixed = repair_shapes(gm, sites, cap.args, cap.kwargs)  # baked token counts (export)
         if dropping:
-            dropped, _ = _drop_last(gm, matches, shapes, cap)
+            dropped, drop_why = _drop_last(gm, matches, shapes, cap)
             if dropped is None:  # not applicable here: redo the round with the last merge
                 dropping = False
                 continue
@@ -201,11 +212,8 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
             disabled[i] = f"merged tokens would reach {node.name}: {reason}"
     pooled = weight_pooling(gm, flow.pools)
     notes = list(cap.notes)
-    if dropped is not None:
-        b = dropped.block
-        notes.append(f"block {b.index}: after its attention only the {matches.prefix} protected "
-                     "token(s) the output reads are computed (the other tokens' query rows, "
-                     "output projection and MLP are dropped; exact)")
+    if drop or dropped is not None:
+        notes.append(drop_note(dropped, drop_why, matches.prefix))
     if flow.token_outputs and sites:
         notes.append("the model's output keeps a token dimension; it holds merged tokens")
     plan = _block_plan(matches, sites, flow.shapes, disabled, cap.frontend, tuple(notes))
@@ -257,7 +265,7 @@ def optimize(
         if r is not None:
             raise ValueError("method='tomato' takes sim_threshold or flops_budget, not r")
         result = rewrite_tomato(model, example_inputs=example_inputs, flops_budget=flops_budget,
-                                prop_attn=prop_attn, **tomato)
+                                prop_attn=prop_attn, drop=drop_unread, **tomato)
         return _finish(result, compile)
     if method != "tome":
         raise ValueError(f"method must be 'tome' or 'tomato', got {method!r}")

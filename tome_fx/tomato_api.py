@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from . import graph_utils as gu
 from .capture import capture
+from .api import drop_note
 from .errors import NoAttentionError
 from .match import find_blocks
 from .passes import add_size_bias, check_token_flow, weight_pooling
@@ -70,6 +71,15 @@ class _Site:
         self.head_dim = q[-1]
         self.batch = self.shapes[self.block.merge_at][1 - self.block.token_dim]
 
+    def drop_skipped(self) -> str | None:
+        """Why ``passes.drop`` is not tried after this merge, or None: it needs a protected
+        token to keep and a block after the merge block (whose MLP reads all its tokens)."""
+        if self.matches.prefix < 1:
+            return "no protected prefix token: the output reads every token"
+        if self.block is self.matches.blocks[-1]:
+            return "the merge is in the last block, whose MLP reads every merged token"
+        return None
+
     def extra_flops(self) -> int:
         return tomato_flops(self.kind, self.batch, self.heads, self.tokens,
                             self.matches.prefix, self.head_dim)
@@ -98,11 +108,12 @@ def _flops_curve(cm, site: _Site):
 
 
 def flops_curve(model, example_inputs=None, *, similarity="attention", block=0, grid=None,
-                prop_attn=True):
+                prop_attn=True, drop=True):
     """``(flops(n_after), flops_original)`` of ToMato for the example inputs' batch.
 
     ``n_after`` counts all tokens after the merge (protected ones included). In threshold mode
-    each image has its own count: its FLOPs are ``flops(n_i) / batch``.
+    each image has its own count: its FLOPs are ``flops(n_i) / batch``. ``drop``: as
+    ``optimize(drop_unread=)``; assumes the drop applies where ToMe's cost model found it does.
     """
     from .api import default_inputs
     from .cost import CostModel
@@ -113,16 +124,17 @@ def flops_curve(model, example_inputs=None, *, similarity="attention", block=0, 
     site = _Site(model, example_inputs, block, grid, similarity)
     if site.reason is not None:
         raise ValueError(f"ToMato cannot merge this model: {site.reason}")
-    cm = CostModel.build(model, example_inputs, prop_attn, drop=False)  # ToMato keeps every token
+    cm = CostModel.build(model, example_inputs, prop_attn, drop=drop and not site.drop_skipped())
     return _flops_curve(cm, site), cm.flops_original
 
 
-def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_attn=True):
+def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_attn=True,
+                      drop=True):
     """(patch tokens removed r, FLOPs, original FLOPs): the fewest merges meeting the budget."""
     from .cost import CostModel, check_budget
 
     b = check_budget(flops_budget)
-    cm = CostModel.build(model, example_inputs, prop_attn, drop=False)  # ToMato keeps every token
+    cm = CostModel.build(model, example_inputs, prop_attn, drop=drop)
     flops = _flops_curve(cm, site)
     n0, orig = cm.tokens, cm.flops_original
     for n_after in range(n0, cm.prefix, -1):
@@ -136,49 +148,82 @@ def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_att
 
 def rewrite_tomato(model: nn.Module, *, example_inputs=None, sim_threshold=None,
                    flops_budget=None, similarity: str = "attention", block: int = 0,
-                   grid=None, prop_attn: bool = True):
-    """The ToMato rewrite; returns ``tome_fx.api.Rewrite`` (module, plan, counts, notes)."""
-    from .api import Rewrite, _block_plan, default_inputs
+                   grid=None, prop_attn: bool = True, drop: bool = True):
+    """The ToMato rewrite; returns ``tome_fx.api.Rewrite`` (module, plan, counts, notes).
 
+    ``drop``: after the last attention compute only the protected tokens the output reads, as
+    ``optimize(drop_unread=)`` does for ToMe; where that fails its check the rewrite is redone
+    without it and the plan's notes say why.
+    """
     _check(sim_threshold, flops_budget, similarity, block, grid)
     if sim_threshold is not None and not prop_attn:
         raise ValueError("ToMato threshold mode needs prop_attn=True: its log(size) bias is what "
                          "keeps padding tokens (size 0) out of attention")
     if example_inputs is None:
+        from .api import default_inputs
+
         example_inputs = default_inputs(model)
+    args = (model, example_inputs, sim_threshold, flops_budget, similarity, block, grid, prop_attn)
+    result, why = _rewrite(*args, drop)
+    if result is None:  # the drop failed its check: the same rewrite without it
+        result, _ = _rewrite(*args, False, why)
+    return result
+
+
+def _rewrite(model, example_inputs, sim_threshold, flops_budget, similarity, block, grid,
+             prop_attn, drop, skip_drop=None):
+    """(Rewrite, None), or (None, why) if ``drop`` applies here but fails its check.
+    ``skip_drop``: why an earlier try did not drop (for the notes)."""
+    from .api import Rewrite, _block_plan, _drop_last
+
     site = _Site(model, example_inputs, block, grid, similarity)
+    skip_drop = site.drop_skipped() if drop else skip_drop
+    dropping = drop and site.reason is None and skip_drop is None
     r, flops, orig = None, None, None
     if site.reason is None and flops_budget is not None:
-        r, flops, orig = tokens_for_budget(model, flops_budget, example_inputs, site, prop_attn)
+        r, flops, orig = tokens_for_budget(model, flops_budget, example_inputs, site, prop_attn,
+                                           dropping)
     m, gm = site.matches, site.gm
-    sites, disabled, counts = [], {}, {"merges": 0, "size_bias": 0, "weighted_pool": 0}
+    sites, disabled, dropped = [], {}, None
+    counts = {"merges": 0, "size_bias": 0, "weighted_pool": 0, "drop_unread": 0}
     flow_shapes = site.shapes
     if site.reason is not None:
         disabled[site.block.index] = site.reason
     elif r != 0:
         sites = insert_tomato(gm, site.block, m.prefix, site.grid, similarity, sim_threshold,
                               r).info
+    if dropping:
+        dropped, why = _drop_last(gm, m, site.shapes, site.cap)
+        if dropped is None:
+            return None, why
+    if sites:
         biased = add_size_bias(gm, m.cores, sites, site.shapes) if prop_attn else None
         core_nodes = set().union(*(c.nodes for c in m.cores))
         flow = check_token_flow(gm, site.cap.args, site.cap.kwargs, sites,
                                 {s.merge: r for s in sites}, m.prefix, core_nodes)
-        if flow.unsafe:
+        if flow.unsafe:  # the model is returned unchanged, with the reason
             node, why = flow.unsafe[0]
             disabled[site.block.index] = f"merged tokens would reach {node.name}: {why}"
             site = _Site(model, example_inputs, block, grid, similarity)  # a clean graph
-            m, gm, sites = site.matches, site.gm, []
+            m, gm, sites, dropped, flow_shapes = site.matches, site.gm, [], None, site.shapes
+            skip_drop = "the model is left unchanged" if drop else skip_drop
         else:
             flow_shapes = flow.shapes
-            counts = {"merges": 1, "size_bias": biased.count if biased else 0,
-                      "weighted_pool": weight_pooling(gm, flow.pools).count}
-    plan = _block_plan(m, sites, flow_shapes, disabled)
-    plan = dataclasses.replace(plan, method="tomato", merge_block=block, similarity=similarity,
-                               sim_threshold=sim_threshold, grid=site.grid, budget=flops_budget,
-                               flops=flops if sites or r == 0 else None,
-                               flops_original=orig)
-    gm.tome = plan
+            counts.update(merges=1, size_bias=biased.count if biased else 0,
+                          weighted_pool=weight_pooling(gm, flow.pools).count)
+    elif dropped is not None:  # the plan reads the kept token counts from a run
+        flow_shapes, _ = gu.record_shapes(gm, site.cap.args, site.cap.kwargs)
+    counts["drop_unread"] = int(dropped is not None)
     notes = list(site.cap.notes)
     if sim_threshold is not None:
         notes.append("threshold mode: token counts after the merge depend on the image; a batch "
                      "is padded to its largest count with size-0 tokens")
-    return Rewrite(gm, plan, counts, notes, m.blocks)
+    if dropped is not None or skip_drop is not None:
+        notes.append(drop_note(dropped, skip_drop, m.prefix))
+    plan = _block_plan(m, sites, flow_shapes, disabled, notes=tuple(notes))
+    plan = dataclasses.replace(plan, method="tomato", merge_block=block, similarity=similarity,
+                               sim_threshold=sim_threshold, grid=site.grid, budget=flops_budget,
+                               flops=flops if sites or (r == 0 and not disabled) else None,
+                               flops_original=orig)
+    gm.tome = plan
+    return Rewrite(gm, plan, counts, notes, m.blocks), None
