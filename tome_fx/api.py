@@ -17,7 +17,7 @@ from .errors import NoAttentionError
 from .match import Matches, find_blocks
 from .export_capture import exported_inputs, is_exported_program
 from .passes import add_size_bias, check_token_flow, insert_merges, repair_shapes, weight_pooling
-from .passes.drop import check_drop, drop_unread
+from .passes.drop import NO_PREFIX, check_drop, drop_unread
 from .passes.follow import follow_side_tensors
 from .plans import BlockPlan, Plan, Skipped
 from .schedule import parse_r
@@ -177,7 +177,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
         schedule = schedule_fn(len(matches.blocks))
         enabled = {b.index for b in matches.blocks} - set(disabled)
         if dropping and matches.prefix < 1:
-            dropping, drop_why = False, "no protected prefix token: the output reads every token"
+            dropping, drop_why = False, NO_PREFIX
         dropping = dropping and bool(matches.blocks)
         if dropping:
             enabled.discard(matches.blocks[-1].index)

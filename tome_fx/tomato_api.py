@@ -18,6 +18,7 @@ from .api import drop_note
 from .errors import NoAttentionError
 from .match import find_blocks
 from .passes import add_size_bias, check_token_flow, weight_pooling
+from .passes.drop import NO_PREFIX
 from .passes.tomato import find_grid, insert_tomato, sim_source
 from .tomato import SIMILARITIES, tomato_flops
 
@@ -75,7 +76,7 @@ class _Site:
         """Why ``passes.drop`` is not tried after this merge, or None: it needs a protected
         token to keep and a block after the merge block (whose MLP reads all its tokens)."""
         if self.matches.prefix < 1:
-            return "no protected prefix token: the output reads every token"
+            return NO_PREFIX
         if self.block is self.matches.blocks[-1]:
             return "the merge is in the last block, whose MLP reads every merged token"
         return None

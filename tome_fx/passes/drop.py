@@ -32,6 +32,7 @@ from .base import PassResult, finish, inserted
 from .token_flow import Flow, _classify, _tdims
 
 Node = fx.Node
+NO_PREFIX = "no protected prefix token to keep: the output reads every token"
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def drop_unread(gm: fx.GraphModule, block: Block, prefix: int) -> PassResult:
     """
     core = block.core
     if prefix < 1:
-        return PassResult(gm, 0, None, ["no protected prefix token to keep"])
+        return PassResult(gm, 0, None, [NO_PREFIX])
     if core.mask is not None:
         return PassResult(gm, 0, None, ["the last attention has a padding mask"])
     graph = gm.graph
