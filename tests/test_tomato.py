@@ -377,6 +377,24 @@ def test_cifar_budget_exact_counts_and_flops():
     assert kept.tome.flops == fc_kept.get_total_flops() and kept.tome.ratio <= 0.6
 
 
+def test_cifar_budget_not_priced_with_the_drop_is_not_dropped(monkeypatch):
+    """If the cost model's rewrite could not drop the unread tokens, its FLOPs hold only for a
+    rewrite without the drop: ToMato then does not drop either, and says why."""
+    from tome_fx.cost import CostModel
+
+    model, x, _ = _need_cifar()
+    x = x[:4]
+    build = CostModel.build.__func__
+    monkeypatch.setattr(CostModel, "build", classmethod(
+        lambda cls, *a, **kw: build(cls, *a, **{**kw, "drop": False})))
+    fast = tome_fx.optimize(model, method="tomato", flops_budget=0.7, example_inputs=(x,))
+    assert fast.tome_counts["drop_unread"] == 0 and fast.tome.blocks[-1].dropped == 0
+    assert any("cost model's rewrite could not drop" in n for n in fast.tome.notes)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fast(x)
+    assert fast.tome.flops == fc.get_total_flops() and fast.tome.ratio <= 0.7
+
+
 def test_cifar_budget_met_by_the_drop_alone_is_exact():
     """At 0.9 dropping the unread tokens after the last attention is enough: no merge, and the
     outputs are the original's."""

@@ -131,7 +131,9 @@ def flops_curve(model, example_inputs=None, *, similarity="attention", block=0, 
 
 def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_attn=True,
                       drop=True):
-    """(patch tokens removed r, FLOPs, original FLOPs): the fewest merges meeting the budget."""
+    """(patch tokens removed r, FLOPs, original FLOPs, dropped): the fewest merges meeting the
+    budget; ``dropped``: whether the cost model's rewrite dropped the unread tokens (its FLOPs
+    hold only for a rewrite that does the same)."""
     from .cost import CostModel, check_budget
 
     b = check_budget(flops_budget)
@@ -140,7 +142,7 @@ def tokens_for_budget(model, flops_budget, example_inputs, site: _Site, prop_att
     n0, orig = cm.tokens, cm.flops_original
     for n_after in range(n0, cm.prefix, -1):
         if flops(n_after) <= b * orig:
-            return n0 - n_after, flops(n_after), orig
+            return n0 - n_after, flops(n_after), orig, cm.original is not None
     least = flops(cm.prefix + 1) / orig
     raise ValueError(f"flops_budget={flops_budget} is below the smallest reachable FLOP ratio "
                      f"{least:.4f} for ToMato at block {site.block.index} (one token per image "
@@ -182,8 +184,10 @@ def _rewrite(model, example_inputs, sim_threshold, flops_budget, similarity, blo
     dropping = drop and site.reason is None and skip_drop is None
     r, flops, orig = None, None, None
     if site.reason is None and flops_budget is not None:
-        r, flops, orig = tokens_for_budget(model, flops_budget, example_inputs, site, prop_attn,
-                                           dropping)
+        r, flops, orig, priced = tokens_for_budget(model, flops_budget, example_inputs, site,
+                                                   prop_attn, dropping)
+        if dropping and not priced:
+            return None, "the cost model's rewrite could not drop them"
     m, gm = site.matches, site.gm
     sites, disabled, dropped = [], {}, None
     counts = {"merges": 0, "size_bias": 0, "weighted_pool": 0, "drop_unread": 0}
