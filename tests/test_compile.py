@@ -147,3 +147,17 @@ def test_half_precision(dtype):
     assert torch.isfinite(got).all()
     err = (got.float() - want).abs().max() / want.abs().max()
     assert err < 0.05, err
+
+
+def test_compiled_export_module_raises_shape_error():
+    """A wrong input shape is the one-line ShapeError before dynamo runs (in a fullgraph trace
+    the check's raise would be a compile error)."""
+    from tome_fx.export_capture import export_program
+
+    model = TinyTransformer(depth=2).eval()
+    x = torch.randn(2, 32, 16)
+    fast = tome_fx.optimize(export_program(model, (x,), {}), r=3, compile={"backend": "eager"})
+    with torch.no_grad():
+        assert fast(torch.randn(3, 32, 16)).shape == (3, 10)
+        with pytest.raises(tome_fx.ShapeError, match="dimension 1 is fixed at 32"):
+            fast(torch.randn(3, 30, 16))

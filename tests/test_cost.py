@@ -1,10 +1,8 @@
 """The cost model (tome_fx.cost) and FLOP-budget planning (tome_fx.plan / optimize(flops_budget=)).
 
-FLOPs are checked against torch.utils.flop_counter.FlopCounterMode. On the installed torch,
-FlopCounterMode counts the fused CPU attention op (aten._scaled_dot_product_flash_attention_for_cpu)
-that F.scaled_dot_product_attention dispatches to; ``test_flop_counter_counts_cpu_sdpa`` checks
-that. Some torch versions count 0 for it: then ``_counted`` registers the SDPA formula for that op
-through ``FlopCounterMode(custom_mapping=...)``, so the checks still cover attention.
+FLOPs are checked against torch.utils.flop_counter.FlopCounterMode through the tests' counter
+(``tests/flops.py``), which registers the formula of every op the cost model prices, so the checks
+do not depend on which ops a torch release counts.
 """
 from __future__ import annotations
 
@@ -18,40 +16,20 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import flop_counter as flc
-from torch.utils.flop_counter import FlopCounterMode
 
 import tome_fx
+from flops import counted_flops
 from tome_fx.api import rewrite
 from tome_fx import ops
 from tome_fx.cost import CostModel, _Calibration, search
 
-CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from cifar_vit import CifarViT  # noqa: E402  (the architecture of ../shared/models/vit_cifar10.pth)
 
 
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return flc.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _custom_mapping() -> dict:
-    if CPU_SDPA is None or CPU_SDPA in flc.flop_registry:
-        return {}
-    return {CPU_SDPA: _cpu_sdpa_flop}  # this torch counts 0 for CPU fused attention
-
-
-def _counted(module, inputs, grad: bool = False) -> int:
-    """FlopCounterMode's total. ``grad=True`` for an original nn.TransformerEncoder: under no_grad
-    in eval mode it takes the fused fast path (aten._transformer_encoder_layer_fwd), which
-    FlopCounterMode counts as 0; with grad enabled it runs the counted reference ops."""
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with torch.set_grad_enabled(grad), FlopCounterMode(
-        display=False, custom_mapping=_custom_mapping()
-    ) as fc:
-        module(*args)
-    return fc.get_total_flops()
+def _counted(module, inputs) -> int:
+    return counted_flops(module, *(inputs if isinstance(inputs, tuple) else (inputs,)))
 
 
 def _timm(name, **kw):
@@ -93,13 +71,16 @@ def _vit_small():
     return model, x, CostModel.build(model, x), _counted(model, x)
 
 
-def test_flop_counter_counts_cpu_sdpa():
-    q = torch.randn(1, 2, 10, 8)
-    with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
-        F.scaled_dot_product_attention(q, q, q)
-    assert fc.get_total_flops() == 4 * 2 * 10 * 10 * 8  # QK^T and AV, 2 FLOPs per MAC
-    # Whether the stock counter knows the op on this torch (informational; _counted covers both).
-    print("stock FlopCounterMode counts CPU SDPA:", CPU_SDPA in flc.flop_registry)
+def test_flop_counter_counts_what_the_cost_model_prices():
+    """The tests' counter gives the closed-form FLOPs of fused attention, linear layers, batched
+    products and convolutions, whatever this torch release counts by itself."""
+    q, k = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 12, 8)
+    v = torch.randn(1, 2, 12, 6)
+    assert counted_flops(F.scaled_dot_product_attention, q, k, v) == 2 * 2 * 10 * 12 * (8 + 6)
+    assert counted_flops(nn.Linear(8, 5), torch.randn(3, 4, 8)) == 2 * 12 * 8 * 5
+    assert counted_flops(torch.bmm, torch.randn(2, 3, 4), torch.randn(2, 4, 5)) == 2 * 2 * 3 * 4 * 5
+    conv = nn.Conv2d(3, 6, 4, stride=4)
+    assert counted_flops(conv, torch.randn(2, 3, 16, 16)) == 2 * (2 * 6 * 4 * 4) * (3 * 4 * 4)
 
 
 # (a) acceptance: vit_small_patch16_224 at 224 px hits each budget within [b - 0.01, b]
@@ -128,7 +109,7 @@ def test_optimize_flops_budget_end_to_end():
 @pytest.mark.parametrize("name", list(ZOO))
 def test_prediction_matches_flop_counter(name):
     model, x, cm = _zoo(name)
-    assert cm.flops_original == _counted(model, x, grad=True)
+    assert cm.flops_original == _counted(model, x)
     worst = 0.0
     for budget, strategy in [(0.85, "constant"), (0.7, "decreasing"), (0.55, "constant")]:
         if cm.flops(cm.max_schedule()) > budget * cm.flops_original:
@@ -233,7 +214,7 @@ def test_dropping_unread_tokens_counts_against_the_original():
     # the user's model), and the closed form matches the dropped graph's measured FLOPs.
     model, x, _ = _cifar()
     cm = CostModel.build(model, x)
-    assert cm.flops_original == _counted(model, x, grad=True)
+    assert cm.flops_original == _counted(model, x)
     assert cm.enabled[-1] is False  # no merge in the dropping block
     dropped_only = cm.flops([0] * cm.num_blocks)
     assert dropped_only < 0.9 * cm.flops_original

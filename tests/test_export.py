@@ -4,6 +4,7 @@ import functools
 import sys
 
 import pytest
+import timm
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -151,3 +152,37 @@ def test_static_batch_export_is_noted():
     static = torch.export.export(model, (x,), strict=False)  # no dynamic batch dimension
     plan = tome_fx.explain(static)
     assert any("batch size static (2)" in n for n in plan.notes)
+
+
+def test_batch_of_one_example_keeps_the_batch_dynamic():
+    """Export specialises a size-1 dimension: a one-image example is exported as a batch of two,
+    so the result takes every batch size (timm ``dynamic_img_size`` models take this path)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2,
+                              dynamic_img_size=True).eval()
+    x1 = torch.randn(1, 3, 64, 64)
+    fast = tome_fx.optimize(model, r=3, example_inputs=(x1,))
+    assert fast.tome.frontend == "export" and fast.tome_counts["merges"] >= 1
+    assert not any("batch size static" in n for n in fast.tome.notes)
+    xb = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        batched = fast(xb)
+        alone = torch.cat([fast(xb[i:i + 1]) for i in range(4)])
+        assert (batched - alone).abs().max() <= 1e-5  # each sample as if alone
+        exact = tome_fx.optimize(model, r=0, example_inputs=(x1,))
+        assert (exact(xb) - model(xb)).abs().max() <= 1e-5
+
+
+def test_wrong_shape_is_a_one_line_shape_error():
+    model, x, ep = _tiny_exported(depth=2)
+    fast = tome_fx.optimize(ep, r=3)
+    with pytest.raises(tome_fx.ShapeError) as info:
+        fast(torch.randn(2, 30, 16))
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg
+    assert "input 'x' has shape (2, 30, 16)" in msg and "(any, 32, 16)" in msg
+    assert "dimension 1 is fixed at 32" in msg and "optimize again" in msg
+    with pytest.raises(tome_fx.ShapeError, match="captured for .* \\(3 dimensions\\)"):
+        fast(torch.randn(2, 32))
+    with torch.no_grad():
+        assert fast(torch.randn(5, 32, 16)).shape == model(torch.randn(5, 32, 16)).shape

@@ -11,9 +11,9 @@ import os
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import tome_fx
+from flops import counted_flops
 from models import EncoderClassifier, TinyTransformer
 from tome_fx.tomato import (components, count_components, edge_similarity, grid_edges,
                             labels_for_count, merge_components, tomato_merge)
@@ -356,12 +356,10 @@ def test_cifar_budget_exact_counts_and_flops():
     n_out = plan.blocks[0].tokens_out
     size = _sizes(fast, x)[..., 0]
     assert size.shape == (8, n_out) and torch.all(size > 0) and torch.all(size.sum(1) == 65)
-    with FlopCounterMode(display=False) as fc_new, torch.no_grad():
+    with torch.no_grad():
         out = fast(x)
-    with torch.set_grad_enabled(True), FlopCounterMode(display=False) as fc_old:
-        model(x)  # grad on: nn.TransformerEncoder's eval fast path counts 0 (see test_cost)
-    assert plan.flops == fc_new.get_total_flops()
-    assert plan.flops_original == fc_old.get_total_flops()
+    assert plan.flops == counted_flops(fast, x)
+    assert plan.flops_original == counted_flops(model, x)
     assert plan.ratio <= 0.6
     # the fewest merges meeting the budget: one token more would break it
     assert plan.budget == 0.6 and plan.sim_threshold is None
@@ -372,9 +370,7 @@ def test_cifar_budget_exact_counts_and_flops():
                             drop_unread=False)
     assert kept.tome_counts["drop_unread"] == 0 and kept.tome.blocks[-1].dropped == 0
     assert kept.tome.blocks[0].tokens_out < n_out
-    with FlopCounterMode(display=False) as fc_kept, torch.no_grad():
-        kept(x)
-    assert kept.tome.flops == fc_kept.get_total_flops() and kept.tome.ratio <= 0.6
+    assert kept.tome.flops == counted_flops(kept, x) and kept.tome.ratio <= 0.6
 
 
 def test_cifar_budget_not_priced_with_the_drop_is_not_dropped(monkeypatch):
@@ -390,9 +386,7 @@ def test_cifar_budget_not_priced_with_the_drop_is_not_dropped(monkeypatch):
     fast = tome_fx.optimize(model, method="tomato", flops_budget=0.7, example_inputs=(x,))
     assert fast.tome_counts["drop_unread"] == 0 and fast.tome.blocks[-1].dropped == 0
     assert any("cost model's rewrite could not drop" in n for n in fast.tome.notes)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        fast(x)
-    assert fast.tome.flops == fc.get_total_flops() and fast.tome.ratio <= 0.7
+    assert fast.tome.flops == counted_flops(fast, x) and fast.tome.ratio <= 0.7
 
 
 def test_cifar_budget_met_by_the_drop_alone_is_exact():
@@ -457,6 +451,54 @@ def test_avg_pool_model_ignores_padding():
     assert (size == 0).any()  # padding present
     with torch.no_grad():
         assert (fast(x) - _per_image(fast, x)).abs().max().item() <= 1e-5
+
+
+def _connected(patches: set, w: int) -> bool:
+    """Whether grid cells (row-major indices, width ``w``) form one 4-connected region."""
+    todo, seen = [min(patches)], {min(patches)}
+    while todo:
+        i = todo.pop()
+        near = [i - w, i + w] + ([i - 1] if i % w else []) + ([i + 1] if (i + 1) % w else [])
+        for j in near:
+            if j in patches and j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return seen == patches
+
+
+@pytest.mark.parametrize("mode", [dict(sim_threshold=0.5), dict(flops_budget=0.7)],
+                         ids=["threshold", "count"])
+def test_track_sources_follows_tomato(mode):
+    """Each merged token holds one 4-connected region of patches (size-0 padding holds none);
+    every patch is in exactly one token; outputs are the module's."""
+    model = _timm("vit_tiny_patch16_224", global_pool="avg", class_token=False, img_size=64)
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 64, 64)
+    x[0] = x[0].mean()  # a flat image merges far more: padding in threshold mode
+    fast = tome_fx.optimize(model, method="tomato", similarity="keys", example_inputs=(x,), **mode)
+    tracked = tome_fx.track_sources(fast, x)
+    with torch.no_grad():
+        assert torch.equal(tracked.output, fast(x))
+    s = tracked.sources[0]
+    size = _sizes(fast, x)[..., 0]
+    assert s.shape == (3, size.shape[1], 16) and torch.equal(s.sum(-1), size)
+    assert torch.all(s.sum(1) == 1)
+    for b in range(3):
+        for row in s[b]:
+            patches = set(row.nonzero().flatten().tolist())
+            assert not patches or _connected(patches, 4)
+    if "sim_threshold" in mode:
+        assert (size == 0).any()
+
+
+def test_tomato_without_a_grid_warns_that_the_budget_is_not_met():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(3, 32, 16)
+    with pytest.warns(UserWarning, match="flops_budget=0.8 is not met .the model is unchanged.*grid"):
+        fast = tome_fx.optimize(model, method="tomato", flops_budget=0.8, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
 
 
 def test_explicit_softmax_model_with_given_grid():

@@ -3,7 +3,7 @@ from .api import explain, optimize, rewrite
 from .capture import capture
 from .compiling import compile
 from .cost import plan
-from .errors import CaptureError, NoAttentionError, TomeError
+from .errors import CaptureError, NoAttentionError, ShapeError, TomeError
 from .match import find_blocks
 from .plans import BlockPlan, Plan
 from .schedule import parse_r
@@ -11,6 +11,6 @@ from .track import track_sources
 
 __all__ = [
     "optimize", "compile", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan",
-    "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "track_sources",
+    "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "ShapeError", "track_sources",
 ]
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,7 +267,7 @@ def optimize(
             raise ValueError("method='tomato' takes sim_threshold or flops_budget, not r")
         result = rewrite_tomato(model, example_inputs=example_inputs, flops_budget=flops_budget,
                                 prop_attn=prop_attn, drop=drop_unread, **tomato)
-        return _finish(result, compile)
+        return _finish(result, compile, flops_budget)
     if method != "tome":
         raise ValueError(f"method must be 'tome' or 'tomato', got {method!r}")
     if tomato:
@@ -284,10 +285,27 @@ def optimize(
                                         drop_unread)
     else:
         result = rewrite(model, lambda n: parse_r(r, n), example_inputs, prop_attn, drop_unread)
-    return _finish(result, compile)
+    return _finish(result, compile, flops_budget)
 
 
-def _finish(result: Rewrite, compile: bool | dict) -> nn.Module:
+def unmet_budget(plan: Plan, budget: float | None) -> str | None:
+    """Why the module for ``plan`` does not meet ``budget`` (one line), or None if it does."""
+    if budget is None or (plan.ratio is not None and plan.ratio <= budget):
+        return None
+    got = "the model is unchanged" if plan.ratio is None else f"its FLOP ratio is {plan.ratio:.4f}"
+    if plan.skipped:
+        first = plan.skipped[0]
+        why = (f"{len(plan.skipped)} attention site(s) cannot merge, e.g. {first.site}: "
+               f"{first.reason}")
+    else:
+        why = "no attention->MLP block was found to merge"
+    return f"flops_budget={budget:g} is not met ({got}): {why} (every reason: print(module.tome))"
+
+
+def _finish(result: Rewrite, compile: bool | dict, budget: float | None = None) -> nn.Module:
+    why = unmet_budget(result.plan, budget)
+    if why:
+        warnings.warn(why, UserWarning, stacklevel=3)
     out = result.graph_module
     out.tome_counts = result.counts
     if compile not in (False, None):

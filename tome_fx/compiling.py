@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
+
+from .export_capture import input_check_hook
 
 DEFAULTS = {"fullgraph": True}  # a graph break is an error, not a silent slow path
 
@@ -30,8 +33,14 @@ def compile_options(option: Any) -> dict | None:
 
 
 def compile_module(module: nn.Module, option: Any = True) -> nn.Module:
-    """``torch.compile(module, fullgraph=True, **options)``; ``option``: True or a dict."""
-    return torch.compile(module, **compile_options(option))
+    """``torch.compile(module, fullgraph=True, **options)``; ``option``: True or a dict.
+    Inputs of a shape an export-captured module does not take raise ``ShapeError`` before
+    compiling (``export_capture.input_check_hook``)."""
+    compiled = torch.compile(module, **compile_options(option))
+    hook = input_check_hook(module) if isinstance(module, fx.GraphModule) else None
+    if hook is not None:
+        compiled.register_forward_pre_hook(hook, with_kwargs=True)
+    return compiled
 
 
 def compile(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,

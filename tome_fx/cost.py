@@ -263,7 +263,7 @@ class CostModel:
         run0 = _run(gm, inputs, {m: 0 for m in merge_nodes.values()})
         run1 = _run(gm, inputs, {m: BIG_R for m in merge_nodes.values()})
         num = len(base.blocks)
-        tokens = base.blocks[0].tokens_in
+        tokens = base.blocks[0].tokens_in if base.blocks else 0  # 0: no block matched
         enabled = tuple(i in merge_nodes for i in range(num))
         batch = next((v[1] for v in run1.merges.values()), None)
         if batch is None:  # nothing can merge: take the batch from block inputs
@@ -605,6 +605,10 @@ def search(cm: CostModel, budget: float, strategy: str = "auto",
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if budget >= 1.0:
         return [0] * cm.num_blocks, 0.0
+    if not any(cm.enabled):  # nothing can merge: the rewrite as it is (optimize warns)
+        if notes is not None:
+            notes.append(f"flops_budget={budget:g} is not met: no block can merge")
+        return [0] * cm.num_blocks, None
     return best(cm, scored_candidates(cm, budget, strategy, notes))
 
 

@@ -9,6 +9,10 @@ class CaptureError(TomeError, ValueError):
     """The model could not be captured as a graph (tracing failed)."""
 
 
+class ShapeError(TomeError, ValueError):
+    """A captured module was called with inputs of a shape it was not captured for."""
+
+
 class NoAttentionError(TomeError, ValueError):
     """The model has no attention site that tome_fx can find."""
 

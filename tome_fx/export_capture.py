@@ -13,8 +13,12 @@ What the returned GraphModule is:
   inputs the model was exported with (positional or keyword, as in ``example_inputs``) and
   returns the model's own output structure (a HuggingFace ``ModelOutput`` stays one).
 * The batch dimension of every input tensor is exported as dynamic (``Dim.AUTO``), so one
-  module serves every batch size. Where the model pins the batch size, export keeps it static
-  and a note says so. Token counts stay baked into view/reshape/expand arguments; the shape
+  module serves every batch size. Export specialises a dimension whose example size is 1, so a
+  batch of one is exported repeated to a batch of two. Where the model pins the batch size,
+  export keeps it static and a note says so.
+* Inputs of another shape than the graph was captured for raise ``tome_fx.ShapeError``, one
+  line naming the input, both shapes and what to do (``check_inputs``, the graph's first node),
+  instead of export's ``AssertionError: Guard failed``. Token counts stay baked into view/reshape/expand arguments; the shape
   repair pass (``passes/shapes.py``) makes them follow merges.
 * Export records eval-mode behaviour: dropout is off whatever ``.train()`` says.
 * An SDPA mask that does not depend on the input values and keeps every position (v5 builds an
@@ -29,9 +33,10 @@ import inspect
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import graph_utils as gu
-from .errors import CaptureError, one_line
+from .errors import CaptureError, ShapeError, one_line
 
 
 def is_exported_program(obj) -> bool:
@@ -65,22 +70,111 @@ def _batch_dims(model: nn.Module, args: tuple, kwargs: dict):
     return {name: spec(value) for name, value in bound.arguments.items()}
 
 
-def _dynamic_batch(gm: fx.GraphModule) -> bool:
-    for n in gm.graph.nodes:
+def _dynamic_batch(graph: fx.Graph, inputs=None) -> bool:
+    """Whether some input placeholder (of ``inputs`` names, default all) has a symbolic batch."""
+    for n in graph.nodes:
         val = n.meta.get("val") if n.op == "placeholder" else None
+        if inputs is not None and n.name not in inputs:
+            continue
         if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
             return True
     return False
 
 
+def _batch_of_one(args: tuple, kwargs: dict) -> bool:
+    leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return bool(leaves) and all(t.shape[0] == 1 for t in leaves)
+
+
+def _repeated(args: tuple, kwargs: dict, batch: int):
+    """The inputs with their one sample repeated to ``batch``."""
+    return tree_map(lambda t: t.expand(batch, *t.shape[1:]).clone()
+                    if isinstance(t, torch.Tensor) and t.dim() > 0 else t, (args, kwargs))
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: dict):
     """torch.export (non-strict) of an eval-mode deep copy, batch dimension dynamic."""
     work = copy.deepcopy(model).eval()
+    export = torch.export.export
+    if _batch_of_one(args, kwargs):  # export would specialise a batch of 1: trace a batch of 2
+        try:
+            a2, k2 = _repeated(args, kwargs, 2)
+            ep = export(work, a2, k2, dynamic_shapes=_batch_dims(work, a2, k2), strict=False)
+            if _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
+                return ep
+        except Exception:  # noqa: BLE001 - the model pins the batch: export it as given
+            pass
     try:
-        dynamic = _batch_dims(work, args, kwargs)
-        return torch.export.export(work, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        return export(work, args, kwargs, dynamic_shapes=_batch_dims(work, args, kwargs),
+                      strict=False)
     except Exception:  # a batch dim the model cannot keep dynamic: export it static
-        return torch.export.export(work, args, kwargs, strict=False)
+        return export(work, args, kwargs, strict=False)
+
+
+@torch.fx.node.has_side_effect
+def check_inputs(spec: tuple, *inputs) -> None:
+    """Raise ``ShapeError`` (one line) if an input's shape is not one the graph was captured for.
+
+    ``spec``: per input ``(name, dims)``, ``dims`` a tuple of ints (fixed sizes) and symbol
+    names (sizes free at run time; one name in two places means equal sizes); None for a
+    non-tensor input."""
+    seen: dict[str, tuple[str, int]] = {}
+    for (name, dims), x in zip(spec, inputs):
+        if dims is None or not isinstance(x, torch.Tensor):
+            continue
+        shape = tuple(x.shape)
+        captured = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in dims) + ")"
+        what = f"input {name!r} has shape {shape} but the module was captured for {captured}"
+        fix = "optimize again with example inputs of the shape you will run"
+        if len(shape) != len(dims):
+            raise ShapeError(f"{what} ({len(dims)} dimensions); {fix}")
+        for d, (want, got) in enumerate(zip(dims, shape)):
+            if isinstance(want, int) and want != got:
+                raise ShapeError(f"{what}: dimension {d} is fixed at {want}; {fix}")
+            if isinstance(want, str):
+                other, size = seen.setdefault(want, (f"{name!r} dimension {d}", got))
+                if size != got:
+                    raise ShapeError(f"{what}: its dimension {d} must equal {other} "
+                                     f"({size}), got {got}")
+
+
+def input_check_hook(gm: fx.GraphModule):
+    """A forward pre-hook doing ``gm``'s ``check_inputs`` in eager Python, or None if ``gm`` has
+    none. For ``torch.compile``: inside a compiled graph the check is traced, and a failing check
+    there is a compile error, not the ShapeError."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is check_inputs),
+                None)
+    if node is None:
+        return None
+    spec, signature = node.args[0], inspect.signature(gm.forward)
+
+    def hook(module, args, kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:  # the call itself says what is wrong
+            return
+        check_inputs(spec, *(bound.arguments.get(name) for name, _ in spec))
+
+    return hook
+
+
+def _input_spec(gm: fx.GraphModule) -> tuple:
+    def dims(val):
+        if not isinstance(val, torch.Tensor):
+            return None
+        return tuple(int(d) if not isinstance(d, torch.SymInt) else str(d) for d in val.shape)
+
+    return tuple((p.target, dims(p.meta.get("val")))
+                 for p in gm.graph.nodes if p.op == "placeholder")
+
+
+def add_input_check(gm: fx.GraphModule) -> None:
+    """Insert ``check_inputs`` in front of export's guards (before the first computation)."""
+    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    if not placeholders:
+        return
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_function(check_inputs, (_input_spec(gm), *placeholders))
 
 
 def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]):
@@ -92,11 +186,12 @@ def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]
         raise CaptureError(f"torch.export failed on {name}: {one_line(exc)}") from exc
     gm = fx.GraphModule(module, module.graph)  # plain GraphModule: .train()/.eval() allowed
     gm.eval()
-    if not _dynamic_batch(gm):
+    if not _dynamic_batch(gm.graph):
         batch = next((a.shape[0] for a in (*args, *kwargs.values())
                       if isinstance(a, torch.Tensor) and a.dim() > 0), None)
         notes.append(f"torch.export kept the batch size static ({batch}); call the result "
                      "with that batch size or optimize again for another")
+    add_input_check(gm)
     drop_assertions(gm)
     dropped = drop_trivial_masks(gm, args, kwargs)
     if dropped:

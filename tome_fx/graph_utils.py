@@ -27,11 +27,13 @@ CAST = {aten.to, aten._to_copy, aten.type_as, aten.contiguous, aten.clone, aten.
 TRANSPOSE = {torch.transpose, aten.transpose}
 CAT = {torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat}
 LINEAR_FUNCS = {F.linear, aten.linear, aten.addmm}
+CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
 DROPOUT_FUNCS = {F.dropout, aten.dropout}
 NORM_FUNCS = {F.layer_norm, F.group_norm, aten.layer_norm, aten.group_norm} | (
     {F.rms_norm, aten.rms_norm} if hasattr(F, "rms_norm") else set())
 NORM_MODULES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 LINEAR_MODULES = (nn.Linear,)
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 
@@ -78,6 +80,11 @@ def is_norm(gm: fx.GraphModule, node: Node) -> bool:
 
 def is_linear(gm: fx.GraphModule, node: Node) -> bool:
     return is_call(node, LINEAR_FUNCS) or isinstance(module_of(gm, node), LINEAR_MODULES)
+
+
+def is_conv(gm: fx.GraphModule, node: Node) -> bool:
+    """A convolution of any rank (its output's rank tells which)."""
+    return is_call(node, CONV_FUNCS) or isinstance(module_of(gm, node), CONV_MODULES)
 
 
 def is_dropout(gm: fx.GraphModule, node: Node) -> bool:

@@ -57,6 +57,27 @@ def merge_limit(n_tokens: int, prefix: int) -> int:
     return max(n_tokens - prefix, 0) // 2
 
 
+def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool = False,
+                 origin=None, groups=None):
+    """The matching ``tome_merge`` applies to ``n_tokens`` tokens (``bipartite_match``'s
+    indices), or None where it merges nothing. ``origin``/``groups``: see ``tome_merge``."""
+    r = min(r, merge_limit(n_tokens, prefix))
+    if r <= 0:
+        return None
+    current = None
+    if groups is not None:
+        current = groups.gather(1, origin_or_identity(origin, keys.shape[0], n_tokens, groups.device)
+                                [..., None].expand(-1, -1, groups.shape[-1]))
+    return bipartite_match(keys_metric(keys, keys_transposed), r, prefix, current)
+
+
+def origin_or_identity(origin, batch: int, n_tokens: int, device):
+    """``origin`` [B, N], or the identity (every token its own origin) when None."""
+    if origin is not None:
+        return origin
+    return torch.arange(n_tokens, device=device).expand(batch, n_tokens)
+
+
 @fx.wrap
 def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False,
                origin=None, groups=None):
@@ -71,22 +92,15 @@ def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False
     tokens, None = identity). Token-aligned side tensors follow the merge by gathering it.
     """
     n = x.shape[1]
-    r = min(r, merge_limit(n, prefix))
     if size is None:
         size = _ones_size(x)
+    match = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups)
     if groups is None:
-        if r <= 0:
-            return x, size
-        metric = keys_metric(keys, keys_transposed)
-        unm, src, dst = bipartite_match(metric, r, prefix)
-        return merge_by_index(x, size, prefix, unm, src, dst)
-    if origin is None:
-        origin = torch.arange(n, device=x.device).expand(x.shape[0], n)
-    if r <= 0:
+        return (x, size) if match is None else merge_by_index(x, size, prefix, *match)
+    origin = origin_or_identity(origin, x.shape[0], n, x.device)
+    if match is None:
         return x, size, origin
-    cur = groups.gather(1, origin[..., None].expand(-1, -1, groups.shape[-1]))
-    metric = keys_metric(keys, keys_transposed)
-    unm, src, dst = bipartite_match(metric, r, prefix, cur)
+    unm, src, dst = match
     off = prefix % 2
     rest = origin[:, prefix:]
     new_origin = torch.cat([origin[:, :prefix], rest[:, off::2].gather(1, unm), rest[:, 1 - off :: 2]], 1)

@@ -158,6 +158,17 @@ def labels_for_count(sim: torch.Tensor, u, v, m: int, target: int) -> torch.Tens
     return components(u, v, rank < hi[:, None], m)
 
 
+def component_slots(labels: torch.Tensor, n_out: int | None = None):
+    """(slot [B, m]: each patch's output position after the prefix, components in the order
+    of their first patch; ``n_out``, or the batch's largest component count if None)."""
+    ar = torch.arange(labels.shape[1], device=labels.device)
+    is_root = labels == ar
+    slot = (is_root.cumsum(dim=1) - 1).gather(1, labels)
+    if n_out is None:
+        n_out = int(is_root.sum(dim=1).max())  # data-dependent: threshold mode only
+    return slot, n_out
+
+
 def merge_components(x, size, labels, prefix: int, n_out: int | None = None):
     """Merge patch tokens ``x[:, prefix:]`` by component labels [B, m] (size-weighted mean).
 
@@ -166,12 +177,7 @@ def merge_components(x, size, labels, prefix: int, n_out: int | None = None):
     padded with value-0, size-0 tokens at the end.
     """
     c = x.shape[-1]
-    m = labels.shape[1]
-    ar = torch.arange(m, device=x.device)
-    is_root = labels == ar
-    slot = (is_root.cumsum(dim=1) - 1).gather(1, labels)
-    if n_out is None:
-        n_out = int(is_root.sum(dim=1).max())  # data-dependent: threshold mode only
+    slot, n_out = component_slots(labels, n_out)
     rest, rest_size = x[:, prefix:], size[:, prefix:].to(x.dtype)
     w = torch.cat([rest * rest_size, rest_size], dim=-1)
     out = w.new_zeros(x.shape[0], n_out, c + 1).scatter_add(
@@ -181,6 +187,24 @@ def merge_components(x, size, labels, prefix: int, n_out: int | None = None):
     out_x = torch.cat([x[:, :prefix], new_x], dim=1)
     out_size = torch.cat([size[:, :prefix], new_size.to(size.dtype)], dim=1)
     return out_x, out_size
+
+
+def tomato_labels(x, src, r, prefix: int, grid: tuple, kind: str, threshold=None, scale=None):
+    """(component labels [B, h*w], tokens out per image or None) of the merge ``tomato_merge``
+    applies, or None where it merges nothing. Arguments as ``tomato_merge``."""
+    h, w = grid
+    m = h * w
+    if r is not None and r <= 0:
+        return None
+    u, v = grid_edges(h, w, x.device)
+    if kind == "probs":
+        src = _probs_4d(src, x.shape[0])
+    sim = edge_similarity(kind, src, u, v, prefix, scale)
+    with torch.no_grad():
+        if r is None:
+            return components(u, v, sim > threshold, m), None
+        n_out = max(m - int(r), 1)
+        return labels_for_count(sim, u, v, m, n_out), n_out
 
 
 @fx.wrap
@@ -193,23 +217,12 @@ def tomato_merge(x, src, size, r, prefix: int, grid: tuple, kind: str, threshold
     ``r = 0`` merges nothing). ``src``/``kind``/``scale``: see ``edge_similarity``.
     Returns (merged x, sizes [B, N', 1] fp32).
     """
-    h, w = grid
-    m = h * w
     if size is None:
         size = _ones_size(x)
-    if r is not None and r <= 0:
+    found = tomato_labels(x, src, r, prefix, grid, kind, threshold, scale)
+    if found is None:
         return x, size
-    u, v = grid_edges(h, w, x.device)
-    if kind == "probs":
-        src = _probs_4d(src, x.shape[0])
-    sim = edge_similarity(kind, src, u, v, prefix, scale)
-    with torch.no_grad():
-        if r is None:
-            labels = components(u, v, sim > threshold, m)
-            n_out = None
-        else:
-            n_out = max(m - int(r), 1)
-            labels = labels_for_count(sim, u, v, m, n_out)
+    labels, n_out = found
     return merge_components(x, size, labels, prefix, n_out)
 
 

@@ -17,7 +17,7 @@ from .capture import capture
 from .api import drop_note
 from .errors import NoAttentionError
 from .match import find_blocks
-from .passes import add_size_bias, check_token_flow, weight_pooling
+from .passes import add_size_bias, check_token_flow, repair_shapes, weight_pooling
 from .passes.drop import NO_PREFIX
 from .passes.tomato import find_grid, insert_tomato, sim_source
 from .tomato import SIMILARITIES, tomato_flops
@@ -197,6 +197,9 @@ def _rewrite(model, example_inputs, sim_threshold, flops_budget, similarity, blo
     elif r != 0:
         sites = insert_tomato(gm, site.block, m.prefix, site.grid, similarity, sim_threshold,
                               r).info
+    fixed = repair_shapes(gm, sites, site.cap.args, site.cap.kwargs)  # baked counts (export)
+    if site.cap.frontend == "export":
+        counts["shape_repairs"] = fixed.count
     if dropping:
         dropped, why = _drop_last(gm, m, site.shapes, site.cap)
         if dropped is None:
@@ -206,11 +209,13 @@ def _rewrite(model, example_inputs, sim_threshold, flops_budget, similarity, blo
         core_nodes = set().union(*(c.nodes for c in m.cores))
         flow = check_token_flow(gm, site.cap.args, site.cap.kwargs, sites,
                                 {s.merge: r for s in sites}, m.prefix, core_nodes)
-        if flow.unsafe:  # the model is returned unchanged, with the reason
-            node, why = flow.unsafe[0]
+        unsafe = fixed.info.unsafe or flow.unsafe
+        if unsafe:  # the model is returned unchanged, with the reason
+            node, why = unsafe[0]
             disabled[site.block.index] = f"merged tokens would reach {node.name}: {why}"
             site = _Site(model, example_inputs, block, grid, similarity)  # a clean graph
             m, gm, sites, dropped, flow_shapes = site.matches, site.gm, [], None, site.shapes
+            counts["shape_repairs"] = 0
             skip_drop = "the model is left unchanged" if drop else skip_drop
         else:
             flow_shapes = flow.shapes
@@ -225,7 +230,7 @@ def _rewrite(model, example_inputs, sim_threshold, flops_budget, similarity, blo
                      "is padded to its largest count with size-0 tokens")
     if dropped is not None or skip_drop is not None:
         notes.append(drop_note(dropped, skip_drop, m.prefix))
-    plan = _block_plan(m, sites, flow_shapes, disabled, notes=tuple(notes))
+    plan = _block_plan(m, sites, flow_shapes, disabled, site.cap.frontend, tuple(notes))
     plan = dataclasses.replace(plan, method="tomato", merge_block=block, similarity=similarity,
                                sim_threshold=sim_threshold, grid=site.grid, budget=flops_budget,
                                flops=flops if sites or (r == 0 and not disabled) else None,

@@ -1,14 +1,17 @@
 """Token sources: which input tokens each merged token holds, without changing any output.
 
 ``track_sources(module, *inputs)`` runs a rewritten module with an ``fx.Interpreter``. Every
-``tome_merge`` call runs unchanged (so outputs are bit-identical to ``module(*inputs)``); next to
-it the same matching is recomputed and applied to a source map ``S`` of shape [B, N, N0]
+merge (``tome_merge``, ``tomato_merge``) runs unchanged (so outputs are bit-identical to
+``module(*inputs)``); next to it the same matching (``ops.match_tokens``,
+``tomato.tomato_labels``, called with the merge's own arguments, bound by name) is recomputed
+and applied to a source map ``S`` of shape [B, N, N0]
 (``S[b, i, j] = 1`` when token ``i`` holds input token ``j``; ``N0`` = tokens entering the first
 merge, protected prefix included). Merging adds rows (a sum, not a mean), so a row's sum is the
 token's size; that is checked against the size the merge returns.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +19,7 @@ import torch.fx as fx
 
 from . import graph_utils as gu
 from . import ops
+from .tomato import component_slots, tomato_labels, tomato_merge
 
 
 def merge_sources(sources: torch.Tensor, prefix: int, unm, src, dst) -> torch.Tensor:
@@ -28,6 +32,33 @@ def merge_sources(sources: torch.Tensor, prefix: int, unm, src, dst) -> torch.Te
     src_s = a.gather(1, src[..., None].expand(-1, -1, n0))
     b = b.scatter_add(1, dst[..., None].expand(-1, -1, n0), src_s)
     return torch.cat([sources[:, :prefix], unm_s, b], dim=1)
+
+
+def component_sources(sources: torch.Tensor, prefix: int, labels, n_out) -> torch.Tensor:
+    """Apply a ToMato labelling (``tomato.tomato_labels``) to a source map: a component's row is
+    the sum of its patches' rows."""
+    slot, n_out = component_slots(labels, n_out)
+    rest = sources[:, prefix:]
+    out = rest.new_zeros(rest.shape[0], n_out, rest.shape[-1]).scatter_add(
+        1, slot[..., None].expand(-1, -1, rest.shape[-1]), rest)
+    return torch.cat([sources[:, :prefix], out], dim=1)
+
+
+def _tome(sources, a):
+    match = ops.match_tokens(a["x"].shape[1], a["keys"], a["r"], a["prefix"],
+                             a["keys_transposed"], a["origin"], a["groups"])
+    return sources if match is None else merge_sources(sources, a["prefix"], *match)
+
+
+def _tomato(sources, a):
+    found = tomato_labels(a["x"], a["src"], a["r"], a["prefix"], a["grid"], a["kind"],
+                          a["threshold"], a["scale"])
+    return sources if found is None else component_sources(sources, a["prefix"], *found)
+
+
+# merge function -> (its signature, how its matching moves a source map)
+_MERGES = {fn: (inspect.signature(fn), apply)
+           for fn, apply in ((ops.tome_merge, _tome), (tomato_merge, _tomato))}
 
 
 @dataclass
@@ -52,13 +83,17 @@ class _Tracker(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.op == "call_function" and n.target is ops.tome_merge:
+        if n.op == "call_function" and n.target in _MERGES:
             with self._set_current_node(n):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self._track(n, out, *args, **kwargs)
+            signature, apply = _MERGES[n.target]
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self._track(n, out, apply, bound.arguments)
         return out
 
-    def _track(self, n, out, x, keys, size, r, prefix, keys_transposed=False):
+    def _track(self, n, out, apply, arguments: dict):
+        x, prefix = arguments["x"], arguments["prefix"]
         batch, tokens = x.shape[0], x.shape[1]
         self.prefix = prefix
         if self.current is None:
@@ -66,11 +101,7 @@ class _Tracker(fx.Interpreter):
         elif self.current.shape[1] != tokens:
             raise RuntimeError(f"source tracking: {n.name} sees {tokens} tokens, "
                                f"the previous merge left {self.current.shape[1]}")
-        r = min(r, ops.merge_limit(tokens, prefix))
-        if r > 0:
-            metric = ops.keys_metric(keys, keys_transposed)
-            unm, src, dst = ops.bipartite_match(metric, r, prefix)
-            self.current = merge_sources(self.current, prefix, unm, src, dst)
+        self.current = apply(self.current, arguments)
         new_size = out[1][..., 0].float()
         if new_size.shape != self.current.shape[:2] or not torch.equal(new_size, self.current.sum(-1)):
             raise RuntimeError(f"source tracking disagrees with {n.name}'s token sizes")

@@ -18,10 +18,9 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils import flop_counter as flc
-from torch.utils.flop_counter import FlopCounterMode
 
 import tome_fx
+from flops import counted_flops
 from tome_fx.export_capture import export_program
 from mask_models import set_r, track
 from reference_tome import reference_forward, reference_schedule
@@ -82,18 +81,6 @@ def _tensors(out):
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
-def _flops(module, inputs) -> int:
-    """FlopCounterMode's total (registering the SDPA formula for CPU fused attention on torches
-    whose counter lacks it)."""
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    mapping = {}
-    if cpu_sdpa is not None and cpu_sdpa not in flc.flop_registry:
-        mapping[cpu_sdpa] = lambda q, k, v, *a, out_shape=None, **kw: flc.sdpa_flop_count(q, k, v)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-        module(*inputs)
-    return fc.get_total_flops()
-
-
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
 def test_fx_cannot_trace_so_export_is_used(name):
     with pytest.raises(Exception):
@@ -124,7 +111,7 @@ def test_r0_unchanged(name):
 def test_flops_budget_half(name):
     model, fast = _model(name), _budget(name)
     x = _inputs(name, 2)
-    counted, original = _flops(fast, x), _flops(model, x)
+    counted, original = counted_flops(fast, *x), counted_flops(model, *x)
     ratio = counted / original
     assert 0.49 <= ratio <= 0.5, (fast.tome.r, ratio)
     assert fast.tome.flops == counted  # the cost model's prediction is exact on ATen graphs too
@@ -297,6 +284,79 @@ def test_masked_bert_padding_follows_merges():
         mixed = (member & real[:, None, :]).any(-1) & (member & ~real[:, None, :]).any(-1)
         assert not mixed.any(), "a merged token mixes padding and real tokens"
         assert torch.equal(member.sum(-1, keepdim=True).float(), size)
+    # tome_fx.track_sources (the merges' own matching, rerun) agrees with the independent tracker
+    tracked = tome_fx.track_sources(fast, **x)
+    assert torch.equal(tracked.output.logits, out.logits)
+    assert len(tracked.sources) == len(t.merges)
+    for (size, member), block in zip(t.merges, sorted(tracked.sources)):
+        assert torch.equal(tracked.sources[block] > 0, member)
     set_r(fast, 0)
     with torch.no_grad():
         assert (fast(**x).logits - model(**x).logits).abs().max() <= 1e-5
+
+
+def test_batch_of_one_example_runs_every_batch():
+    """One example image (the most common thing users pass): the export path keeps the batch
+    dynamic, so the result runs a batch of 4, each sample as if alone."""
+    model = _model("vit")
+    fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=_inputs("vit", 1))
+    assert fast.tome.frontend == "export" and fast.tome.ratio <= 0.5
+    x = _inputs("vit", 4)
+    with torch.no_grad():
+        batched = fast(*x).logits
+        alone = torch.cat([fast(x[0][i:i + 1]).logits for i in range(4)])
+    assert batched.shape == (4, 10) and (batched - alone).abs().max() <= 1e-5
+
+
+def test_other_sequence_length_is_a_shape_error():
+    model = _bert("model")
+    ids = torch.randint(0, 100, (2, 32))
+    fast = tome_fx.optimize(model, r=2, example_inputs={"input_ids": ids,
+                                                         "attention_mask": torch.ones_like(ids)})
+    longer = torch.randint(0, 100, (2, 48))
+    with pytest.raises(tome_fx.ShapeError) as info:
+        fast(input_ids=longer, attention_mask=torch.ones_like(longer))
+    msg = str(info.value)
+    assert "\n" not in msg and "'input_ids' has shape (2, 48)" in msg and "(any, 32)" in msg
+
+
+def test_tomato_finds_the_patch_grid_on_export_graphs():
+    """HF ViT's patch embedding is an ATen convolution on the export path; ToMato finds its
+    8x8 grid, repairs the baked token counts and meets the budget."""
+    model = _model("vit")
+    x = _inputs("vit", 2)
+    fast = tome_fx.optimize(model, method="tomato", flops_budget=0.7, example_inputs=x)
+    plan = fast.tome
+    assert plan.grid == (8, 8) and plan.frontend == "export" and plan.ratio <= 0.7
+    assert "captured with: torch.export" in str(plan)
+    assert fast.tome_counts["merges"] == 1 and fast.tome_counts["shape_repairs"] > 0
+    assert plan.flops == counted_flops(fast, *x) and plan.flops_original == counted_flops(model, *x)
+    with torch.no_grad():
+        out = fast(*x).logits
+        alone = torch.cat([fast(x[0][i:i + 1]).logits for i in range(2)])
+    assert (out - alone).abs().max() <= 1e-5
+    tracked = tome_fx.track_sources(fast, *x)
+    assert tracked.sources[0].shape == (2, plan.blocks[0].tokens_out, 65)
+    inf = tome_fx.optimize(model, method="tomato", sim_threshold=float("inf"), example_inputs=x)
+    with torch.no_grad():
+        assert (inf(*x).logits - model(*x).logits).abs().max() <= 1e-5
+
+
+def test_unmet_budget_warns_and_returns_the_model_unchanged():
+    """Every attention of this Data2Vec has a learned relative position bias: no block can
+    merge, so flops_budget=0.5 cannot be met; optimize says so and returns the model as is."""
+    torch.manual_seed(0)
+    model = T.Data2VecVisionModel(T.Data2VecVisionConfig(
+        **SMALL, image_size=64, patch_size=8, use_relative_position_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()  # a trained table (constructed ones are zeros)
+    x = _inputs("vit", 2)
+    with pytest.warns(UserWarning, match="flops_budget=0.5 is not met") as record:
+        fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=x)
+    msg = str(next(w.message for w in record if "not met" in str(w.message)))
+    assert "\n" not in msg and "relative position bias" in msg
+    assert fast.tome_counts["merges"] == 0 and fast.tome.ratio == 1.0
+    with torch.no_grad():
+        assert (fast(*x).last_hidden_state - model(*x).last_hidden_state).abs().max() <= 1e-5

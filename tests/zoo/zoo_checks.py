@@ -12,14 +12,10 @@ from typing import Callable
 
 import pytest
 import torch
-from torch.utils import flop_counter as flc
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 import tome_fx
-
-CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
+from flops import counted_flops
 
 @dataclass(eq=False)  # hashed by identity: built models are cached per case
 class Case:
@@ -57,18 +53,6 @@ def max_diff(a, b) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(ta, tb))
 
 
-def counted_flops(module, args) -> int:
-    """FlopCounterMode's total, with grad enabled (an original nn.TransformerEncoder takes an
-    uncounted fused fast path under no_grad) and the CPU fused-SDPA formula where this torch
-    lacks it (see tests/test_cost.py)."""
-    mapping = {}
-    if CPU_SDPA is not None and CPU_SDPA not in flc.flop_registry:
-        mapping = {CPU_SDPA: lambda q, k, v, *a, out_shape=None, **kw: flc.sdpa_flop_count(q, k, v)}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-        module(*args)
-    return fc.get_total_flops()
-
-
 def check_r0(case: Case):
     """r=0 leaves the output unchanged at batch 1 and 3; the plan has the config's blocks and
     protected tokens and skips nothing."""
@@ -97,8 +81,8 @@ def check_budget(case: Case, budget: float = 0.5):
     merging = sum(1 for r in plan.r if r > 0)
     assert merging > 0 and fast.tome_counts["merges"] == merging
     assert fast.tome_counts["size_bias"] >= merging - 1  # every attention after a merge
-    original = counted_flops(model, x1)
-    measured = counted_flops(fast, x1)
+    original = counted_flops(model, *x1)
+    measured = counted_flops(fast, *x1)
     assert plan.flops == measured  # the cost model's prediction is exact
     assert budget - 0.01 <= measured / original <= budget, (plan.r, measured / original)
 

@@ -1,10 +1,7 @@
 """Insert one ToMato merge at a chosen block's merge point (between attention residual and MLP)."""
 from __future__ import annotations
 
-
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import graph_utils as gu
 from ..match import Block
@@ -23,11 +20,9 @@ def find_grid(gm: fx.GraphModule, block: Block, shapes: dict, prefix: int) -> tu
     tokens = shapes[block.merge_at][block.token_dim]
     convs = []
     for n in gu.ancestors_within(block.stream_in, 10_000):
-        mod = gu.module_of(gm, n)
-        if isinstance(mod, nn.Conv2d) or gu.is_call(n, {F.conv2d}):
-            s = shapes.get(n)
-            if gu.is_tensor_shape(s) and len(s) == 4:
-                convs.append((s[2], s[3]))
+        s = shapes.get(n)
+        if gu.is_conv(gm, n) and gu.is_tensor_shape(s) and len(s) == 4:  # [B, C, h, w]
+            convs.append((s[2], s[3]))
     if not convs:
         return "no 2-D patch embedding (Conv2d) feeds the tokens; pass grid=(h, w)"
     fits = {g for g in convs if g[0] * g[1] == tokens - prefix}
