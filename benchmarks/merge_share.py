@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's t
 import timm  # noqa: E402
 
 import tome_fx  # noqa: E402
-from tome_fx import ops  # noqa: E402
+from tome_fx.kernels import tome as ops  # noqa: E402
 
 RANGES = {"merge": "tome.merge", "bias": "tome.bias", "pool": "tome.pool"}
 

@@ -28,6 +28,7 @@ from eval_cifar10 import BUDGETS, RESULTS  # noqa: E402
 
 from tome_fx import cost  # noqa: E402
 from tome_fx.api import rewrite  # noqa: E402
+from tome_fx.capture import capture  # noqa: E402
 
 
 def heldout_indices(n: int, calib: np.ndarray, seed: int = 1) -> np.ndarray:
@@ -45,7 +46,7 @@ def run(args) -> dict:
     x_u8, y = cv.load_train_uint8(heldout_indices(args.heldout, calib_idx), progress=True)
     x = cv.normalize(x_u8)
     original = cv.predict(model, x)
-    cm = cost.CostModel.build(model, (calib,), True)
+    cm = cost.CostModel.build(capture(model, (calib,)), True)
     rows = []
     for budget in args.budgets:
         cands = cost.scored_candidates(cm, budget, "auto")  # what search("auto") picks from

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: this checkout's tome_fx firs
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tome_fx  # noqa: E402
-from tome_fx.tomato_api import flops_curve  # noqa: E402
+from tome_fx.cost.tomato import flops_curve  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)

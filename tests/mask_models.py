@@ -4,7 +4,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tome_fx import ops
+from tome_fx.kernels import tome as ops
 
 
 class BertSelfAttention(nn.Module):

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tome_fx.capture import (TraceableEncoderLayer, TraceableMultiheadAttention, capture)
+from tome_fx.capture import capture
+from tome_fx.capture.fx import TraceableEncoderLayer, TraceableMultiheadAttention
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

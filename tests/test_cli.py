@@ -15,9 +15,9 @@ from PIL import Image
 
 import tome_fx
 from tome_fx import cli
-from tome_fx.report import format_text
+from tome_fx.cli.report import format_text
 from tome_fx.track import track_sources
-from tome_fx.visualize import group_ids, load_image, normalization
+from tome_fx.cli.visualize import group_ids, load_image, normalization
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "vit_tiny_patch16_224"

@@ -11,6 +11,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import tome_fx
+from tome_fx.compiling import compile_module
 from models import EncoderClassifier, TinyTransformer
 
 
@@ -74,7 +75,7 @@ def test_no_recompiles_and_dynamic_batch(name):
         return g.forward
 
     counter = CompileCounterWithBackend(keep)
-    fast = tome_fx.compiling.compile_module(gm, {"backend": counter})
+    fast = compile_module(gm, {"backend": counter})
     with torch.no_grad():
         for _ in range(3):
             x = inputs(2)
@@ -152,7 +153,7 @@ def test_half_precision(dtype):
 def test_compiled_export_module_raises_shape_error():
     """A wrong input shape is the one-line ShapeError before dynamo runs (in a fullgraph trace
     the check's raise would be a compile error)."""
-    from tome_fx.export_capture import export_program
+    from tome_fx.capture.export import export_program
 
     model = TinyTransformer(depth=2).eval()
     x = torch.randn(2, 32, 16)

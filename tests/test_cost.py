@@ -20,8 +20,9 @@ import torch.nn.functional as F
 import tome_fx
 from flops import counted_flops
 from tome_fx.api import rewrite
-from tome_fx import ops
-from tome_fx.cost import CostModel, _Calibration, search
+from tome_fx.capture import capture
+from tome_fx.cost import Calibration, CostModel, search
+from tome_fx.kernels import tome as ops
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -62,13 +63,13 @@ ZOO = {
 def _zoo(name):
     make, inputs = ZOO[name]
     model, x = make(), inputs()
-    return model, x, CostModel.build(model, x)
+    return model, x, CostModel.build(capture(model, x))
 
 
 @functools.lru_cache(maxsize=None)
 def _vit_small():
     model, x = _timm("vit_small_patch16_224"), _image()
-    return model, x, CostModel.build(model, x), _counted(model, x)
+    return model, x, CostModel.build(capture(model, x)), _counted(model, x)
 
 
 def test_flop_counter_counts_what_the_cost_model_prices():
@@ -213,7 +214,7 @@ def test_dropping_unread_tokens_counts_against_the_original():
     # after attention. The budget stays a fraction of the *original* FLOPs (FlopCounterMode on
     # the user's model), and the closed form matches the dropped graph's measured FLOPs.
     model, x, _ = _cifar()
-    cm = CostModel.build(model, x)
+    cm = CostModel.build(capture(model, x))
     assert cm.flops_original == _counted(model, x)
     assert cm.enabled[-1] is False  # no merge in the dropping block
     dropped_only = cm.flops([0] * cm.num_blocks)
@@ -233,6 +234,6 @@ def test_dropping_unread_tokens_counts_against_the_original():
 def test_no_free_block_with_average_pooling():
     # Average pooling reads every token after the last block: its merge moves the output.
     model, x, cm = _zoo("vit_avgpool_no_cls")
-    assert _Calibration(cm).free_blocks() == frozenset()
+    assert Calibration(cm).free_blocks() == frozenset()
     plan = tome_fx.plan(model, flops_budget=0.8, example_inputs=x)
     assert not any("unchanged" in n for n in plan.notes)

@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 
 import tome_fx
-from tome_fx import graph_utils as gu
+from tome_fx import graph as gu
 from tome_fx.capture import capture
-from tome_fx.match import find_blocks
-from tome_fx.passes.drop import check_drop, drop_unread
+from tome_fx.checks.drop import check_drop
+from tome_fx.passes.drop import drop_unread
+from tome_fx.pipeline import analyse
 
 from models import ExplicitAttention, TinyTransformer
 
@@ -88,14 +89,11 @@ def test_drop_is_exact_and_saves_work(name, r):
 def test_drop_refused_where_other_tokens_are_read(readout, reason):
     torch.manual_seed(0)
     model, x = _Readout(readout).eval(), torch.randn(2, 12, 16)
-    cap = capture(model, (x,))
-    gm = cap.graph_module
-    shapes, _ = gu.record_shapes(gm, cap.args, cap.kwargs)
-    m = find_blocks(gm, shapes)
-    assert m.prefix == 1
-    done = drop_unread(gm, m.blocks[-1], m.prefix)
+    ctx = analyse(capture(model, (x,)))
+    assert ctx.matches.prefix == 1
+    done = drop_unread(ctx)
     assert done.count == 1
-    assert reason in check_drop(gm, done.info, m.prefix, cap.args, cap.kwargs)
+    assert reason in check_drop(ctx, done.info)
     # optimize leaves such a model's last block to its merge, and its function intact
     fast = tome_fx.optimize(model, r=0, example_inputs=(x,))
     assert fast.tome_counts["drop_unread"] == 0 and fast.tome.blocks[-1].dropped == 0

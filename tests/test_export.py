@@ -10,9 +10,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 import tome_fx
-from tome_fx import graph_utils as gu
+from tome_fx import graph as gu
 from tome_fx.capture import capture
-from tome_fx.export_capture import export_program
+from tome_fx.capture.export import export_program
 from models import ExplicitAttention, TinyTransformer
 
 
@@ -137,14 +137,24 @@ def test_export_fallback_error_is_one_line():
 
 
 def test_budget_rewrite_captures_once(monkeypatch):
-    """optimize(flops_budget=) builds the cost model and the final rewrite from one capture."""
-    capture_module = sys.modules["tome_fx.capture"]  # tome_fx.capture is also the function
+    """optimize(flops_budget=) builds the cost model and the final rewrite from one capture:
+    ToMe and ToMato, through torch.export and through fx tracing."""
+    capture_package = sys.modules["tome_fx.capture"]  # tome_fx.capture is also the function
     calls = []
-    real = capture_module._capture
-    monkeypatch.setattr(capture_module, "_capture", lambda *a: calls.append(a) or real(*a))
+    for name in ("trace", "capture_export"):
+        real = getattr(capture_package, name)
+        monkeypatch.setattr(capture_package, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
     model, x, ep = _tiny_exported(depth=2)
     fast = tome_fx.optimize(ep, flops_budget=0.8)
-    assert len(calls) == 1 and fast.tome.frontend == "export" and fast.tome.ratio <= 0.8
+    assert calls == ["capture_export"] and fast.tome.frontend == "export" and fast.tome.ratio <= 0.8
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3).eval()
+    for method in ("tome", "tomato"):
+        calls.clear()
+        fast = tome_fx.optimize(vit, method=method, flops_budget=0.6,
+                                example_inputs=(torch.randn(2, 3, 64, 64),))
+        assert calls == ["trace"] and fast.tome.ratio <= 0.6 and fast.tome_counts["merges"] >= 1
 
 
 def test_static_batch_export_is_noted():

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import tome_fx
-from tome_fx import ops
+from tome_fx.kernels import tokens
+from tome_fx.kernels import tome as ops
 from mask_models import MiniBert, PaddedEncoder, bert_inputs, set_r, track
 
 VARIANTS = {
@@ -233,11 +234,11 @@ def test_bipartite_match_respects_groups():
 def test_follow_tokens_gathers_token_dims():
     t = torch.randn(2, 1, 7, 7)
     origin = torch.tensor([[0, 3, 5], [6, 1, 2]])
-    out = ops.follow_tokens(t, origin, (2, 3))
+    out = tokens.follow_tokens(t, origin, (2, 3))
     for b in range(2):
         assert torch.equal(out[b, 0], t[b, 0][origin[b]][:, origin[b]])
     m = torch.randn(1, 7)  # broadcast batch
-    assert torch.equal(ops.follow_tokens(m, origin, (1,)), m[0][origin])
+    assert torch.equal(tokens.follow_tokens(m, origin, (1,)), m[0][origin])
 
 
 def test_flops_budget_with_padding():

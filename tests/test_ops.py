@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tome_fx import ops
+from tome_fx.kernels import tokens
+from tome_fx.kernels import tome as ops
 from tome_fx.schedule import parse_r
 
 
@@ -81,19 +82,19 @@ def test_merge_low_precision():
 
 def test_size_bias_and_mask():
     size = torch.tensor([[[1.0], [2.0], [4.0]]])
-    bias = ops.size_bias(size, 4, torch.zeros(1, dtype=torch.float16))
+    bias = tokens.size_bias(size, 4, torch.zeros(1, dtype=torch.float16))
     assert bias.shape == (1, 1, 1, 3) and bias.dtype == torch.float16
     assert torch.allclose(bias.float().flatten(), torch.log(torch.tensor([1.0, 2.0, 4.0])), atol=1e-3)
     keep = torch.tensor([True, False, True])
-    combined = ops.add_attn_bias(keep, bias.float())
+    combined = tokens.add_attn_bias(keep, bias.float())
     assert combined[0, 0, 0, 1] == float("-inf") and combined[0, 0, 0, 2] == bias.float()[0, 0, 0, 2]
 
 
 def test_weighted_mean():
     x = torch.tensor([[[1.0], [3.0]]])
     size = torch.tensor([[[3.0], [1.0]]])
-    assert ops.weighted_mean(x, size, 1).item() == pytest.approx(1.5)
-    assert ops.weighted_mean(x.transpose(0, 1), size, 0).item() == pytest.approx(1.5)
+    assert tokens.weighted_mean(x, size, 1).item() == pytest.approx(1.5)
+    assert tokens.weighted_mean(x.transpose(0, 1), size, 0).item() == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize("r, n, expected", [

@@ -1,6 +1,6 @@
 """ToMato (issue 7): 4-neighbour components, merge once, padding, exact counts, models.
 
-References here are written separately from tome_fx/tomato.py: a Python union-find for the
+References here are written separately from tome_fx/kernels/tomato.py: a Python union-find for the
 components, Kruskal's loop for the count mode, per-component Python means for the merge, and an
 explicit per-head softmax for the attention similarity.
 """
@@ -15,7 +15,7 @@ import torch
 import tome_fx
 from flops import counted_flops
 from models import EncoderClassifier, TinyTransformer
-from tome_fx.tomato import (components, count_components, edge_similarity, grid_edges,
+from tome_fx.kernels.tomato import (components, count_components, edge_similarity, grid_edges,
                             labels_for_count, merge_components, tomato_merge)
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
@@ -338,7 +338,7 @@ def test_cifar_threshold_batch_equals_single(similarity, threshold):
     assert plan.method == "tomato" and plan.grid == (8, 8) and plan.protected == 1
     assert plan.sim_threshold == threshold and plan.merge_block == 0
     assert fast.tome_counts == {"merges": 1, "size_bias": 5, "weighted_pool": 0,
-                                "drop_unread": 1}
+                                "mask_follow": 0, "drop_unread": 1}
     size = _sizes(fast, x)[..., 0]
     counts = (size > 0).sum(1)
     assert counts.min() < counts.max() <= 65  # images really differ, so padding is exercised

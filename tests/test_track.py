@@ -9,11 +9,11 @@ import torch
 import torch.fx as fx
 
 import tome_fx
-from tome_fx import ops
-from tome_fx.bench import Progress, throughput, timings
-from tome_fx.sources import parse_input_size
+from tome_fx.kernels import tome as ops
+from tome_fx.cli.bench import Progress, throughput, timings
+from tome_fx.cli.sources import parse_input_size
 from tome_fx.track import track_sources
-from tome_fx.visualize import group_ids, palette, patch_grid, render
+from tome_fx.cli.visualize import group_ids, palette, patch_grid, render
 
 
 class MergeRecorder(fx.Interpreter):

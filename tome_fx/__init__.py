@@ -1,8 +1,11 @@
-"""tome_fx: Token Merging (ToMe) as a torch.fx graph pass."""
-from .api import explain, optimize, rewrite
+"""tome_fx: Token Merging (ToMe) as a torch.fx graph pass.
+
+The package reads in the order data flows through it (ARCHITECTURE.md): ``graph`` helpers,
+``capture``, ``match``, ``kernels``, ``passes`` and ``checks``, the one ``pipeline``,
+``methods``, ``cost``, then ``api`` and ``cli``.
+"""
+from .api import compile, explain, optimize, plan, rewrite
 from .capture import capture
-from .compiling import compile
-from .cost import plan
 from .errors import CaptureError, NoAttentionError, ShapeError, TomeError
 from .match import find_blocks
 from .plans import BlockPlan, Plan

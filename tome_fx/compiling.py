@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .export_capture import input_check_hook
+from .capture.export import input_check_hook
 
 DEFAULTS = {"fullgraph": True}  # a graph break is an error, not a silent slow path
 
@@ -41,16 +41,3 @@ def compile_module(module: nn.Module, option: Any = True) -> nn.Module:
     if hook is not None:
         compiled.register_forward_pre_hook(hook, with_kwargs=True)
     return compiled
-
-
-def compile(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-            dynamic: bool | None = None, fullgraph: bool = True, **optimize_kwargs) -> nn.Module:
-    """``optimize(model, **optimize_kwargs)`` compiled with ``torch.compile``.
-
-    The result still exposes ``.tome`` (the plan) and ``.tome_counts``. ``dynamic`` is passed to
-    torch.compile; leave it None (automatic): ``True`` would make the resolution symbolic too.
-    """
-    from .api import optimize  # api imports this module
-
-    options = {"backend": backend, "mode": mode, "dynamic": dynamic, "fullgraph": fullgraph}
-    return optimize(model, compile=options, **optimize_kwargs)

@@ -13,7 +13,7 @@ from numbers import Number
 
 import torch.fx as fx
 
-from . import graph_utils as gu
+from . import graph as gu
 
 Node = fx.Node
 

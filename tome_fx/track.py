@@ -2,8 +2,8 @@
 
 ``track_sources(module, *inputs)`` runs a rewritten module with an ``fx.Interpreter``. Every
 merge (``tome_merge``, ``tomato_merge``) runs unchanged (so outputs are bit-identical to
-``module(*inputs)``); next to it the same matching (``ops.match_tokens``,
-``tomato.tomato_labels``, called with the merge's own arguments, bound by name) is recomputed
+``module(*inputs)``); next to it the same matching (``kernels.tome.match_tokens``,
+``kernels.tomato.tomato_labels``, called with the merge's own arguments, bound by name) is recomputed
 and applied to a source map ``S`` of shape [B, N, N0]
 (``S[b, i, j] = 1`` when token ``i`` holds input token ``j``; ``N0`` = tokens entering the first
 merge, protected prefix included). Merging adds rows (a sum, not a mean), so a row's sum is the
@@ -17,21 +17,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from . import graph_utils as gu
-from . import ops
-from .tomato import component_slots, tomato_labels, tomato_merge
+from . import graph as gu
+from .kernels.tomato import component_slots, tomato_labels, tomato_merge
+from .kernels.tome import match_tokens, merged_layout, tome_merge
 
 
 def merge_sources(sources: torch.Tensor, prefix: int, unm, src, dst) -> torch.Tensor:
-    """Apply a matching (``ops.bipartite_match``'s indices) to a source map, adding merged rows."""
-    n0 = sources.shape[-1]
-    off = prefix % 2
-    rest = sources[:, prefix:]
-    a, b = rest[:, off::2], rest[:, 1 - off :: 2]
-    unm_s = a.gather(1, unm[..., None].expand(-1, -1, n0))
-    src_s = a.gather(1, src[..., None].expand(-1, -1, n0))
-    b = b.scatter_add(1, dst[..., None].expand(-1, -1, n0), src_s)
-    return torch.cat([sources[:, :prefix], unm_s, b], dim=1)
+    """Apply a matching (``kernels.tome.bipartite_match``'s indices) to a source map: merged
+    A rows are added to their B partners' rows."""
+    kept, unmerged, b = merged_layout(sources, prefix, unm)
+    merged = merged_layout(sources, prefix, src)[1]  # the merged A rows, as gathered
+    b = b.scatter_add(1, dst[..., None].expand(-1, -1, sources.shape[-1]), merged)
+    return torch.cat([kept, unmerged, b], dim=1)
 
 
 def component_sources(sources: torch.Tensor, prefix: int, labels, n_out) -> torch.Tensor:
@@ -45,20 +42,20 @@ def component_sources(sources: torch.Tensor, prefix: int, labels, n_out) -> torc
 
 
 def _tome(sources, a):
-    match = ops.match_tokens(a["x"].shape[1], a["keys"], a["r"], a["prefix"],
-                             a["keys_transposed"], a["origin"], a["groups"])
+    match = match_tokens(a["x"].shape[1], a["keys"], a["r"], a["prefix"], a["keys_transposed"],
+                         a["origin"], a["groups"])
     return sources if match is None else merge_sources(sources, a["prefix"], *match)
 
 
 def _tomato(sources, a):
     found = tomato_labels(a["x"], a["src"], a["r"], a["prefix"], a["grid"], a["kind"],
-                          a["threshold"], a["scale"])
+                          a["threshold"], a["scale"], a["origin"], a["groups"])
     return sources if found is None else component_sources(sources, a["prefix"], *found)
 
 
 # merge function -> (its signature, how its matching moves a source map)
 _MERGES = {fn: (inspect.signature(fn), apply)
-           for fn, apply in ((ops.tome_merge, _tome), (tomato_merge, _tomato))}
+           for fn, apply in ((tome_merge, _tome), (tomato_merge, _tomato))}
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import tome_fx
 from flops import counted_flops
-from tome_fx.export_capture import export_program
+from tome_fx.capture.export import export_program
 from mask_models import set_r, track
 from reference_tome import reference_forward, reference_schedule
 
@@ -254,7 +254,7 @@ def test_bert_captured_by_export_and_blocks_found(kind):
 
 
 def test_default_inputs_for_video_and_audio_configs():
-    from tome_fx.api import default_inputs
+    from tome_fx.capture import default_inputs
 
     assert default_inputs(_model("videomae"))[0].shape == (2, 8, 3, 32, 32)  # [B, T, C, H, W]
     assert default_inputs(_model("ast_audio"))[0].shape == (2, 128, 32)  # [B, time, mel bins]

@@ -121,7 +121,7 @@ def test_position_dependent_attention_is_refused(name):
 
 def test_windowed_attention_is_not_merged_across_windows_by_coincidence():
     """Batch size equal to the window size: the shapes of stream and windows look like a
-    sequence-first layout, so only running the block tells (tome_fx/passes/token_probe.py)."""
+    sequence-first layout, so only running the block tells (tome_fx/checks/token_probe.py)."""
     model = _hand(lambda d: zm.WindowAttention(d, 4), cls=False, pool="mean")
     x = (torch.randn(4, 32, 16),)
     fast = tome_fx.optimize(model, r=2, example_inputs=x)

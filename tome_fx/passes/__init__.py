@@ -1,11 +1,12 @@
-"""Graph rewrites. Each pass takes a GraphModule and returns a PassResult."""
-from .base import PassResult
-from .drop import check_drop, drop_unread
-from .merge import insert_merges
+"""Graph transforms. Each takes a ``base.Context`` and returns a ``base.PassResult``: how many
+rewrites fired and what it found (``info``)."""
+from .base import Context, PassResult
+from .drop import drop_unread
+from .follow import follow_side_tensors
+from .merge import MergeSite, splice_merge
 from .pooling import weight_pooling
-from .prop_attn import add_size_bias
 from .shapes import repair_shapes
-from .token_flow import check_token_flow
+from .size_bias import add_size_bias
 
-__all__ = ["PassResult", "insert_merges", "add_size_bias", "weight_pooling", "check_token_flow",
-           "repair_shapes", "drop_unread", "check_drop"]
+__all__ = ["Context", "PassResult", "MergeSite", "splice_merge", "follow_side_tensors",
+           "repair_shapes", "drop_unread", "add_size_bias", "weight_pooling"]

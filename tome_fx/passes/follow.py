@@ -26,34 +26,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .. import graph_utils as gu
-from .. import ops
-from .base import PassResult, finish, inserted
+from .. import graph as gu
+from ..kernels.tokens import follow_tokens, token_groups
+from .base import Context, PassResult, finish, inserted
 
 Node = fx.Node
-
-_META_METHODS = {"size", "dim", "numel", "__len__", "get_device"}
-_aten = torch.ops.aten
-_META_ATEN = {_aten.sym_size, _aten.sym_numel, _aten.sym_stride, _aten._assert_tensor_metadata}
 
 
 @dataclass
 class Followed:
     unsafe: list[tuple[Node, str]] = field(default_factory=list)
     groups: Node | None = None
-    follows: list[Node] = field(default_factory=list)
-
-
-def _is_meta(n: Node) -> bool:
-    """Reads only metadata (shape, dtype, device) of its input, not values."""
-    if n.op == "call_function" and (n.target is getattr
-                                    or getattr(n.target, "overloadpacket", None) in _META_ATEN):
-        return True
-    return gu.is_call(n, set(), _META_METHODS)
 
 
 def _value_inputs(n: Node) -> list[Node]:
-    if _is_meta(n):
+    if gu.is_meta(n):
         return []
     if gu.is_call(n, set(), ("to", "type_as")):  # x.to(other) reads other's dtype only
         first = n.args[0] if n.args else None
@@ -61,26 +48,8 @@ def _value_inputs(n: Node) -> list[Node]:
     return list(n.all_input_nodes)
 
 
-def _descendants(starts) -> set[Node]:
-    seen, stack = set(), list(starts)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
 def _value_descendants(starts) -> set[Node]:
-    seen, stack = set(starts), list(starts)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in seen and n in _value_inputs(u):
-                seen.add(u)
-                stack.append(u)
-    return seen
+    return set(starts) | gu.descendants(starts, through=lambda u, n: n in _value_inputs(u))
 
 
 def _value_ancestors(node: Node) -> set[Node]:
@@ -99,67 +68,29 @@ def _token_dims(shape, batch: int, tokens: int):
     return tuple(d for d in range(1, len(shape)) if shape[d] == tokens)
 
 
-def _placeholder_values(gm, args, kwargs) -> dict[Node, object]:
-    out, i = {}, 0
-    for p in gm.graph.nodes:
-        if p.op != "placeholder":
-            continue
-        if i < len(args):
-            out[p] = args[i]
-            i += 1
-        elif p.target in kwargs:
-            out[p] = kwargs[p.target]
-        else:
-            out[p] = p.args[0] if p.args else None
-    return out
-
-
-class _Grab(fx.Interpreter):
-    def __init__(self, gm, wanted):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = out
-        return out
-
-
-def _grab(gm, values: dict, wanted) -> dict:
-    g = _Grab(gm, set(wanted))
-    with torch.no_grad():
-        g.run(*[values[p] for p in gm.graph.nodes if p.op == "placeholder"])
-    return g.values
-
-
-def _equivariance(gm, args, kwargs, merges, sources, checks) -> dict[Node, str]:
+def _equivariance(ctx: Context, sources, checks) -> dict[Node, str]:
     """Run at r=0 with and without the token-aligned ``sources`` permuted along the tokens;
     ``checks``: node -> token dims. Returns node -> reason for those that do not permute along."""
-    saved = [m.args[3] for m in merges]
-    for m in merges:
-        m.update_arg(3, 0)
-    gm.recompile()
+    gm = ctx.gm
     try:
-        values = _placeholder_values(gm, args, kwargs)
-        base = _grab(gm, values, checks)
-        b, n = next(values[p].shape[:2] for p in sources)
-        gen = torch.Generator().manual_seed(0)
-        perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(b)])
-        permuted = dict(values)
-        for p in sources:
-            t = values[p]
-            permuted[p] = ops.follow_tokens(t, perm.to(t.device), (t.dim() - 1,) if t.dim() > 2 else (1,))
-        moved = _grab(gm, permuted, checks)
+        with gu.merges_at(gm, 0, ctx.merges):
+            values = gu.placeholder_values(gm, ctx.args, ctx.kwargs)
+            base = gu.record_values(gm, values, checks)
+            index = {p: i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+            b, n = values[index[sources[0]]].shape[:2]
+            gen = torch.Generator().manual_seed(0)
+            perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(b)])
+            permuted = list(values)
+            for p in sources:
+                t = values[index[p]]
+                permuted[index[p]] = follow_tokens(t, perm.to(t.device),
+                                                   (t.dim() - 1,) if t.dim() > 2 else (1,))
+            moved = gu.record_values(gm, permuted, checks)
     except Exception as exc:  # noqa: BLE001 - reported as a reason, never raised
         return {node: f"cannot evaluate the mask ({type(exc).__name__})" for node in checks}
-    finally:
-        for m, r in zip(merges, saved):
-            m.update_arg(3, r)
-        gm.recompile()
     bad = {}
     for node, dims in checks.items():
-        want = ops.follow_tokens(base[node], perm.to(base[node].device), dims)
+        want = follow_tokens(base[node], perm.to(base[node].device), dims)
         got = moved[node]
         if want.shape != got.shape or not _close(want, got):
             bad[node] = (f"{node.name} is not a per-token function of the padding mask "
@@ -173,15 +104,17 @@ def _close(a, b) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
 
 
-def follow_side_tensors(gm: fx.GraphModule, sites, cores, shapes: dict, args, kwargs,
-                        batch: int, tokens: int) -> PassResult:
+def follow_side_tensors(ctx: Context) -> PassResult:
     """Make the merges group-aware and re-index side tensors where they meet merged tokens."""
-    info = Followed()
-    if not sites:
+    info, gm = Followed(), ctx.gm
+    if not ctx.sites:
         return PassResult(gm, 0, info)
+    b0 = ctx.matches.blocks[0]
+    shapes, shape = ctx.shapes, ctx.shapes[b0.merge_at]
+    batch, tokens = shape[1 - b0.token_dim], shape[b0.token_dim]
     graph = gm.graph
-    merges = [s.merge for s in sites]
-    after = _descendants(merges)
+    merges = ctx.merges
+    after = gu.descendants(merges)
     aligned = [p for p in graph.nodes if p.op == "placeholder"
                and gu.is_tensor_shape(shapes.get(p)) and shapes[p][0] == batch
                and len(shapes[p]) >= 2 and shapes[p][-1] == tokens
@@ -189,7 +122,8 @@ def follow_side_tensors(gm: fx.GraphModule, sites, cores, shapes: dict, args, kw
     if not aligned:
         return PassResult(gm, 0, info)
     side = _value_descendants(aligned) - after
-    masks = [gu.arg(c.anchor, 3, "attn_mask", None) if c.kind == "sdpa" else c.mask for c in cores]
+    masks = [gu.arg(c.anchor, 3, "attn_mask", None) if c.kind == "sdpa" else c.mask
+             for c in ctx.matches.cores]
     mask_nodes = [m for m in masks if isinstance(m, Node) and m in side]
 
     edges = []  # (consumer, side tensor, token dims)
@@ -218,7 +152,7 @@ def follow_side_tensors(gm: fx.GraphModule, sites, cores, shapes: dict, args, kw
         if fixed:
             info.unsafe.append((t, f"{t.name} mixes in {fixed[0].target}, a fixed "
                                 "tensor indexed by token position"))
-    bad = _equivariance(gm, args, kwargs, merges, sorted(sources, key=lambda p: p.name),
+    bad = _equivariance(ctx, sorted(sources, key=lambda p: p.name),
                         {t: d for t, d in checks.items() if d})
     for t, why in bad.items():
         info.unsafe.append((t, why))
@@ -229,11 +163,12 @@ def follow_side_tensors(gm: fx.GraphModule, sites, cores, shapes: dict, args, kw
     last_ph = [p for p in graph.nodes if p.op == "placeholder"][-1]
     ordered = [p for p in aligned if p in sources]
     with graph.inserting_after(last_ph):
-        info.groups = inserted(graph.call_function(ops.token_groups, tuple(ordered)), "groups")
+        info.groups = inserted(graph.call_function(token_groups, tuple(ordered)), "groups")
     origin = None
     origins = []
     for m in merges:
-        m.args = (*m.args[:6], origin, info.groups)
+        gu.set_merge_arg(m, "origin", origin)
+        gu.set_merge_arg(m, "groups", info.groups)
         with graph.inserting_after(m):
             origin = inserted(graph.call_function(operator.getitem, (m, 2)), "origin")
         origins.append(origin)
@@ -247,7 +182,6 @@ def follow_side_tensors(gm: fx.GraphModule, sites, cores, shapes: dict, args, kw
         if key not in made:
             with graph.inserting_before(n):
                 made[key] = inserted(
-                    graph.call_function(ops.follow_tokens, (t, before[-1], dims)), "follow")
+                    graph.call_function(follow_tokens, (t, before[-1], dims)), "follow")
         n.replace_input_with(t, made[key])
-    info.follows = list(made.values())
     return PassResult(finish(gm), len(made), info)

@@ -1,4 +1,8 @@
-"""Insert a ToMe merge at each block's merge point (between attention residual and MLP)."""
+"""Splice a merge call into a block's merge point (between its attention residual and MLP).
+
+The methods (``tome_fx.methods``) decide where and with which kernel; this is the one place
+that rewires the graph around a merge, whichever the kernel.
+"""
 from __future__ import annotations
 
 import operator
@@ -6,34 +10,16 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .. import ops
 from ..match import Block
-from .base import PassResult, finish, inserted
+from .base import inserted
 
 
 @dataclass(frozen=True)
 class MergeSite:
     block: int
-    merge: fx.Node  # the tome_merge call
+    merge: fx.Node  # the merge call (role "merge", see graph.merges)
     x: fx.Node  # merged tokens
     size: fx.Node  # token sizes after the merge
-
-
-def insert_merges(gm: fx.GraphModule, blocks: list[Block], schedule: list[int], prefix: int,
-                  enabled: set[int]) -> PassResult:
-    """Thread ``size`` from merge to merge; every use of a merge point sees merged tokens."""
-    graph = gm.graph
-    size = None
-    sites = []
-    for block in blocks:
-        r = schedule[block.index]
-        if r <= 0 or block.index not in enabled:
-            continue
-        site = splice_merge(graph, block, ops.tome_merge, lambda x: (
-            x, block.core.keys, size, r, prefix, block.core.keys_transposed), r=r)
-        size = site.size
-        sites.append(site)
-    return PassResult(finish(gm), len(sites), sites)
 
 
 def splice_merge(graph: fx.Graph, block: Block, fn, args_of, **meta) -> MergeSite:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import operator
 
-import torch.fx as fx
-
-from .. import ops
-from .base import PassResult, finish, inserted
+from ..kernels.tokens import weighted_mean, weighted_sum
+from .base import Context, PassResult, finish, inserted
 
 
-def weight_pooling(gm: fx.GraphModule, pools) -> PassResult:
-    graph = gm.graph
+def weight_pooling(ctx: Context, pools) -> PassResult:
+    """Replace each ``pools`` entry (``checks.token_flow.Pool``) by its size-weighted form."""
+    graph = ctx.gm.graph
     for pool in pools:
         n = pool.node
         x = n.args[0]
@@ -21,8 +20,8 @@ def weight_pooling(gm: fx.GraphModule, pools) -> PassResult:
             if pool.offset:
                 index = (slice(None), slice(pool.offset, None))
                 size = inserted(graph.call_function(operator.getitem, (size, index)), "size")
-            fn = ops.weighted_sum if pool.kind == "sum" else ops.weighted_mean
+            fn = weighted_sum if pool.kind == "sum" else weighted_mean
             new = inserted(graph.call_function(fn, (x, size, pool.dim, keepdim)), "pool")
         n.replace_all_uses_with(new)
         graph.erase_node(n)
-    return PassResult(finish(gm), len(pools))
+    return PassResult(finish(ctx.gm), len(pools))

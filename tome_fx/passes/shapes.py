@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .. import graph_utils as gu
-from .base import PassResult, finish, inserted
+from .. import graph as gu
+from .base import Context, PassResult, finish, inserted
 
 Node = fx.Node
 aten = torch.ops.aten
@@ -110,32 +110,19 @@ class _Repairer(fx.Interpreter):
         return out
 
 
-def _set_r(merges, values):
-    for m, r in zip(merges, values):
-        m.update_arg(3, r)
-
-
-def repair_shapes(gm: fx.GraphModule, sites, args, kwargs) -> PassResult:
-    """Rewrite baked token counts downstream of ``sites`` (MergeSites); count = entries fixed.
+def repair_shapes(ctx: Context) -> PassResult:
+    """Rewrite baked token counts downstream of the merges; count = entries fixed.
     ``info`` is a ShapeRepairs: the repairs made and the unsafe (node, reason) pairs."""
-    found = ShapeRepairs()
-    merges = [s.merge for s in sites]
-    if not merges:
+    gm, found = ctx.gm, ShapeRepairs()
+    if not ctx.sites:
         return PassResult(gm, 0, found)
-    real = [m.args[3] for m in merges]
-    try:
-        _set_r(merges, [0] * len(merges))
-        gm.recompile()
-        shapes0, _ = gu.record_shapes(gm, args, kwargs)
-        _set_r(merges, [1] * len(merges))
-        gm.recompile()
+    with gu.merges_at(gm, 0, ctx.merges):
+        shapes0, _ = gu.record_shapes(gm, ctx.args, ctx.kwargs)
+    with gu.merges_at(gm, 1, ctx.merges), torch.no_grad():
         try:
-            with torch.no_grad():
-                gu.run_interpreter(_Repairer(gm, shapes0, found), gm, args, kwargs)
+            gu.run_interpreter(_Repairer(gm, shapes0, found), gm, ctx.args, ctx.kwargs)
         except _Stop:
             pass
-    finally:
-        _set_r(merges, real)
     graph = gm.graph
     for rep in found.repairs:
         with graph.inserting_before(rep.node):

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import TomeError, one_line
+from ..capture import default_inputs
+from ..errors import TomeError, one_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SEED = 0  # random weights and random inputs are drawn from this seed, so runs repeat
@@ -234,8 +235,6 @@ def declared_size(src: Source) -> tuple[int, ...]:
     """The (C, H, W) the source declares (timm cfg, a config's image_size, recorded inputs)."""
     if src.example_inputs:
         return tuple(src.example_inputs[0].shape[1:])
-    from .api import default_inputs
-
     try:
         return tuple(default_inputs(src.model, batch=1)[0].shape[1:])
     except ValueError:

@@ -2,7 +2,7 @@
 
 ``throughput(fn, inputs)`` is what the CLI and the benchmark scripts use::
 
-    from tome_fx.bench import throughput
+    from tome_fx.cli.bench import throughput
     ips = throughput(model, (x,), warmup=3, runs=10)   # images (batch items) per second
 """
 from __future__ import annotations

@@ -1,41 +1,19 @@
-"""Capture a model as a torch.fx GraphModule.
+"""The first capture path: torch.fx symbolic tracing.
 
-Symbolic tracing in eval mode on a deep copy of the user's model. Non-tensor forward
-arguments are fixed to their signature defaults. torch.nn modules that symbolic tracing treats
-as opaque leaves (``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``,
+Non-tensor forward arguments are fixed to their signature defaults. torch.nn modules that
+symbolic tracing treats as opaque leaves (``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``,
 ``nn.MultiheadAttention``) are swapped for equivalent traceable stand-ins so that their attention
-shows up in the graph. When symbolic tracing fails (HuggingFace transformers v5 models), or the
-model is given as a ``torch.export.ExportedProgram``, the graph comes from torch.export instead
-(``export_capture``); ``Captured.frontend`` says which.
+shows up in the graph.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import inspect
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CaptureError, one_line
-from .export_capture import capture_export, exported_inputs, is_exported_program
-
-
-@dataclass
-class Captured:
-    """A traced copy of a model plus what capture noticed."""
-
-    graph_module: fx.GraphModule
-    frontend: str  # "fx" (symbolic tracing) | "export" (torch.export, ATen-level graph)
-    model_class: str
-    args: tuple  # example positional inputs (tensors) matching the graph placeholders
-    kwargs: dict
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,21 +223,6 @@ def swap_standins(model: nn.Module, notes: list[str]) -> nn.Module:
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
 
 
-def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
-    if example_inputs is None:
-        return (), {}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise TypeError(
-        f"example_inputs must be a tensor, a tuple of inputs or a dict, not {type(example_inputs).__name__}"
-    )
-
-
 def _concrete_args(model: nn.Module, n_args: int, kwargs: dict) -> dict:
     """Signature defaults of non-tensor forward parameters the caller does not pass."""
     try:
@@ -278,67 +241,18 @@ def _concrete_args(model: nn.Module, n_args: int, kwargs: dict) -> dict:
     return concrete
 
 
-_memo: dict | None = None  # (model, inputs) ids -> Captured, inside ``reuse_captures``
+def with_standins(model: nn.Module, notes: list[str]) -> nn.Module:
+    """``model`` (a copy the caller owns) with its opaque torch.nn modules swapped, in eval mode."""
+    root = _standin(model)
+    return (root if root is not model else swap_standins(model, notes)).eval()
 
 
-@contextlib.contextmanager
-def reuse_captures():
-    """Within this block, capturing the same model object with the same inputs object again
-    returns a copy of the first capture (one ``optimize`` call captures once, not per pass)."""
-    global _memo
-    outer = _memo
-    _memo = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _memo = outer
-
-
-def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
-    """Capture a deep copy of ``model`` (in eval mode) as a GraphModule.
-
-    torch.fx symbolic tracing first (``frontend="fx"``); if that fails, or ``model`` is a
-    ``torch.export.ExportedProgram``, torch.export (``frontend="export"``, see export_capture).
-    """
-    if _memo is None:
-        return _capture(model, example_inputs)
-    key = (id(model), id(example_inputs))
-    if key not in _memo:
-        _memo[key] = (model, example_inputs, _capture(model, example_inputs))  # keeps ids alive
-    cap = _memo[key][2]
-    return dataclasses.replace(cap, graph_module=copy.deepcopy(cap.graph_module),
-                               notes=list(cap.notes))
-
-
-def _capture(model: nn.Module, example_inputs: Any = None) -> Captured:
-    if is_exported_program(model):
-        args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
-                        else exported_inputs(model))
-        notes = ["captured from the given torch.export ExportedProgram"]
-        gm = capture_export(model, args, kwargs, "ExportedProgram", notes)
-        return Captured(gm, "export", "ExportedProgram", args, kwargs, notes)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = normalize_inputs(example_inputs)
-    name = type(model).__name__
-    notes: list[str] = []
-    work = copy.deepcopy(model).eval()
-    root = _standin(work)
-    work = (root if root is not work else swap_standins(work, notes)).eval()
-    concrete = _concrete_args(work, len(args), kwargs)
-    try:
-        gm = fx.symbolic_trace(work, concrete_args=concrete or None)
-    except Exception as exc:  # fx raises many kinds; report them as one line
-        reason = one_line(exc)
-        try:
-            gm = capture_export(work, args, kwargs, name, notes)
-        except CaptureError as exc2:
-            raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
-        notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")
-        return Captured(gm, "export", name, args, kwargs, notes)
+def trace(work: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Symbolic tracing of ``work`` (from ``with_standins``); raises what fx raises."""
+    gm = fx.symbolic_trace(work, concrete_args=_concrete_args(work, len(args), kwargs) or None)
     _drop_dead_values(gm)
     gm.eval()
-    return Captured(gm, "fx", name, args, kwargs, notes)
+    return gm
 
 
 def _drop_dead_values(gm: fx.GraphModule) -> None:

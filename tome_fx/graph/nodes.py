@@ -1,4 +1,5 @@
-"""Small helpers to read fx graphs: op recognition, shapes, def-use walks."""
+"""Op recognition in fx graphs: which call a node is (torch function, method, module, or the
+ATen op of a torch.export graph), and its arguments by position or keyword."""
 from __future__ import annotations
 
 import operator
@@ -8,7 +9,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 
 Node = fx.Node
 aten = torch.ops.aten
@@ -108,90 +108,12 @@ def set_arg(node: Node, index: int, name: str, value: Any) -> None:
         node.update_kwarg(name, value)
 
 
-def node_inputs(node: Node) -> list[Node]:
-    return list(node.all_input_nodes)
+_META_METHODS = {"size", "dim", "numel", "__len__", "get_device"}
+_META_ATEN = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata}
 
 
-class ShapeRecorder(fx.Interpreter):
-    """Runs a graph and records each node's output shape(s) (None for non-tensors)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.shapes: dict[Node, Any] = {}
-
-    def run_node(self, n: Node) -> Any:
-        result = super().run_node(n)
-        self.shapes[n] = tree_map(
-            lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else None, result
-        )
-        return result
-
-
-def record_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[dict, Any]:
-    rec = ShapeRecorder(gm)
-    with torch.no_grad():
-        out = run_interpreter(rec, gm, args, kwargs)
-    return rec.shapes, out
-
-
-def run_interpreter(rec: fx.Interpreter, gm: fx.GraphModule, args: tuple, kwargs: dict):
-    """fx.Interpreter.run takes positional args only: order kwargs by placeholder."""
-    if not kwargs:
-        return rec.run(*args)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    full = list(args)
-    for p in placeholders[len(args) :]:
-        if p.target in kwargs:
-            full.append(kwargs[p.target])
-        elif p.args:
-            full.append(p.args[0])
-        else:
-            full.append(None)
-    return rec.run(*full)
-
-
-def is_tensor_shape(s: Any) -> bool:
-    return isinstance(s, tuple) and all(isinstance(d, int) for d in s)
-
-
-def has_tensor(s: Any) -> bool:
-    """Whether a recorded shape entry holds at least one tensor."""
-    if is_tensor_shape(s):
+def is_meta(node: Node) -> bool:
+    """Reads only metadata (shape, dtype, device) of its input, not values."""
+    if node.op == "call_function" and (node.target is getattr or packet(node) in _META_ATEN):
         return True
-    if isinstance(s, (tuple, list)):
-        return any(has_tensor(x) for x in s)
-    if isinstance(s, dict):
-        return any(has_tensor(x) for x in s.values())
-    return False
-
-
-# Ops whose values depend on their tensor inputs' shapes only (``torch.ones_like(x)``).
-SHAPE_ONLY = {torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like}
-SHAPE_ONLY_METHODS = ("new_ones", "new_zeros", "new_full", "new_empty")
-
-
-def data_dependent(gm: fx.GraphModule, shapes: dict) -> set[Node]:
-    """Nodes whose tensor values depend on a model input (not only through shapes)."""
-    dep: set[Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            dep.add(n)
-        elif is_call(n, SHAPE_ONLY, SHAPE_ONLY_METHODS):
-            continue
-        elif n.op != "get_attr" and any(i in dep for i in n.all_input_nodes):
-            if has_tensor(shapes.get(n)):
-                dep.add(n)
-    return dep
-
-
-def ancestors_within(node: Node, depth: int) -> set[Node]:
-    seen, frontier = {node}, [node]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for i in n.all_input_nodes:
-                if i not in seen:
-                    seen.add(i)
-                    nxt.append(i)
-        frontier = nxt
-    return seen
+    return is_call(node, set(), _META_METHODS)

@@ -60,7 +60,7 @@ def _parse_r(text: str | None):
 
 def _check(args):
     """Validate options before loading anything (fast one-line errors)."""
-    from .cost import check_budget
+    from ..cost import check_budget
     from .sources import parse_input_size
 
     if args.flops_budget is not None:
@@ -138,7 +138,7 @@ def bench(args) -> int:
     import torch
     from tabulate import tabulate
 
-    import tome_fx
+    from .. import api
 
     from .sources import example_inputs
 
@@ -149,7 +149,7 @@ def bench(args) -> int:
     recorded = src.example_inputs  # an ExportedProgram's: its batch may be fixed
     batch = args.batch_size or (len(recorded[0]) if recorded else 32 if device.type == "cuda" else 8)
     plan_inputs = example_inputs(src, args.size, batch if recorded else min(batch, 2))
-    fast = tome_fx.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
                             example_inputs=plan_inputs)
     plan = fast.tome
     size = tuple(plan_inputs[0].shape[1:])
@@ -187,18 +187,18 @@ def bench(args) -> int:
 def visualize(args) -> int:
     import torch
 
-    import tome_fx
+    from .. import api
 
     from . import visualize as vis
     from .sources import declared_size
-    from .track import track_sources
+    from ..track import track_sources
 
     _check(args)
     src = _source(args)
     size = args.size or declared_size(src)
     mean, std = vis.normalization(src.model)
     x, image = vis.load_image(args.image, size, mean, std)
-    fast = tome_fx.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
                             example_inputs=(x,))
     tracked = track_sources(fast, x)
     num = tracked.num_blocks
@@ -252,48 +252,50 @@ def _timing(p: argparse.ArgumentParser, runs: int) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
 
 
+def _subcommand(sub, name: str, func, summary: str, description: str, epilog: str,
+                batch_help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, batch_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="tome-fx", description="Token Merging (ToMe) as a torch.fx graph pass",
                      epilog="example:\n  tome-fx report timm:vit_small_patch16_224 --flops-budget 0.5\n"
                             "run 'tome-fx COMMAND --help' for a command's options",
-                     formatter_class=fmt)
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    rep = sub.add_parser("report", help="blocks found, merges and FLOPs per block, fidelity",
-                         description="Show what tome_fx does to a model: per-block merges and FLOPs,\n"
-                                     "protected tokens, skipped sites, totals, fidelity.",
-                         epilog=REPORT_EPILOG, formatter_class=fmt)
-    _common(rep, "batch of random inputs for planning and fidelity (default 2)")
+    rep = _subcommand(sub, "report", report, "blocks found, merges and FLOPs per block, fidelity",
+                      "Show what tome_fx does to a model: per-block merges and FLOPs,\n"
+                      "protected tokens, skipped sites, totals, fidelity.", REPORT_EPILOG,
+                      "batch of random inputs for planning and fidelity (default 2)")
     rep.add_argument("--strategy", choices=["auto", "constant", "decreasing"], default="auto",
                      help="schedule shape for --flops-budget (default auto)")
     rep.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     rep.add_argument("--bench", action="store_true", help="also measure throughput of both models")
     _timing(rep, runs=5)
-    rep.set_defaults(func=report)
 
-    ben = sub.add_parser("bench", help="throughput of original vs rewritten (eager, compiled)",
-                         description="Measure throughput (batch items per second) of the original and\n"
-                                     "the rewritten model: warm-up, then the median of timed runs.",
-                         epilog=BENCH_EPILOG, formatter_class=fmt)
-    _common(ben, "batch size to time (default 32 on CUDA, 8 on CPU)")
+    ben = _subcommand(sub, "bench", bench, "throughput of original vs rewritten (eager, compiled)",
+                      "Measure throughput (batch items per second) of the original and\n"
+                      "the rewritten model: warm-up, then the median of timed runs.", BENCH_EPILOG,
+                      "batch size to time (default 32 on CUDA, 8 on CPU)")
     ben.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ben.add_argument("--compile", action="store_true", help="also time torch.compile'd versions")
     ben.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     _timing(ben, runs=10)
-    ben.set_defaults(func=bench)
 
-    vis = sub.add_parser("visualize", help="draw the merge groups of one image",
-                         description="Run one image through the rewritten model and draw which patches\n"
-                                     "were merged together after a block (default: the last).",
-                         epilog=VISUALIZE_EPILOG, formatter_class=fmt)
-    _common(vis, argparse.SUPPRESS)
+    vis = _subcommand(sub, "visualize", visualize, "draw the merge groups of one image",
+                      "Run one image through the rewritten model and draw which patches\n"
+                      "were merged together after a block (default: the last).", VISUALIZE_EPILOG,
+                      argparse.SUPPRESS)
     vis.add_argument("image", help="image file (any format Pillow reads); resized to the input size")
     vis.add_argument("-o", "--output", required=True, help="PNG to write")
     vis.add_argument("--layer", type=int, default=None, metavar="K",
                      help="draw the groups after block K (default: the last block)")
     vis.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
-    vis.set_defaults(func=visualize)
     return parser
 
 
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
         print("tome-fx: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from .errors import TomeError, one_line
+        from ..errors import TomeError, one_line
 
         known = (TomeError, ValueError, TypeError, NotImplementedError, OSError)
         msg = one_line(exc)

@@ -25,7 +25,8 @@ import math
 import torch
 import torch.fx as fx
 
-from .ops import _ones_size, keys_metric
+from .tokens import current_groups, identity_origin, ones_size
+from .tome import keys_metric
 
 SIMILARITIES = ("attention", "keys")
 
@@ -136,26 +137,35 @@ def _probs_4d(probs: torch.Tensor, batch: int) -> torch.Tensor:
     return probs
 
 
-def labels_for_count(sim: torch.Tensor, u, v, m: int, target: int) -> torch.Tensor:
+def labels_for_count(sim: torch.Tensor, u, v, m: int, target: int,
+                     allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Labels leaving exactly ``target`` components per image, joining the strongest edges.
 
     For k strongest edges kept, count(k) falls from m (k = 0) to 1 (k = E, the grid is connected)
     by steps of 0 or 1, so the smallest k with count(k) <= target has count(k) == target.
     A binary search finds it for every image at once: ceil(log2(E + 1)) labellings.
+    ``allowed`` [B, E] (padding groups): other edges are never joined, so an image whose allowed
+    edges cannot get down to ``target`` keeps more components.
     """
     b, e = sim.shape
     device = sim.device
+    if allowed is not None:
+        sim = sim.masked_fill(~allowed, float("-inf"))
     order = sim.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(e, device=device).expand(b, e))
     lo = torch.zeros(b, dtype=torch.long, device=device)
     hi = torch.full((b,), e, dtype=torch.long, device=device)
     for _ in range(math.ceil(math.log2(e + 1))):
         mid = (lo + hi) // 2
-        c = count_components(components(u, v, rank < mid[:, None], m))
+        c = count_components(components(u, v, _kept(rank < mid[:, None], allowed), m))
         ok = c <= target
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid + 1)
-    return components(u, v, rank < hi[:, None], m)
+    return components(u, v, _kept(rank < hi[:, None], allowed), m)
+
+
+def _kept(keep: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    return keep if allowed is None else keep & allowed
 
 
 def component_slots(labels: torch.Tensor, n_out: int | None = None):
@@ -189,7 +199,8 @@ def merge_components(x, size, labels, prefix: int, n_out: int | None = None):
     return out_x, out_size
 
 
-def tomato_labels(x, src, r, prefix: int, grid: tuple, kind: str, threshold=None, scale=None):
+def tomato_labels(x, src, r, prefix: int, grid: tuple, kind: str, threshold=None, scale=None,
+                  origin=None, groups=None):
     """(component labels [B, h*w], tokens out per image or None) of the merge ``tomato_merge``
     applies, or None where it merges nothing. Arguments as ``tomato_merge``."""
     h, w = grid
@@ -200,30 +211,46 @@ def tomato_labels(x, src, r, prefix: int, grid: tuple, kind: str, threshold=None
     if kind == "probs":
         src = _probs_4d(src, x.shape[0])
     sim = edge_similarity(kind, src, u, v, prefix, scale)
+    allowed = None
+    if groups is not None:  # only patches of one padding group join
+        g = current_groups(groups, origin, x.shape[0], x.shape[1])[:, prefix:]
+        allowed = (g[:, u] == g[:, v]).all(dim=-1)
     with torch.no_grad():
         if r is None:
-            return components(u, v, sim > threshold, m), None
+            keep = sim > threshold
+            return components(u, v, keep if allowed is None else keep & allowed, m), None
         n_out = max(m - int(r), 1)
-        return labels_for_count(sim, u, v, m, n_out), n_out
+        labels = labels_for_count(sim, u, v, m, n_out, allowed)
+        # with groups an image may keep more than n_out components: pad to the batch's largest
+        return labels, n_out if allowed is None else max(n_out, int(count_components(labels).max()))
 
 
 @fx.wrap
 def tomato_merge(x, src, size, r, prefix: int, grid: tuple, kind: str, threshold=None,
-                 scale=None):
+                 scale=None, origin=None, groups=None):
     """ToMato merge of ``x`` [B, N, C] on the ``grid = (h, w)`` patches after ``prefix``.
 
     ``r``: None for threshold mode (edges with similarity > ``threshold``), else the number of
     patch tokens to remove (count mode: exactly ``h*w - r`` patch tokens per image remain;
     ``r = 0`` merges nothing). ``src``/``kind``/``scale``: see ``edge_similarity``.
-    Returns (merged x, sizes [B, N', 1] fp32).
+    Returns (merged x, sizes [B, N', 1] fp32). ``origin``/``groups`` (padding groups, as
+    ``tome_merge``): patches of different groups never join, and ``origin`` is returned too.
     """
     if size is None:
-        size = _ones_size(x)
-    found = tomato_labels(x, src, r, prefix, grid, kind, threshold, scale)
+        size = ones_size(x)
+    found = tomato_labels(x, src, r, prefix, grid, kind, threshold, scale, origin, groups)
+    if groups is not None:
+        origin = identity_origin(origin, x.shape[0], x.shape[1], x.device)
     if found is None:
-        return x, size
+        return (x, size) if groups is None else (x, size, origin)
     labels, n_out = found
-    return merge_components(x, size, labels, prefix, n_out)
+    out = merge_components(x, size, labels, prefix, n_out)
+    if groups is None:
+        return out
+    slot, n_out = component_slots(labels, n_out)
+    rest = origin[:, prefix:]  # every patch of a component has its group: any one will do
+    joined = rest.new_zeros(rest.shape[0], n_out).scatter(1, slot, rest)
+    return (*out, torch.cat([origin[:, :prefix], joined], dim=1))
 
 
 def tomato_flops(kind: str, batch: int, heads: int, tokens: int, prefix: int, head_dim: int) -> int:

@@ -3,8 +3,8 @@
 HuggingFace transformers v5 models are the main case: their Python (``**kwargs`` plumbing,
 output dataclasses, mask builders) defeats symbolic tracing, while ``torch.export`` runs the
 real code under fake tensors. The result is an ATen-level graph (``aten.linear``,
-``aten.scaled_dot_product_attention``, ``aten.view`` ...); ``graph_utils`` recognises those ops,
-so the same block finder and passes run on it.
+``aten.scaled_dot_product_attention``, ``aten.view`` ...); ``tome_fx.graph`` recognises those
+ops, so the same block finder and passes run on it.
 
 What the returned GraphModule is:
 
@@ -18,8 +18,9 @@ What the returned GraphModule is:
   export keeps it static and a note says so.
 * Inputs of another shape than the graph was captured for raise ``tome_fx.ShapeError``, one
   line naming the input, both shapes and what to do (``check_inputs``, the graph's first node),
-  instead of export's ``AssertionError: Guard failed``. Token counts stay baked into view/reshape/expand arguments; the shape
-  repair pass (``passes/shapes.py``) makes them follow merges.
+  instead of export's ``AssertionError: Guard failed``.
+* Token counts stay baked into view/reshape/expand arguments; the shape repair pass
+  (``passes/shapes.py``) makes them follow merges.
 * Export records eval-mode behaviour: dropout is off whatever ``.train()`` says.
 * An SDPA mask that does not depend on the input values and keeps every position (v5 builds an
   all-true mask for unmasked encoders) is removed; a real mask stays (and is the matcher's
@@ -35,8 +36,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from . import graph_utils as gu
-from .errors import CaptureError, ShapeError, one_line
+from .. import graph as gu
+from ..errors import CaptureError, ShapeError, one_line
 
 
 def is_exported_program(obj) -> bool:
@@ -224,14 +225,13 @@ def drop_trivial_masks(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
                     add_sites.append((n, add, term, other))
     if not sdpa_sites and not add_sites:
         return 0
-    values = _Values(gm, {m for _, m in sdpa_sites} | {t for _, _, t, _ in add_sites})
+    kept = gu.record_values(gm, gu.placeholder_values(gm, args, kwargs),
+                            {m for _, m in sdpa_sites} | {t for _, _, t, _ in add_sites})
     shapes, _ = gu.record_shapes(gm, args, kwargs)
-    with torch.no_grad():
-        gu.run_interpreter(values, gm, args, kwargs)
     dependent = gu.data_dependent(gm, shapes)
 
     def masks_nothing(node, bool_ok: bool) -> bool:
-        m = values.kept.get(node)
+        m = kept.get(node)
         if node in dependent or not isinstance(m, torch.Tensor):
             return False
         if m.dtype == torch.bool:
@@ -259,16 +259,3 @@ def drop_assertions(gm: fx.GraphModule) -> None:
     for n in list(gm.graph.nodes):
         if gu.is_call(n, {torch.ops.aten._assert_tensor_metadata}) and not n.users:
             gm.graph.erase_node(n)
-
-
-class _Values(fx.Interpreter):
-    def __init__(self, gm, wanted: set):
-        super().__init__(gm)
-        self.wanted = wanted
-        self.kept: dict = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.wanted:
-            self.kept[n] = out
-        return out

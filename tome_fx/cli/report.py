@@ -12,9 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from . import cost
-from .api import rewrite
-from .schedule import parse_r
+from .. import cost
+from ..capture import capture
+from ..methods import ToMe
+from ..pipeline import rewrite
+from ..schedule import parse_r
 
 
 def count_params(module: nn.Module) -> int:
@@ -58,13 +60,14 @@ def build(target: Any, model: nn.Module, inputs: tuple, *, r: Any = None,
     """(report dict, rewritten module). ``target`` goes to the tome_fx API, ``model`` runs the
     original. The schedule is ``tome_fx.plan``'s for a budget (same cost model and search), or
     ``r`` as ``optimize`` reads it."""
-    cm = cost.CostModel.build(target, inputs)
+    captured = capture(target, inputs)
+    cm = cost.CostModel.build(captured)
     drift = None
     if flops_budget is not None:
         schedule, drift = cost.search(cm, cost.check_budget(flops_budget), strategy)
     else:
         schedule = cm.clamp(parse_r(r, cm.num_blocks))
-    rw = rewrite(target, lambda n: list(schedule) + [0] * (n - len(schedule)), inputs)
+    rw = rewrite(captured, ToMe(lambda n: list(schedule) + [0] * (n - len(schedule))))
     fast = rw.graph_module
     plan = cost.to_plan(cm, rw.plan.r, flops_budget,
                         strategy if flops_budget is not None else None, drift)

@@ -9,6 +9,7 @@ reported with the node, so the merges upstream of it can be switched off.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 
@@ -17,9 +18,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import graph_utils as gu
+from .. import graph as gu
 from ..capture import float_mask
 from ..errors import one_line
+from ..passes.base import Context
 from .token_probe import probe_block
 
 Node = fx.Node
@@ -46,7 +48,6 @@ _LAYOUT_FUNCS = {
     torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten,
     torch.unsqueeze, torch.squeeze, torch.chunk, torch.split, torch.unbind,
 }
-_META_METHODS = {"size", "dim", "numel", "__len__"}
 _ACTIVATIONS = (
     nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU,
     nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
@@ -66,7 +67,6 @@ _LAYOUT_FUNCS |= {
     _A.view, _A.reshape, _A._unsafe_view, _A.permute, _A.transpose, _A.flatten, _A.unflatten,
     _A.unsqueeze, _A.squeeze, _A.expand, _A.chunk, _A.split, _A.split_with_sizes, _A.unbind,
 }
-_META_FUNCS = {_A.sym_size, _A.sym_numel, _A.sym_stride, _A._assert_tensor_metadata}
 _INDEX_FUNCS = {_A.select, _A.slice}
 _EXTREMES = {torch.max, torch.min, torch.amax, torch.amin, torch.argmax, torch.argmin,
              torch.logsumexp, _A.max, _A.min, _A.amax, _A.amin, _A.argmax, _A.argmin, _A.logsumexp}
@@ -91,21 +91,10 @@ class Flow:
     positional: set = field(default_factory=set)  # token-sized tensors not made from tokens
 
 
-def _tdims(a, b) -> tuple:
-    """Token dims of one output entry: where the two runs differ."""
-    if gu.is_tensor_shape(a) and gu.is_tensor_shape(b) and len(a) == len(b):
-        return tuple(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        if any(_tdims(x, y) for x, y in zip(a, b)):
-            return ("nested",)
-    return ()
-
-
 class _Recorder(gu.ShapeRecorder):
     def __init__(self, gm, probe=()):
         super().__init__(gm)
         self.failed: Node | None = None
-        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.probe = {}  # keys node -> blocks whose token dimension is checked there
         for b in probe:
             self.probe.setdefault(b.core.keys, []).append(b)
@@ -121,7 +110,7 @@ class _Recorder(gu.ShapeRecorder):
             raise
         for b in self.probe.get(n, ()):
             try:
-                why = probe_block(self, self.order, b, out)
+                why = probe_block(self, b, out)
             except Exception:  # the probe could not run: no evidence either way
                 why = None
             if why:
@@ -129,14 +118,13 @@ class _Recorder(gu.ShapeRecorder):
         return out
 
 
-def _run(gm, args, kwargs, merges, values, probe=()):
-    for m, r in zip(merges, values):
-        m.update_arg(3, r)
-    gm.recompile()
-    rec = _Recorder(gm, probe)
+def _run(ctx: Context, r, probe=()):
+    """Shapes of a run with every merge at ``r`` (None: as set), the failure, probe reasons."""
+    rec = _Recorder(ctx.gm, probe)
+    runs = contextlib.nullcontext() if r is None else gu.merges_at(ctx.gm, r, ctx.merges)
     try:
-        with torch.no_grad():
-            gu.run_interpreter(rec, gm, args, kwargs)
+        with runs, torch.no_grad():
+            gu.run_interpreter(rec, ctx.gm, ctx.args, ctx.kwargs)
     except Exception as exc:
         return rec.shapes, (rec.failed, exc), []
     # reported at the block's MLP add, so that the block's own merge counts as upstream
@@ -173,18 +161,18 @@ def _index_entry(idx, ndim: int, tdim: int):
     return dims[tdim] if tdim < len(dims) else slice(None)
 
 
-def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, prefix: int,
-                     core_nodes: set, blocks=()) -> Flow:
-    """Classify consumers of merged tokens. ``schedule_r``: merge node -> its real r.
-    ``blocks``: matched blocks; those that merge get their token dimension probed."""
-    merges = [s.merge for s in sites]
+def check_token_flow(ctx: Context) -> Flow:
+    """Classify every consumer of merged tokens. Merging blocks get their token dimension
+    probed (``token_probe``)."""
+    gm, prefix = ctx.gm, ctx.matches.prefix
+    core_nodes = set().union(*(c.nodes for c in ctx.matches.cores))
     flow = Flow()
-    merging = {s.block for s in sites}
-    probe = [b for b in blocks if b.index in merging]
-    shapes_a, err_a, wrong = _run(gm, args, kwargs, merges, [0] * len(merges), probe)
+    merging = {s.block for s in ctx.sites}
+    probe = [b for b in ctx.matches.blocks if b.index in merging]
+    shapes_a, err_a, wrong = _run(ctx, 0, probe)
     flow.unsafe.extend(wrong)
-    shapes_b, err_b, _ = _run(gm, args, kwargs, merges, [1] * len(merges))
-    shapes_real, err_real, _ = _run(gm, args, kwargs, merges, [schedule_r[m] for m in merges])
+    shapes_b, err_b, _ = _run(ctx, 1)
+    shapes_real, err_real, _ = _run(ctx, None)
     flow.shapes = shapes_real
     dep = gu.data_dependent(gm, shapes_a)
     for err in (err_a, err_b, err_real):
@@ -194,7 +182,7 @@ def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, 
                                 or f"fails on merged tokens: {one_line(exc)}"))
             return flow
 
-    tdims = {n: _tdims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
+    tdims = {n: gu.token_dims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
     for n in gm.graph.nodes:
         # Token-sized but not computed from the input: built from the token count (arange,
         # a table sliced to x.shape[1], a causal mask): positions, which merging changes.
@@ -205,9 +193,9 @@ def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, 
                                        "tokens (a position index, position table or mask); "
                                        "merged tokens have no single position"))
             flow.positional.add(n)
-    size_of: dict[Node, Node] = {s.x: s.size for s in sites}
-    offset: dict[Node, int] = {s.x: 0 for s in sites}
-    for s in sites:  # a merge's token origins (side tensors follow them) align with its sizes
+    size_of: dict[Node, Node] = {s.x: s.size for s in ctx.sites}
+    offset: dict[Node, int] = {s.x: 0 for s in ctx.sites}
+    for s in ctx.sites:  # a merge's token origins (side tensors follow them) align with its sizes
         for u in s.merge.users:
             if u.target is operator.getitem and u.args[1] == 2:
                 size_of[u], offset[u] = s.size, 0
@@ -227,13 +215,13 @@ def check_token_flow(gm: fx.GraphModule, args, kwargs, sites, schedule_r: dict, 
         if n.op == "output":
             flow.token_outputs = True
             continue
-        reason = _classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
+        reason = classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
         if reason:
             flow.unsafe.append((n, reason))
     return flow
 
 
-def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | None:
+def classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | None:
     """None if ``n`` is safe on merged tokens, else the reason it is not."""
     tin = tdims[src]
     in_shape = shapes.get(src)
@@ -255,7 +243,7 @@ def _classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str |
 
     if n.op == "call_function" and n.target is getattr:
         return None
-    if gu.is_call(n, _META_FUNCS, _META_METHODS):
+    if gu.is_meta(n):
         return None
     if gu.is_call(n, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS):
         return None

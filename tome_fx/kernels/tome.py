@@ -1,17 +1,39 @@
-"""Tensor functions called by rewritten graphs.
+"""ToMe's kernel: bipartite soft matching and the size-weighted merge.
 
-Pure functions of tensors, usable without any graph. The rewritten graph calls them by name
-(``call_function``), so ``print(gm.code)`` reads like the algorithm. Token layout is
+Pure functions of tensors, usable without any graph. The rewritten graph calls ``tome_merge`` by
+name (``call_function``), so ``print(gm.code)`` reads like the algorithm. Token layout is
 ``[batch, tokens, channels]``; sizes are ``[batch, tokens, 1]`` float32.
+
+The tokens after the ``prefix`` protected ones alternate between set A (even absolute
+positions) and set B (odd); ``split_ab`` is that split, for every user of it (matching, merge
+layout, origins, source tracking, the cost model).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
+from .tokens import current_groups, identity_origin, ones_size
 
-def _ones_size(x: torch.Tensor) -> torch.Tensor:
-    return torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+
+def split_ab(t: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sets A and B of ``t``'s tokens (dim 1) after the ``prefix`` protected ones (views)."""
+    rest, off = t[:, prefix:], prefix % 2
+    return rest[:, off::2], rest[:, 1 - off :: 2]
+
+
+def ab_sizes(n_tokens: int, prefix: int) -> tuple[int, int]:
+    """(|A|, |B|) for ``n_tokens`` tokens with ``prefix`` protected."""
+    rest, off = max(n_tokens - prefix, 0), prefix % 2
+    return len(range(off, rest, 2)), len(range(1 - off, rest, 2))
+
+
+def merged_layout(t: torch.Tensor, prefix: int, unm: torch.Tensor) -> list[torch.Tensor]:
+    """The parts of a merge's output layout taken from ``t`` [B, N, ...]: the protected prefix,
+    the unmerged A tokens (``unm``), the B tokens (merged A tokens are added to them)."""
+    a, b = split_ab(t, prefix)
+    index = unm.reshape(*unm.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+    return [t[:, :prefix], a.gather(1, index), b]
 
 
 @fx.wrap
@@ -34,13 +56,12 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int, groups: torch.Ten
     Returns (unmerged A indices sorted ascending, merged A indices, their B partners).
     """
     with torch.no_grad():
-        m = metric[:, prefix:].float()
-        m = m / m.norm(dim=-1, keepdim=True)
-        off = prefix % 2
-        scores = m[:, off::2] @ m[:, 1 - off :: 2].transpose(-1, -2)
+        m = metric.float()
+        a, b = split_ab(m / m.norm(dim=-1, keepdim=True), prefix)
+        scores = a @ b.transpose(-1, -2)
         if groups is not None:
-            g = groups[:, prefix:]
-            differ = (g[:, off::2, None, :] != g[:, None, 1 - off :: 2, :]).any(dim=-1)
+            ga, gb = split_ab(groups, prefix)
+            differ = (ga[:, :, None, :] != gb[:, None, :, :]).any(dim=-1)
             scores = scores.masked_fill(differ, float("-inf"))
         best, partner = scores.max(dim=-1)
         if groups is not None:  # data-dependent: only A tokens with a same-group partner merge
@@ -64,18 +85,8 @@ def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool
     r = min(r, merge_limit(n_tokens, prefix))
     if r <= 0:
         return None
-    current = None
-    if groups is not None:
-        current = groups.gather(1, origin_or_identity(origin, keys.shape[0], n_tokens, groups.device)
-                                [..., None].expand(-1, -1, groups.shape[-1]))
+    current = None if groups is None else current_groups(groups, origin, keys.shape[0], n_tokens)
     return bipartite_match(keys_metric(keys, keys_transposed), r, prefix, current)
-
-
-def origin_or_identity(origin, batch: int, n_tokens: int, device):
-    """``origin`` [B, N], or the identity (every token its own origin) when None."""
-    if origin is not None:
-        return origin
-    return torch.arange(n_tokens, device=device).expand(batch, n_tokens)
 
 
 @fx.wrap
@@ -93,40 +104,15 @@ def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False
     """
     n = x.shape[1]
     if size is None:
-        size = _ones_size(x)
+        size = ones_size(x)
     match = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups)
     if groups is None:
         return (x, size) if match is None else merge_by_index(x, size, prefix, *match)
-    origin = origin_or_identity(origin, x.shape[0], n, x.device)
+    origin = identity_origin(origin, x.shape[0], n, x.device)
     if match is None:
         return x, size, origin
-    unm, src, dst = match
-    off = prefix % 2
-    rest = origin[:, prefix:]
-    new_origin = torch.cat([origin[:, :prefix], rest[:, off::2].gather(1, unm), rest[:, 1 - off :: 2]], 1)
-    return (*merge_by_index(x, size, prefix, unm, src, dst), new_origin)
-
-
-@fx.wrap
-def token_groups(*masks):
-    """Group vector per token from token-aligned inputs ([B, N, ...] each) -> [B, N, K] float."""
-    return torch.cat([m.reshape(m.shape[0], m.shape[1], -1).float() for m in masks], dim=-1)
-
-
-@fx.wrap
-def follow_tokens(t, origin, dims: tuple):
-    """Re-index a token-aligned side tensor (original token layout, batch at dim 0 or
-    broadcast) to the merged layout: gather each of ``dims`` with ``origin`` [B, N']."""
-    b, n = origin.shape
-    if t.shape[0] != b:
-        t = t.expand(b, *t.shape[1:])
-    for d in dims:
-        view = [1] * t.dim()
-        view[0], view[d] = b, n
-        shape = list(t.shape)
-        shape[d] = n
-        t = t.gather(d, origin.reshape(view).expand(shape))
-    return t
+    new_origin = torch.cat(merged_layout(origin, prefix, match[0]), dim=1)
+    return (*merge_by_index(x, size, prefix, *match), new_origin)
 
 
 def merge_by_index(x, size, prefix: int, unm, src, dst):
@@ -141,7 +127,7 @@ def merge_by_index(x, size, prefix: int, unm, src, dst):
     bsz, n, c = x.shape
     off = prefix % 2
     a0, b0 = prefix + off, prefix + 1 - off  # absolute positions of the first A and B tokens
-    nb = (n - b0 + 1) // 2
+    nb = ab_sizes(n, prefix)[1]
     n_out = prefix + unm.shape[1] + nb
     dev = x.device
     batch = torch.arange(bsz, device=dev)[:, None]
@@ -175,41 +161,3 @@ def merge_by_index(x, size, prefix: int, unm, src, dst):
     if size is not None:
         out_size = out_size.to(size.dtype)
     return out.view(bsz, n_out, c), out_size
-
-
-@fx.wrap
-def size_bias(size, ndim: int, dtype_like):
-    """log(size) as an additive attention bias over keys, shaped to broadcast with logits."""
-    bias = size[..., 0].log().to(dtype_like.dtype)
-    return bias.reshape(bias.shape[0], *([1] * (ndim - 2)), bias.shape[1])
-
-
-@fx.wrap
-def add_attn_bias(mask, bias):
-    """Combine an existing SDPA ``attn_mask`` (bool: True = keep, or float) with a float bias."""
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
-            ~mask, float("-inf")
-        )
-    return mask + bias
-
-
-@fx.wrap
-def weighted_mean(x, size, dim, keepdim: bool = False):
-    """Size-weighted mean over the token dimension ``dim`` (size aligned with x's tokens)."""
-    w = _token_weights(x, size, dim)
-    return (x * w).sum(dim=dim, keepdim=keepdim) / w.sum(dim=dim, keepdim=keepdim)
-
-
-@fx.wrap
-def weighted_sum(x, size, dim, keepdim: bool = False):
-    """Sum over merged tokens as the sum over their sources: each token counts ``size`` times."""
-    return (x * _token_weights(x, size, dim)).sum(dim=dim, keepdim=keepdim)
-
-
-def _token_weights(x, size, dim: int):
-    """``size`` [B, N, 1] shaped to broadcast against ``x`` whose token dim is ``dim``."""
-    w = size.to(x.dtype).reshape(size.shape[0], size.shape[1], *([1] * (x.dim() - 2)))
-    return w.movedim(1, dim) if dim % x.dim() != 1 else w

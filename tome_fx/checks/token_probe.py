@@ -11,33 +11,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-Node = fx.Node
+from .. import graph as gu
 
 
-def _path(order: dict, start: Node, end: Node) -> list[Node]:
-    """Nodes on def-use paths from ``start`` to ``end``, in graph order (start excluded)."""
-    reach, frontier = {start}, [start]
-    while frontier:
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u not in reach and order.get(u, 1 << 60) <= order[end]:
-                    reach.add(u)
-                    nxt.append(u)
-        frontier = nxt
-    back, frontier = {end}, [end]
-    while frontier:
-        nxt = []
-        for n in frontier:
-            for i in n.all_input_nodes:
-                if i in reach and i not in back:
-                    back.add(i)
-                    nxt.append(i)
-        frontier = nxt
-    return sorted((back & reach) - {start}, key=order.__getitem__)
-
-
-def probe_block(interp: fx.Interpreter, order: dict, block, keys: torch.Tensor) -> str | None:
+def probe_block(interp: fx.Interpreter, block, keys: torch.Tensor) -> str | None:
     """None if perturbing one stream token changes exactly one key position, else the reason."""
     x = interp.env.get(block.stream_in)
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
@@ -48,7 +25,7 @@ def probe_block(interp: fx.Interpreter, order: dict, block, keys: torch.Tensor) 
     env = {block.stream_in: x.clone()}
     env[block.stream_in].select(tdim, j).add_(noise * (1 + x.abs().max()))
     with torch.no_grad():
-        for n in _path(order, block.stream_in, block.core.keys):
+        for n in gu.between(block.stream_in, block.core.keys):
             args = fx.node.map_arg(n.args, lambda a: env[a] if a in env else interp.env[a])
             kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a] if a in env else interp.env[a])
             env[n] = getattr(interp, n.op)(n.target, args, kwargs)
