@@ -4,10 +4,24 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))  # cifar_vit: the ../shared ViT's code
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """(the real-weight CIFAR-10 ViT, its first 64 test images normalised, their labels), read
+    from ../shared in place; the test is skipped, with the reason, where ../shared lacks them."""
+    import cifar_vit as cv
+
+    if not cv.available():
+        pytest.skip(cv.missing_reason())
+    x, y = cv.load_test(64)
+    return cv.load_model(), x, y

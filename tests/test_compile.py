@@ -12,7 +12,8 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import tome_fx
 from tome_fx.compiling import compile_module
-from models import EncoderClassifier, TinyTransformer
+from cases import ZOO, built
+from models import TinyTransformer
 
 
 def _vit(**kw):
@@ -49,7 +50,8 @@ def _symbols(graph_module) -> set:
 CASES = {
     "timm_vit": (lambda: _vit(), lambda b: _image(b), 3),
     "explicit_softmax": (lambda: TinyTransformer().eval(), lambda b: torch.randn(b, 33, 16), 4),
-    "nn_encoder": (lambda: EncoderClassifier().eval(), lambda b: torch.randn(b, 40, 64), 5),
+    "nn_encoder": (lambda: built(ZOO["nn.TransformerEncoder-postnorm"]),
+                   lambda b: torch.randn(b, 40, 16), 5),
 }
 
 

@@ -4,23 +4,18 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
 import tome_fx
+from cases import timm_model
 from tome_fx import graph as gu
 from tome_fx.capture import capture
 from tome_fx.checks.drop import check_drop
 from tome_fx.passes.drop import drop_unread
 from tome_fx.pipeline import analyse
 
-from models import ExplicitAttention, TinyTransformer
-
-
-def _timm(name, **kw):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, img_size=64, depth=3, **kw).eval()
+from models import SoftmaxAttention, TinyTransformer
 
 
 class _Readout(nn.Module):
@@ -30,7 +25,7 @@ class _Readout(nn.Module):
         super().__init__()
         self.embed = nn.Linear(16, dim)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
-        self.attn = nn.ModuleList([ExplicitAttention(dim, 4) for _ in range(depth)])
+        self.attn = nn.ModuleList([SoftmaxAttention(dim, 4) for _ in range(depth)])
         self.mlp = nn.ModuleList([nn.Linear(dim, dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.readout = readout
@@ -44,11 +39,15 @@ class _Readout(nn.Module):
         return self.readout(x)
 
 
+def small_vit(name, **kw):
+    return timm_model(name, img_size=64, depth=3, **kw)
+
+
 # name -> (model, input, tokens kept after the last attention)
 CASES = {
-    "timm_vit_class_token": (lambda: _timm("vit_tiny_patch16_224"), (2, 3, 64, 64), 1),
-    "timm_deit_distilled": (lambda: _timm("deit_tiny_distilled_patch16_224"), (2, 3, 64, 64), 2),
-    "timm_vit_registers": (lambda: _timm("vit_tiny_patch16_224", reg_tokens=2), (2, 3, 64, 64), 3),
+    "timm_vit_class_token": (lambda: small_vit("vit_tiny_patch16_224"), (2, 3, 64, 64), 1),
+    "timm_deit_distilled": (lambda: small_vit("deit_tiny_distilled_patch16_224"), (2, 3, 64, 64), 2),
+    "timm_vit_registers": (lambda: small_vit("vit_tiny_patch16_224", reg_tokens=2), (2, 3, 64, 64), 3),
     "explicit_softmax_prenorm": (lambda: TinyTransformer().eval(), (2, 33, 16), 1),
     "readout_token_0": (lambda: _Readout(lambda x: x[:, 0]).eval(), (2, 12, 16), 1),
 }
@@ -110,7 +109,7 @@ def test_drop_refused_where_other_tokens_are_read(readout, reason):
 
 
 def test_no_prefix_no_drop():
-    model = _timm("vit_tiny_patch16_224", class_token=False, global_pool="avg")
+    model = small_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
     x = torch.randn(2, 3, 64, 64)
     fast = tome_fx.optimize(model, r=2, example_inputs=(x,))
     assert fast.tome_counts["drop_unread"] == 0 and fast.tome.r == [2, 2, 2]

@@ -13,7 +13,7 @@ import tome_fx
 from tome_fx import graph as gu
 from tome_fx.capture import capture
 from tome_fx.capture.export import export_program
-from models import ExplicitAttention, TinyTransformer
+from models import SoftmaxAttention, TinyTransformer
 
 
 def _export(model, x):
@@ -90,7 +90,7 @@ class _FoldTokens(nn.Module):
     def __init__(self, dim=32, depth=3):
         super().__init__()
         self.embed = nn.Linear(16, dim)
-        self.attn = nn.ModuleList([ExplicitAttention(dim, 4) for _ in range(depth)])
+        self.attn = nn.ModuleList([SoftmaxAttention(dim, 4) for _ in range(depth)])
         self.mlp = nn.ModuleList([nn.Linear(dim, dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 

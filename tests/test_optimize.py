@@ -2,45 +2,27 @@
 import copy
 
 import pytest
-import timm
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 import tome_fx
-from models import (CausalModel, EncoderClassifier, NoAttention, TinyTransformer, Untraceable)
+from cases import case, timm_model
+from models import (CausalSelfAttention, Encoder, MHAEncoder, NoAttention, RelPosBiasAttention,
+                    TinyTransformer, Untraceable)
 
 
-def _timm(name, **kw):
-    torch.manual_seed(0)
-    return timm.create_model(name, **kw).eval()
-
-
-# name -> (builder, input, protected prefix tokens expected)
-ZOO = {
-    "vit_small": (lambda: _timm("vit_small_patch16_224"), (2, 3, 224, 224), 1),
-    "deit_tiny": (lambda: _timm("deit_tiny_patch16_224"), (2, 3, 224, 224), 1),
-    "deit_tiny_distilled": (lambda: _timm("deit_tiny_distilled_patch16_224"), (2, 3, 224, 224), 2),
-    "deit3_small_layerscale": (lambda: _timm("deit3_small_patch16_224"), (2, 3, 224, 224), 1),
-    "dinov2_reg4": (lambda: _timm("vit_small_patch14_reg4_dinov2", img_size=224), (2, 3, 224, 224), 5),
-    "vit_avgpool_no_cls": (
-        lambda: _timm("vit_tiny_patch16_224", global_pool="avg", class_token=False),
-        (2, 3, 224, 224), 0,
-    ),
-    "hand_prenorm": (lambda: TinyTransformer().eval(), (2, 33, 16), 1),
-    "nn_encoder_postnorm": (lambda: EncoderClassifier().eval(), (2, 40, 64), 0),
-}
-
-_cache = {}
+# registry cases (tests/cases.py) this file runs the core checks on
+ZOO = ["vit_small_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+       "deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2-224px",
+       "vit_tiny_patch16_224-avgpool-no_cls", "explicit-softmax-64d-no_final_norm",
+       "nn.TransformerEncoder-postnorm"]
 
 
 def zoo(name):
-    if name not in _cache:
-        build, shape, prefix = ZOO[name]
-        model = build()
-        torch.manual_seed(1)
-        _cache[name] = (model, torch.randn(*shape), prefix)
-    return _cache[name]
+    """(model, inputs at batch 2, protected tokens, whether the output pools over tokens)."""
+    model, x, c = case(name)
+    return model, x[0], c.prefix(model), c.pools(model)
 
 
 class SizeRecorder(fx.Interpreter):
@@ -57,18 +39,18 @@ class SizeRecorder(fx.Interpreter):
         return out
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", ZOO)
 def test_r0_is_exact(name):
-    model, x, _ = zoo(name)
+    model, x, _, _ = zoo(name)
     fast = tome_fx.optimize(model, r=0, example_inputs=(x,))
     with torch.no_grad():
         assert (fast(x) - model(x)).abs().max().item() <= 1e-5
     assert fast.tome_counts["merges"] == 0
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", ZOO)
 def test_merging_is_sane(name):
-    model, x, prefix = zoo(name)
+    model, x, prefix, pools = zoo(name)
     fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
     plan = fast.tome
     nblocks = len(plan.blocks)
@@ -84,8 +66,7 @@ def test_merging_is_sane(name):
     assert last.dropped == (last.tokens_in - prefix if drops else 0)
     # every block after the first gets the proportional-attention bias
     assert fast.tome_counts == {"merges": merges, "size_bias": nblocks - 1,
-                                "weighted_pool": fast.tome_counts["weighted_pool"], "mask_follow": 0,
-                                "drop_unread": drops}
+                                "weighted_pool": int(pools), "mask_follow": 0, "drop_unread": drops}
     for a, b in zip(plan.blocks, plan.blocks[1:]):
         assert b.tokens_in == a.tokens_out == a.tokens_in - 4
     rec = SizeRecorder(fast)
@@ -100,7 +81,7 @@ def test_merging_is_sane(name):
 
 
 def test_avg_pool_is_size_weighted():
-    model, x, _ = zoo("vit_avgpool_no_cls")
+    model, x, _, _ = zoo("vit_tiny_patch16_224-avgpool-no_cls")
     fast = tome_fx.optimize(model, r=8, example_inputs=(x,))
     assert fast.tome_counts["weighted_pool"] == 1
     # Independent check: the pooled features equal the size-weighted mean of the final tokens.
@@ -124,7 +105,7 @@ def test_avg_pool_is_size_weighted():
 
 def test_class_token_avg_pool_slices_sizes():
     """global_pool='avg' with a class token pools x[:, 1:]: the sizes must be sliced alike."""
-    model = _timm("vit_tiny_patch16_224", global_pool="avg")
+    model = timm_model("vit_tiny_patch16_224", global_pool="avg")
     x = torch.randn(2, 3, 224, 224)
     fast = tome_fx.optimize(model, r=8, example_inputs=(x,))
     assert fast.tome_counts["weighted_pool"] == 1
@@ -134,7 +115,7 @@ def test_class_token_avg_pool_slices_sizes():
 
 
 def test_prop_attn_off_has_no_bias():
-    model, x, _ = zoo("deit_tiny")
+    model, x, _, _ = zoo("deit_tiny_patch16_224")
     fast = tome_fx.optimize(model, r=4, example_inputs=(x,), prop_attn=False)
     assert fast.tome_counts["size_bias"] == 0
     on = tome_fx.optimize(model, r=4, example_inputs=(x,))
@@ -143,7 +124,7 @@ def test_prop_attn_off_has_no_bias():
 
 
 def test_model_not_mutated():
-    model, x, _ = zoo("nn_encoder_postnorm")
+    model, x, _, _ = zoo("nn.TransformerEncoder-postnorm")
     before = copy.deepcopy(model.state_dict())
     classes = [type(m) for m in model.modules()]
     with torch.no_grad():
@@ -172,7 +153,7 @@ def test_training_gradients_flow():
 
 
 def test_timm_backward():
-    model, x, _ = zoo("deit_tiny")
+    model, x, _, _ = zoo("deit_tiny_patch16_224")
     fast = tome_fx.optimize(model, r=8, example_inputs=(x,))
     fast.train()
     fast(x[:1]).sum().backward()
@@ -193,15 +174,15 @@ def test_position_read_is_refused():
 
 
 def test_causal_attention_is_refused():
-    model = CausalModel().eval()
-    x = torch.randn(2, 10, 32)
+    model = Encoder(lambda d: CausalSelfAttention(d, 4), depth=1).eval()
+    x = torch.randn(2, 10, 16)
     plan = tome_fx.explain(model, example_inputs=(x,))
     assert plan.blocks == ()
     assert len(plan.skipped) == 1 and "causal" in plan.skipped[0].reason
 
 
 def test_explain_lists_blocks():
-    model, x, _ = zoo("deit_tiny_distilled")
+    model, x, _, _ = zoo("deit_tiny_distilled_patch16_224")
     plan = tome_fx.explain(model, example_inputs=(x,))
     assert len(plan.blocks) == 12
     assert plan.blocks[0].site.startswith("blocks.0.attn")
@@ -211,13 +192,13 @@ def test_explain_lists_blocks():
 
 
 def test_default_inputs_from_timm_cfg():
-    model, x, _ = zoo("deit_tiny")
+    model, x, _, _ = zoo("deit_tiny_patch16_224")
     fast = tome_fx.optimize(model, r=2)
     assert fast.tome.blocks[0].tokens_in == 197
 
 
 def test_r_forms():
-    model, x, _ = zoo("hand_prenorm")
+    model, x, _, _ = zoo("explicit-softmax-64d-no_final_norm")
     assert tome_fx.optimize(model, r=[3, 2], example_inputs=(x,)).tome.r == [3, 2, 0, 0]
     assert tome_fx.optimize(model, r=(4, -1), example_inputs=(x,)).tome.r == [8, 5, 2, 0]
     # r larger than the limit is clamped to (N - protected) // 2 per block
@@ -237,7 +218,7 @@ def test_r_forms():
     ((4, "x"), TypeError, "inflect must be a number"),
 ])
 def test_bad_r(bad, exc, text):
-    model, x, _ = zoo("hand_prenorm")
+    model, x, _, _ = zoo("explicit-softmax-64d-no_final_norm")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(exc) as info:
         tome_fx.optimize(model, r=bad, example_inputs=(x,))
@@ -273,10 +254,8 @@ def test_r_or_budget_required():
 
 
 def test_relative_position_bias_is_refused():
-    from models import RelPosAttention
-
     model = TinyTransformer(depth=2).eval()
-    model.blocks[1].attn = RelPosAttention(64, 4, 33)
+    model.blocks[1].attn = RelPosBiasAttention(64, 4, 33)
     x = torch.randn(2, 32, 16)
     fast = tome_fx.optimize(model, r=4, example_inputs=(x,))
     reasons = [s.reason for s in fast.tome.skipped]
@@ -288,9 +267,8 @@ def test_relative_position_bias_is_refused():
 
 
 def test_multihead_attention_called_directly():
-    from models import MHABlockModel
-
-    model = MHABlockModel().eval()
+    model = MHAEncoder(depth=2, norm_first=True, need_weights=True, in_dim=None, classes=None)
+    model = model.eval()
     x = torch.randn(3, 21, 32)
     r0 = tome_fx.optimize(model, r=0, example_inputs=(x,))
     fast = tome_fx.optimize(model, r=3, example_inputs=(x,))

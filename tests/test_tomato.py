@@ -6,21 +6,16 @@ explicit per-head softmax for the attention similarity.
 """
 import functools
 import math
-import os
 
 import pytest
-import timm
 import torch
 
 import tome_fx
+from cases import case, timm_model
 from flops import counted_flops
-from models import EncoderClassifier, TinyTransformer
+from models import TinyTransformer
 from tome_fx.kernels.tomato import (components, count_components, edge_similarity, grid_edges,
                             labels_for_count, merge_components, tomato_merge)
-
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
-WEIGHTS = os.path.join(SHARED, "models", "vit_cifar10.pth")
-DATA = os.path.join(SHARED, "data", "cifar10_test.npz")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +271,6 @@ def test_count_mode_traces_without_graph_breaks():
 # models
 # ---------------------------------------------------------------------------------------------
 
-def _timm(name, **kw):
-    torch.manual_seed(0)
-    return timm.create_model(name, **kw).eval()
-
-
 def _sizes(gm, x):
     """Sizes the ToMato merge produces on ``x``."""
     import torch.fx as fx
@@ -304,33 +294,9 @@ def _per_image(fast, x):
         return torch.cat([fast(x[i:i + 1]) for i in range(x.shape[0])])
 
 
-@functools.lru_cache(maxsize=None)
-def _cifar():
-    from test_cost import CifarViT
-
-    if not (os.path.exists(WEIGHTS) and os.path.exists(DATA)):
-        return None
-    import numpy as np
-
-    model = CifarViT()
-    model.load_state_dict(torch.load(WEIGHTS, map_location="cpu"), strict=True)
-    data = np.load(DATA)
-    x = torch.from_numpy(data["images"][:32]).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
-    return model.eval(), (x - mean) / std, torch.from_numpy(data["labels"][:32])
-
-
-def _need_cifar():
-    got = _cifar()
-    if got is None:
-        pytest.skip(f"real-weight CIFAR-10 ViT not found at {WEIGHTS} / {DATA} (../shared)")
-    return got
-
-
 @pytest.mark.parametrize("similarity,threshold", [("attention", 0.02), ("keys", 0.8)])
-def test_cifar_threshold_batch_equals_single(similarity, threshold):
-    model, x, _ = _need_cifar()
+def test_cifar_threshold_batch_equals_single(similarity, threshold, cifar):
+    model, x, _ = cifar
     x = x[:12]
     fast = tome_fx.optimize(model, method="tomato", sim_threshold=threshold,
                             similarity=similarity, example_inputs=(x,))
@@ -348,8 +314,8 @@ def test_cifar_threshold_batch_equals_single(similarity, threshold):
     assert (batched - _per_image(fast, x)).abs().max().item() <= 1e-5
 
 
-def test_cifar_budget_exact_counts_and_flops():
-    model, x, _ = _need_cifar()
+def test_cifar_budget_exact_counts_and_flops(cifar):
+    model, x, _ = cifar
     x = x[:8]
     fast = tome_fx.optimize(model, method="tomato", flops_budget=0.6, example_inputs=(x,))
     plan = fast.tome
@@ -373,12 +339,12 @@ def test_cifar_budget_exact_counts_and_flops():
     assert kept.tome.flops == counted_flops(kept, x) and kept.tome.ratio <= 0.6
 
 
-def test_cifar_budget_not_priced_with_the_drop_is_not_dropped(monkeypatch):
+def test_cifar_budget_not_priced_with_the_drop_is_not_dropped(monkeypatch, cifar):
     """If the cost model's rewrite could not drop the unread tokens, its FLOPs hold only for a
     rewrite without the drop: ToMato then does not drop either, and says why."""
     from tome_fx.cost import CostModel
 
-    model, x, _ = _need_cifar()
+    model, x, _ = cifar
     x = x[:4]
     build = CostModel.build.__func__
     monkeypatch.setattr(CostModel, "build", classmethod(
@@ -389,10 +355,10 @@ def test_cifar_budget_not_priced_with_the_drop_is_not_dropped(monkeypatch):
     assert fast.tome.flops == counted_flops(fast, x) and fast.tome.ratio <= 0.7
 
 
-def test_cifar_budget_met_by_the_drop_alone_is_exact():
+def test_cifar_budget_met_by_the_drop_alone_is_exact(cifar):
     """At 0.9 dropping the unread tokens after the last attention is enough: no merge, and the
     outputs are the original's."""
-    model, x, _ = _need_cifar()
+    model, x, _ = cifar
     x = x[:4]
     fast = tome_fx.optimize(model, method="tomato", flops_budget=0.9, example_inputs=(x,))
     assert fast.tome_counts["merges"] == 0 and fast.tome_counts["drop_unread"] == 1
@@ -402,8 +368,8 @@ def test_cifar_budget_met_by_the_drop_alone_is_exact():
         assert (fast(x) - model(x)).abs().max().item() <= 1e-5
 
 
-def test_cifar_threshold_inf_is_exact():
-    model, x, _ = _need_cifar()
+def test_cifar_threshold_inf_is_exact(cifar):
+    model, x, _ = cifar
     x = x[:4]
     for similarity in ("attention", "keys"):
         fast = tome_fx.optimize(model, method="tomato", sim_threshold=float("inf"),
@@ -416,7 +382,7 @@ def test_cifar_threshold_inf_is_exact():
 @pytest.mark.parametrize("name,prefix,px", [("deit_tiny_patch16_224", 1, 224),
                                             ("deit_tiny_distilled_patch16_224", 2, 112)])
 def test_deit_tiny(name, prefix, px):
-    model = _timm(name, img_size=px)
+    model = timm_model(name, img_size=px)
     torch.manual_seed(1)
     x = torch.randn(2, 3, px, px)
     side = px // 16
@@ -438,7 +404,7 @@ def test_deit_tiny(name, prefix, px):
 
 def test_avg_pool_model_ignores_padding():
     """No class token, mean pooling: padded size-0 tokens must not change the mean."""
-    model = _timm("vit_tiny_patch16_224", global_pool="avg", class_token=False, img_size=64)
+    model = timm_model("vit_tiny_patch16_224", global_pool="avg", class_token=False, img_size=64)
     torch.manual_seed(2)
     x = torch.randn(4, 3, 64, 64)
     x[0] = x[0].mean()  # a flat image: its patches merge much more than the noisy ones
@@ -471,7 +437,7 @@ def _connected(patches: set, w: int) -> bool:
 def test_track_sources_follows_tomato(mode):
     """Each merged token holds one 4-connected region of patches (size-0 padding holds none);
     every patch is in exactly one token; outputs are the module's."""
-    model = _timm("vit_tiny_patch16_224", global_pool="avg", class_token=False, img_size=64)
+    model = timm_model("vit_tiny_patch16_224", global_pool="avg", class_token=False, img_size=64)
     torch.manual_seed(2)
     x = torch.randn(3, 3, 64, 64)
     x[0] = x[0].mean()  # a flat image merges far more: padding in threshold mode
@@ -489,6 +455,33 @@ def test_track_sources_follows_tomato(mode):
             assert not patches or _connected(patches, 4)
     if "sim_threshold" in mode:
         assert (size == 0).any()
+
+
+@pytest.mark.parametrize("mode", [dict(sim_threshold=0.3), dict(flops_budget=0.8)],
+                         ids=["threshold", "count"])
+def test_padding_mask_follows_the_tomato_merge(mode):
+    """ToMato goes through the same pipeline as ToMe: on a padded BERT-style model (grid given)
+    the mask follows the merge, padding never joins real tokens, and every sequence gets what
+    it would get alone."""
+    from mask_models import MiniBert, bert_inputs
+
+    torch.manual_seed(0)
+    model = MiniBert(head="mean").eval()
+    ids, mask = bert_inputs(3)  # lengths 24, 17, 9 of 24
+    fast = tome_fx.optimize(model, method="tomato", similarity="keys", grid=(4, 6),
+                            example_inputs=(ids, mask), **mode)
+    counts = fast.tome_counts
+    assert counts["merges"] == 1 and counts["mask_follow"] > 0 and counts["weighted_pool"] == 2
+    tracked = tome_fx.track_sources(fast, ids, mask)
+    s = tracked.sources[0] > 0  # [B, N', 24]: which input tokens each token holds
+    real = mask.bool()
+    mixed = (s & real[:, None, :]).any(-1) & (s & ~real[:, None, :]).any(-1)
+    assert not mixed.any(), "a merged token mixes padding and real tokens"
+    assert s.any(-1).sum(-1).min() < 24  # tokens were merged
+    with torch.no_grad():
+        out = fast(ids, mask)
+        alone = torch.cat([fast(ids[i:i + 1], mask[i:i + 1]) for i in range(3)])
+    assert torch.equal(tracked.output, out) and (out - alone).abs().max() <= 1e-5
 
 
 def test_tomato_without_a_grid_warns_that_the_budget_is_not_met():
@@ -517,8 +510,8 @@ def test_explicit_softmax_model_with_given_grid():
     assert fast.tome_counts["merges"] == 1 and fast.tome.blocks[0].tokens_out < 33
     with torch.no_grad():
         assert (fast(x) - _per_image(fast, x)).abs().max().item() <= 1e-5
-    enc = EncoderClassifier().eval()
-    xe = torch.randn(2, 40, 64)
+    enc, xe, _ = case("nn.TransformerEncoder-postnorm")
+    xe = xe[0]
     fast = tome_fx.optimize(enc, method="tomato", flops_budget=0.8, grid=(5, 8),
                             example_inputs=(xe,))
     assert fast.tome.ratio <= 0.8 and fast.tome_counts["weighted_pool"] == 1
@@ -544,8 +537,8 @@ def test_errors_are_one_line():
         assert "\n" not in str(info.value)
 
 
-def test_block_choice_and_model_untouched():
-    model, x, _ = _need_cifar()
+def test_block_choice_and_model_untouched(cifar):
+    model, x, _ = cifar
     x = x[:4]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = tome_fx.optimize(model, method="tomato", sim_threshold=0.7, similarity="keys",

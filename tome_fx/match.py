@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from numbers import Number
 
+import torch
 import torch.fx as fx
 
 from . import graph as gu
@@ -126,7 +127,7 @@ def _keys_from_kt(node: Node, shapes) -> tuple[Node, bool]:
     return node, True
 
 
-_MASKED_FILL = {gu.torch.Tensor.masked_fill, gu.torch.masked_fill, gu.torch.ops.aten.masked_fill}
+_MASKED_FILL = {torch.Tensor.masked_fill, torch.masked_fill, torch.ops.aten.masked_fill}
 
 
 def _check_mask(mask: Node, dep: set) -> None:
@@ -285,8 +286,8 @@ def find_prefix(gm, stream_in: Node, shapes, dependent: set, token_dim: int) -> 
     return 0
 
 
-_MASKING = ({gu.torch.where}, ("masked_fill", "masked_fill_"))
-_POSITIONAL = {gu.torch.arange, gu.torch.tril, gu.torch.triu, gu.torch.eye, gu.torch.outer}
+_MASKING = ({torch.where}, ("masked_fill", "masked_fill_"))
+_POSITIONAL = {torch.arange, torch.tril, torch.triu, torch.eye, torch.outer}
 
 
 def _positional(node: Node, dependent: set) -> bool:

@@ -11,19 +11,14 @@ comes after its own attention) stay, and are checked to be the only ones.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 import tome_fx
+from cases import timm_model
 from zoo_checks import max_diff
-import zoo_models as zm
+import models as zm
 
 POSITION = "indexed by token position"  # the matcher's reason for position-dependent terms
-
-
-def _timm(name, **kw):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kw).eval()
 
 
 def _hand(make, **kw):
@@ -55,16 +50,16 @@ def _tokens():
 CASES = {
     # Swin: windowed attention with a relative-position-bias table (and a shifted-window mask)
     "swin_tiny_patch4_window7_224-depths1121": (
-        lambda: _timm("swin_tiny_patch4_window7_224", depths=(1, 1, 2, 1)), _image(224),
+        lambda: timm_model("swin_tiny_patch4_window7_224", depths=(1, 1, 2, 1)), _image(224),
         [POSITION], 0),
     # BEiT: relative-position-bias table passed to SDPA as attn_mask
     "beit_base_patch16_224-d2-112px": (
-        lambda: _timm("beit_base_patch16_224", depth=2, img_size=112), _image(112),
+        lambda: timm_model("beit_base_patch16_224", depth=2, img_size=112), _image(112),
         [POSITION], 0),
     # EVA-02: rotary embedding of q/k per patch position (a fixed table); the last block's merge
     # comes after its own attention, reaches no rotary table, and is kept
     "eva02_tiny_patch14_224-d3-112px": (
-        lambda: _timm("eva02_tiny_patch14_224", depth=3, img_size=112), _image(112),
+        lambda: timm_model("eva02_tiny_patch14_224", depth=3, img_size=112), _image(112),
         ["rotary"], 1),
     # decoder LMs: causal SDPA, and a causal mask built with tril for the current length
     "gpt-causal-sdpa": (lambda: _gpt(True), lambda: (torch.randint(0, 50, (2, 32)),),

@@ -1,47 +1,13 @@
-"""Shared checks for the model zoo (tests/zoo/test_*.py).
-
-Each zoo entry is a ``Case``: how to build the model (random weights, nothing downloaded), how
-to make inputs for a batch size, and what its config says the plan must show (blocks, protected
-prefix tokens). ``check_*`` functions assert the zoo's properties on one case.
-"""
+"""Shared checks for the model zoo (tests/zoo/test_*.py): ``check_*`` functions assert the
+zoo's properties on one registry case (``tests/cases.py``)."""
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
-from typing import Callable
-
-import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
 import tome_fx
+from cases import Case, built, inputs
 from flops import counted_flops
-
-@dataclass(eq=False)  # hashed by identity: built models are cached per case
-class Case:
-    id: str
-    build: Callable[[], torch.nn.Module]
-    inputs: Callable[[int], tuple]  # batch size -> example inputs
-    blocks: Callable[[torch.nn.Module], int]  # expected attention->MLP blocks, from the config
-    prefix: Callable[[torch.nn.Module], int]  # expected protected tokens, from the config
-    slow: bool = False
-    marks: list = field(default_factory=list)
-
-    def param(self):
-        marks = list(self.marks) + ([pytest.mark.slow] if self.slow else [])
-        return pytest.param(self, id=self.id, marks=marks)
-
-
-@functools.lru_cache(maxsize=None)
-def built(case: Case) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return case.build().eval()
-
-
-def inputs(case: Case, batch: int) -> tuple:
-    torch.manual_seed(batch)
-    return case.inputs(batch)
-
 
 def tensors(out) -> list[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

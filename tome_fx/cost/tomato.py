@@ -19,6 +19,11 @@ from .model import CostModel
 from .search import check_budget
 
 
+GROUPS_NOTE = ("padding groups: patches of different groups never join, so an image whose groups "
+               "cannot get down to the token count keeps more tokens (the batch is padded with "
+               "size-0 tokens) and costs more than the plan's FLOPs")
+
+
 @dataclass(frozen=True)
 class Site:
     """What pricing a ToMato merge needs to know about its block."""
@@ -128,7 +133,11 @@ def _attempt(captured, method: ToMato, flops_budget, prop_attn, drop):
     if dropping and rw.drop_why not in (None, UNCHANGED):
         return None, rw.drop_why
     merged = rw.counts["merges"] or (method.r == 0 and method.block not in rw.disabled)
+    notes = rw.plan.notes
+    if rw.counts["merges"] and rw.counts["mask_follow"] and method.r:
+        notes += (GROUPS_NOTE,)
+        rw.notes.append(GROUPS_NOTE)
     rw.plan = dataclasses.replace(rw.plan, budget=flops_budget, flops=flops if merged else None,
-                                  flops_original=orig)
+                                  flops_original=orig, notes=notes)
     rw.graph_module.tome = rw.plan
     return rw, None

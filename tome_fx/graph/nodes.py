@@ -10,6 +10,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = [
+    "aten", "SDPA", "SOFTMAX", "MATMUL", "ADD", "SCALE", "CAST", "TRANSPOSE", "CAT", "LINEAR_FUNCS",
+    "CONV_FUNCS", "DROPOUT_FUNCS", "NORM_FUNCS", "NORM_MODULES", "LINEAR_MODULES", "CONV_MODULES",
+    "DROPOUT_MODULES", "module_of", "packet", "is_call", "is_sdpa", "is_softmax", "is_matmul",
+    "is_add", "is_norm", "is_linear", "is_conv", "is_dropout", "arg", "set_arg", "is_meta",
+]
+
 Node = fx.Node
 aten = torch.ops.aten
 
