@@ -16,6 +16,7 @@ from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
 from .methods import ToMato, ToMe
 from .methods.tomato import check_args as check_tomato_args
+from .passes.size_bias import prop_attn_form
 from .pipeline import Rewrite
 from .pipeline import rewrite as run_pipeline
 from .plans import Plan
@@ -48,7 +49,7 @@ def _padded(schedule: list[int]):
     return lambda n: list(schedule) + [0] * (n - len(schedule))
 
 
-def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool = True,
+def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool | str = True,
             drop: bool = True) -> Rewrite:
     """Capture ``model`` and rewrite it with ToMe; ``schedule_fn(num_blocks) -> list[int]``
     gives r per block (see ``pipeline.rewrite``)."""
@@ -57,7 +58,7 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
 
 
 def plan_for_budget(captured: Captured, flops_budget: float, strategy: str = "auto",
-                    prop_attn: bool = True, drop: bool = True) -> tuple[Plan, CostModel]:
+                    prop_attn: bool | str = True, drop: bool = True) -> tuple[Plan, CostModel]:
     """(the plan ``tome_fx.plan`` returns, the cost model it was searched on)."""
     b = check_budget(flops_budget)
     if strategy not in STRATEGIES:
@@ -69,7 +70,7 @@ def plan_for_budget(captured: Captured, flops_budget: float, strategy: str = "au
 
 
 def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
-         strategy: str = "auto", prop_attn: bool = True, drop: bool = True) -> Plan:
+         strategy: str = "auto", prop_attn: bool | str = True, drop: bool = True) -> Plan:
     """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's.
 
     ``example_inputs`` set the token count (and serve as calibration inputs); without them the
@@ -105,7 +106,7 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
                            drop)[0]
 
 
-def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool = True,
+def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool | str = True,
                        strategy: str = "auto", drop: bool = True) -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
     chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop)
@@ -122,7 +123,7 @@ def optimize(
     r: Any = None,
     flops_budget: float | None = None,
     example_inputs: Any = None,
-    prop_attn: bool = True,
+    prop_attn: bool | str = True,
     compile: bool | dict = False,
     strategy: str = "auto",
     method: str = "tome",
@@ -141,9 +142,13 @@ def optimize(
     ``drop_unread``: after the last attention, compute only the protected tokens the output
     reads (a class-token head): exact, verified on the example inputs, skipped where it does not
     apply; the last block then merges nothing (``Plan`` shows the tokens as ``dropped``).
+    ``prop_attn``: proportional attention, True (the bias form for now), False, ``"bias"``
+    (``log(size)`` as SDPA's ``attn_mask``) or ``"fold"`` (no mask: one more q/k channel, so
+    fused mask-free kernels stay available); see ``passes.size_bias``.
     A ``flops_budget`` that cannot be met because no block can merge is a ``UserWarning``.
     """
     compile_options(compile)  # TypeError before the (slow) rewrite
+    prop_attn_form(prop_attn)  # ValueError likewise
     if method == "tomato":
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -30,7 +30,7 @@ from .passes.drop import NO_PREFIX, Drop, drop_unread
 from .passes.follow import follow_side_tensors
 from .passes.pooling import weight_pooling
 from .passes.shapes import repair_shapes
-from .passes.size_bias import add_size_bias
+from .passes.size_bias import add_size_bias, prop_attn_form
 from .plans import BlockPlan, Plan, Skipped
 
 
@@ -105,6 +105,13 @@ def drop_last(ctx: Context) -> tuple[Drop | None, str | None]:
     return drop, None
 
 
+def _drop_blocker(matches: Matches) -> str | None:
+    """Why no method can drop unread tokens in this graph, else None."""
+    if matches.prefix < 1:
+        return NO_PREFIX
+    return None if matches.blocks else "no block to drop them in"
+
+
 def drop_note(dropped, why: str | None, prefix: int) -> str:
     """The plan's note on ``drop_unread``: what was dropped, or why nothing was."""
     if dropped is None:
@@ -114,12 +121,14 @@ def drop_note(dropped, why: str | None, prefix: int) -> str:
             "projection and MLP are dropped; exact)")
 
 
-def rewrite(captured: Captured, method, *, prop_attn: bool = True, drop: bool = True) -> Rewrite:
+def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) -> Rewrite:
     """Rewrite a copy of ``captured`` with ``method``'s merges (see the module docstring).
 
+    ``prop_attn``: True, False, ``"bias"`` or ``"fold"`` (``passes.size_bias``).
     ``drop``: after the last attention, compute only the protected tokens the output reads
     (``passes.drop``; exact, verified, skipped with the reason where it does not apply).
     """
+    form = prop_attn_form(prop_attn)
     disabled: dict[int, str] = {}
     protect = 0  # leading tokens the graph reads by position (grown from the token-flow check)
     dropping, dropped, drop_why = drop, None, None
@@ -129,8 +138,7 @@ def rewrite(captured: Captured, method, *, prop_attn: bool = True, drop: bool = 
         matches.prefix = max(matches.prefix, protect)
         disabled.update(method.prepare(ctx))
         if dropping:
-            drop_why = (NO_PREFIX if matches.prefix < 1 else None if matches.blocks else
-                        "no block to drop them in") or method.drop_blocker(ctx, disabled)
+            drop_why = _drop_blocker(matches) or method.drop_blocker(ctx, disabled)
             dropping = drop_why is None
         ctx.sites = method.insert(ctx, method.enabled(ctx, disabled, dropping))
         followed = follow_side_tensors(ctx)
@@ -140,7 +148,7 @@ def rewrite(captured: Captured, method, *, prop_attn: bool = True, drop: bool = 
             if dropped is None:  # not applicable here: redo the round without it
                 dropping = False
                 continue
-        biased = add_size_bias(ctx) if prop_attn else None
+        biased = add_size_bias(ctx, form) if form else None
         flow = check_token_flow(ctx)
         # a mask that cannot follow comes first
         unsafe = followed.info.unsafe or (fixed.info.unsafe + flow.unsafe)
@@ -162,6 +170,9 @@ def rewrite(captured: Captured, method, *, prop_attn: bool = True, drop: bool = 
         notes.append(drop_note(dropped, drop_why, matches.prefix))
     if flow.token_outputs and sites:
         notes.append("the model's output keeps a token dimension; it holds merged tokens")
+    if biased is not None and biased.info:
+        notes.append(f"proportional attention folded into queries and keys (no attn_mask) in "
+                     f"{biased.info} of {biased.count} attention(s)")
     plan = block_plan(matches, sites, flow.shapes, disabled, captured.frontend, tuple(notes))
     plan = method.describe(plan, ctx)
     counts = {

@@ -126,7 +126,7 @@ class CostModel:
         return self.clamp([BIG_R] * self.num_blocks)
 
     @classmethod
-    def build(cls, captured: Captured, prop_attn: bool = True, drop: bool = True) -> "CostModel":
+    def build(cls, captured: Captured, prop_attn: bool | str = True, drop: bool = True) -> "CostModel":
         """The cost model of ``captured`` rewritten by ToMe (``prop_attn``, ``drop`` as in
         ``optimize``), for its example inputs' batch."""
         rw = rewrite(captured, ToMe(lambda n: [BIG_R] * n), prop_attn=prop_attn, drop=drop)

@@ -101,7 +101,7 @@ def tokens_for_budget(cm: CostModel, site: Site, flops_budget: float) -> tuple[i
 
 
 def rewrite_tomato(captured: Captured, method: ToMato, flops_budget: float | None = None,
-                   prop_attn: bool = True, drop: bool = True) -> Rewrite:
+                   prop_attn: bool | str = True, drop: bool = True) -> Rewrite:
     """The ToMato rewrite; with ``flops_budget``, count mode at the fewest merges meeting it.
 
     Its FLOPs are priced with the unread tokens dropped where that applies; where the rewrite

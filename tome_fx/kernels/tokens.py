@@ -58,6 +58,32 @@ def size_bias(size, ndim: int, dtype_like):
 
 
 @fx.wrap
+def fold_size(q, k, v, size, scale: float):
+    """Proportional attention without a mask: ``(q', k', v')`` such that
+    ``sdpa(q', k', v', scale=scale)[..., :v.shape[-1]]`` equals
+    ``sdpa(q, k, v, attn_mask=log(size), scale=scale)``.
+
+    ``log(s_j)`` on every logit of key j is a dot product with one more channel: queries get
+    1 there, keys ``log(s_j) / scale``. q, k and v are zero-padded to one head dim, a multiple of
+    8 (what fused kernels such as flash attention take); size-0 padding tokens get ``-inf``.
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    width = -(-(max(d, dv) + 1) // 8) * 8
+    bias = (size[..., 0].log() / scale).to(k.dtype)  # [B, N]
+    bias = bias.reshape(bias.shape[0], *([1] * (k.dim() - 3)), bias.shape[1], 1)
+
+    def padded(t, extra):
+        parts = [t] + ([extra] if extra is not None else [])
+        used = t.shape[-1] + (1 if extra is not None else 0)
+        if width > used:
+            parts.append(t.new_zeros(*t.shape[:-1], width - used))
+        return torch.cat(parts, dim=-1)
+
+    ones = q.new_ones(*q.shape[:-1], 1)
+    return padded(q, ones), padded(k, bias.expand(*k.shape[:-1], 1)), padded(v, None)
+
+
+@fx.wrap
 def add_attn_bias(mask, bias):
     """Combine an existing SDPA ``attn_mask`` (bool: True = keep, or float) with a float bias."""
     if mask is None:

@@ -1,4 +1,14 @@
-"""Proportional attention: add log(size) over keys to every attention after a merge."""
+"""Proportional attention: add log(size) over keys to every attention after a merge.
+
+Two forms (``optimize(prop_attn=...)``):
+
+* ``"bias"``: ``log(size)`` as SDPA's float ``attn_mask`` (added to a mask already there), or
+  added to explicit-softmax logits;
+* ``"fold"``: SDPA gets no mask: ``kernels.tokens.fold_size`` appends one channel to queries
+  and keys whose product is ``log(size)``, and the output is sliced back; fused kernels that take
+  no mask (flash attention) stay available. Explicit-softmax attention, and SDPA that already has
+  a mask, get the bias form.
+"""
 from __future__ import annotations
 
 import operator
@@ -6,8 +16,21 @@ import operator
 import torch.fx as fx
 
 from .. import graph as gu
-from ..kernels.tokens import add_attn_bias, size_bias
+from ..kernels.tokens import add_attn_bias, fold_size, size_bias
 from .base import Context, PassResult, finish, inserted
+
+FORMS = ("bias", "fold")
+
+
+def prop_attn_form(prop_attn) -> str | None:
+    """``optimize``'s ``prop_attn`` as a form name, or None for off; one-line errors."""
+    if prop_attn is True:
+        return "bias"  # the measured default awaits a GPU (README, "Proportional attention")
+    if prop_attn is False or prop_attn is None:
+        return None
+    if isinstance(prop_attn, str) and prop_attn in FORMS:
+        return prop_attn
+    raise ValueError(f"prop_attn must be True, False, 'bias' or 'fold', got {prop_attn!r}")
 
 
 def _latest_size(order: dict, sites, anchor: fx.Node):
@@ -15,21 +38,44 @@ def _latest_size(order: dict, sites, anchor: fx.Node):
     return before[-1].size if before else None
 
 
-def add_size_bias(ctx: Context) -> PassResult:
-    """Every attention core after a merge gets ``log(size)`` of the latest merge's sizes: in
-    SDPA's ``attn_mask`` (added to a mask already there), or added to explicit logits."""
+def _fold(graph: fx.Graph, anchor: fx.Node, size: fx.Node, head_dim: int, v_dim: int) -> None:
+    """Rewire an SDPA call to ``fold_size``'s q, k, v and slice its output back."""
+    scale = gu.arg(anchor, 6, "scale", None)
+    scale = head_dim ** -0.5 if scale is None else scale  # the default, before the head dim grows
+    qkv = [gu.arg(anchor, i, name) for i, name in enumerate(("query", "key", "value"))]
+    users = list(anchor.users)
+    with graph.inserting_before(anchor):
+        folded = inserted(graph.call_function(fold_size, (*qkv, size, scale)), "size_fold")
+        for i, name in enumerate(("query", "key", "value")):
+            part = inserted(graph.call_function(operator.getitem, (folded, i)), "size_fold")
+            gu.set_arg(anchor, i, name, part)
+    gu.set_arg(anchor, 6, "scale", scale)
+    with graph.inserting_after(anchor):
+        out = inserted(graph.call_function(operator.getitem,
+                                           (anchor, (Ellipsis, slice(0, v_dim)))), "size_fold")
+    for u in users:
+        u.replace_input_with(anchor, out)
+
+
+def add_size_bias(ctx: Context, form: str = "bias") -> PassResult:
+    """Every attention core after a merge gets ``log(size)`` of the latest merge's sizes, in
+    ``form`` (see the module docstring). ``info``: how many were folded."""
     graph = ctx.gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    count = 0
+    count = folded = 0
     for core in ctx.matches.cores:
         size = _latest_size(order, ctx.sites, core.anchor)
         if size is None:
             continue
-        if core.kind == "sdpa":
+        count += 1
+        mask = gu.arg(core.anchor, 3, "attn_mask") if core.kind == "sdpa" else None
+        if core.kind == "sdpa" and form == "fold" and mask is None:
+            _fold(graph, core.anchor, size, ctx.shapes[core.query][-1], ctx.shapes[core.anchor][-1])
+            folded += 1
+        elif core.kind == "sdpa":
             with graph.inserting_before(core.anchor):
                 ndim = len(ctx.shapes[core.query])
                 bias = inserted(graph.call_function(size_bias, (size, ndim, core.query)), "bias")
-                mask = gu.arg(core.anchor, 3, "attn_mask")
                 new = bias
                 if mask is not None:
                     new = inserted(graph.call_function(add_attn_bias, (mask, bias)), "bias")
@@ -41,5 +87,4 @@ def add_size_bias(ctx: Context) -> PassResult:
                 bias = inserted(graph.call_function(size_bias, (size, ndim, logits)), "bias")
                 biased = inserted(graph.call_function(operator.add, (logits, bias)), "bias")
             core.anchor.replace_input_with(logits, biased)
-        count += 1
-    return PassResult(finish(ctx.gm), count)
+    return PassResult(finish(ctx.gm), count, folded)
