@@ -276,9 +276,33 @@ def _merge(x, sizes, metric, r, n_prefix, margins=None):
 # --------------------------------------------------------------------------
 # full forward
 # --------------------------------------------------------------------------
+def _attention_pool(pool: nn.Module, h: torch.Tensor, sizes: torch.Tensor,
+                    prop_attn: bool) -> torch.Tensor:
+    """timm's AttentionPoolLatent written out: learned queries attend to the tokens, a merged
+    token's logit raised by log(size); then projection, MLP residual and the token pick."""
+    if pool.pos_embed is not None:
+        raise NotImplementedError("attention pooling with a position embedding")
+    bsz, n, c = h.shape
+    nh, hd, length = pool.num_heads, pool.head_dim, pool.latent_len
+    q = _linear_or_module(pool.q, pool.latent.expand(bsz, -1, -1))
+    q = q.reshape(bsz, length, nh, hd).transpose(1, 2)
+    kv = _linear(pool.kv, h).reshape(bsz, n, 2, nh, hd).permute(2, 0, 3, 1, 4)
+    k, v = kv[0], kv[1]
+    q, k = _norm(pool.q_norm, q), _norm(pool.k_norm, k)
+    logits = (q * pool.scale) @ k.transpose(-2, -1)
+    if prop_attn:
+        logits = logits + torch.log(sizes[:, :, 0])[:, None, None, :]
+    out = (torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(bsz, length, c)
+    out = _linear_or_module(pool.proj, out)
+    if pool.mlp is not None:
+        out = out + _mlp(pool.mlp, _norm(pool.norm, out))
+    return out[:, 0] if pool.pool == "token" else out.mean(dim=1)
+
+
 def _check_model(model: nn.Module):
-    if getattr(model, "attn_pool", None) is not None:
-        raise NotImplementedError("attention pooling heads are not supported")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and type(pool).__name__ != "AttentionPoolLatent":
+        raise NotImplementedError(f"attention pooling {type(pool).__name__} is not supported")
     if getattr(model, "dynamic_img_size", False):
         raise NotImplementedError("dynamic_img_size is not supported")
     for blk in model.blocks:
@@ -322,7 +346,10 @@ def reference_forward(model: nn.Module, x: torch.Tensor, r_schedule: Sequence[in
         return (cls_out + dist_out) / 2
 
     pool = model.global_pool
-    if pool == "token":
+    if pool == "map":
+        keep = 0 if getattr(model, "pool_include_prefix", False) else n_prefix
+        pooled = _attention_pool(model.attn_pool, h[:, keep:], sizes[:, keep:], prop_attn)
+    elif pool == "token":
         pooled = h[:, 0]
     elif pool == "avg":
         if getattr(model, "pool_include_prefix", False):

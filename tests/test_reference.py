@@ -15,6 +15,8 @@ import pytest
 import torch
 import timm
 
+import tome_fx
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_tome import reference_forward, reference_schedule  # noqa: E402
 
@@ -120,3 +122,29 @@ def _assert_same_state(pristine, model):
     )
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"optimize modified parameters/buffers: {changed[:10]}"
+
+
+def test_siglip_attention_pooling_gets_the_size_term():
+    """timm SigLIP's attention-pooling head (a learned query attending to the tokens) is a
+    consumer of merged tokens: its keys get log(size); nothing else changes. Budget 0.5 met,
+    r=0 exact, and the pooled output equals the hand-written reference with size-weighted
+    attention pooling (reference_tome._attention_pool)."""
+    from flops import counted_flops
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_siglip_224", depth=4).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=(x,))
+    ratio = counted_flops(fast, x) / counted_flops(model, x)
+    assert 0.49 <= ratio <= 0.5 and fast.tome.flops == counted_flops(fast, x)
+    assert not fast.tome.skipped and fast.tome_counts["merges"] >= 2
+    # every attention after the first merge, the pooling head included, gets the size term
+    first = next(i for i, r in enumerate(fast.tome.r) if r > 0)
+    assert fast.tome_counts["size_bias"] == 4 - first
+    assert any("attention pooling" in n for n in fast.tome.notes)
+    zero = tome_fx.optimize(model, r=0, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(zero(x), model(x))
+        want = reference_forward(model, x, fast.tome.r)
+        assert (want - model(x)).abs().max() > 1e-3  # merging moves the output: not vacuous
+        assert (fast(x) - want).abs().max() <= 1e-5

@@ -34,6 +34,7 @@ class Core:
     heads: int
     nodes: frozenset = field(default_factory=frozenset)  # nodes inside the core (token mixing)
     mask: Node | None = None  # padding mask (SDPA attn_mask, or the term added to the logits)
+    cross: bool = False  # queries from elsewhere than the keys (attention pooling): no block
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Matches:
     cores: list[Core]  # all usable attention cores, including ones in refused blocks
     refusals: list[Refusal]
     prefix: int  # protected prefix tokens
+    cross: list[str] = field(default_factory=list)  # cross-attention sites (attention pooling)
 
 
 class _Refuse(Exception):
@@ -185,8 +187,10 @@ def _core_softmax(gm, sm: Node, shapes, dep: set = frozenset()) -> Core:
     ks = shapes[keys]
     tokens = ks[-1] if transposed else ks[-2]
     heads = ks[1] if len(ks) == 4 else 1
+    queries = shapes.get(qk.args[0])
+    cross = gu.is_tensor_shape(queries) and len(queries) >= 2 and queries[-2] != tokens
     return Core(sm, "softmax", qk.args[0], keys, transposed, out, logits_in, tokens, heads,
-                frozenset([qk, sm, out, *passed, *inner]), mask)
+                frozenset([qk, sm, out, *passed, *inner]), mask, cross=cross)
 
 
 def _core_sdpa(gm, node: Node, shapes, dep: set = frozenset()) -> Core:
@@ -200,10 +204,9 @@ def _core_sdpa(gm, node: Node, shapes, dep: set = frozenset()) -> Core:
     elif mask is not None:
         raise _Refuse("attention mask is not a tensor computed in the graph")
     ks = shapes[k]
-    if shapes[q][-2] != ks[-2]:
-        raise _Refuse("cross-attention: queries and keys have different token counts")
     heads = ks[1] if len(ks) == 4 else 1
-    return Core(node, "sdpa", q, k, False, node, None, ks[-2], heads, frozenset([node]), mask)
+    return Core(node, "sdpa", q, k, False, node, None, ks[-2], heads, frozenset([node]), mask,
+                cross=shapes[q][-2] != ks[-2])
 
 
 def _descendant_add(start: Node, depth: int = 40) -> tuple[Node, Node]:
@@ -339,7 +342,7 @@ def _position_term(gm, anchor: Node, shapes, dependent: set) -> str | None:
 
 
 def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
-    blocks, cores, refusals = [], [], []
+    blocks, cores, refusals, cross = [], [], [], []
     dep = gu.data_dependent(gm, shapes)
     for node in gm.graph.nodes:
         if gu.is_sdpa(node):
@@ -359,6 +362,10 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
             node.meta["tome"] = {"role": "refused", "reason": reason}
             continue
         cores.append(core)
+        if core.cross:  # attention pooling: keys and values are the tokens, the queries are not
+            cross.append(site_name(node))
+            node.meta["tome"] = {"role": "cross_attention", "kind": core.kind}
+            continue
         try:
             block = _block(gm, len(blocks), core, shapes)
         except _Refuse as exc:
@@ -373,4 +380,4 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
     prefix = 0
     if blocks:
         prefix = find_prefix(gm, blocks[0].stream_in, shapes, dep, blocks[0].token_dim)
-    return Matches(blocks, cores, refusals, prefix)
+    return Matches(blocks, cores, refusals, prefix, cross)

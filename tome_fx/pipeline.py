@@ -170,6 +170,10 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
         notes.append(drop_note(dropped, drop_why, matches.prefix))
     if flow.token_outputs and sites:
         notes.append("the model's output keeps a token dimension; it holds merged tokens")
+    if matches.cross and sites:
+        how = "its keys get log(size)" if biased is not None else "proportional attention is off"
+        notes.append(f"cross-attention over the tokens (attention pooling) at "
+                     f"{', '.join(matches.cross)}: no block to merge in; {how}")
     if biased is not None and biased.info:
         notes.append(f"proportional attention folded into queries and keys (no attn_mask) in "
                      f"{biased.info} of {biased.count} attention(s)")

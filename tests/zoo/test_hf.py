@@ -360,3 +360,50 @@ def test_unmet_budget_warns_and_returns_the_model_unchanged():
     assert fast.tome_counts["merges"] == 0 and fast.tome.ratio == 1.0
     with torch.no_grad():
         assert (fast(*x).last_hidden_state - model(*x).last_hidden_state).abs().max() <= 1e-5
+
+
+def _data2vec(tables: str):
+    torch.manual_seed(0)
+    model = T.Data2VecVisionModel(T.Data2VecVisionConfig(
+        **SMALL, image_size=64, patch_size=8, use_relative_position_bias=True)).eval()
+    if tables == "random":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "relative_position_bias_table" in name:
+                    p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("tables", ["zero", "random"])
+def test_relative_position_tables_are_refused_whatever_their_values(tables):
+    """A relative-position table is a term indexed by token position even while it holds
+    zeros (as constructed, before fine-tuning): it is never dropped as "masking nothing", so
+    the attention is refused and the tables stay connected (they get gradients)."""
+    model = _data2vec(tables)
+    x = _inputs("vit", 2)
+    fast = tome_fx.optimize(model, r=4, example_inputs=x)
+    assert fast.tome_counts["merges"] == 0 and len(fast.tome.skipped) == LAYERS
+    assert all("indexed by token position" in s.reason for s in fast.tome.skipped)
+    assert not any("mask nothing" in n for n in fast.tome.notes)
+    with torch.no_grad():
+        assert (fast(*x).last_hidden_state - model(*x).last_hidden_state).abs().max() <= 1e-5
+    fast.train()
+    fast(*x).last_hidden_state.square().mean().backward()
+    tables_grads = [p.grad for n, p in fast.named_parameters() if "relative_position_bias_table" in n]
+    assert len(tables_grads) == LAYERS and all(g is not None for g in tables_grads)
+
+
+def test_decoder_is_captured_and_refused_as_causal():
+    """GPT-2 returns a key/value cache (no tensor) unless told not to: it is captured with
+    use_cache=False and refused for its causal mask, with the reason; the output is unchanged."""
+    torch.manual_seed(0)
+    model = T.GPT2Model(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                     n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 16))}
+    fast = tome_fx.optimize(model, r=2, example_inputs=ids)
+    assert fast.tome_counts["merges"] == 0 and len(fast.tome.skipped) == 2
+    assert all("fixed pattern" in s.reason for s in fast.tome.skipped)
+    assert any("use_cache=False" in n for n in fast.tome.notes)
+    with torch.no_grad():
+        want = model(**ids, use_cache=False).last_hidden_state
+        assert (fast(**ids).last_hidden_state - want).abs().max() <= 1e-5

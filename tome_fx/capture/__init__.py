@@ -41,6 +41,20 @@ class Captured:
                                    notes=list(self.notes))
 
 
+def _export_without_cache(work: nn.Module, args, kwargs, name: str, notes: list[str]):
+    """``capture_export``; a HuggingFace decoder whose output holds a key/value cache (not a
+    tensor) is exported again with ``config.use_cache = False`` on the copy."""
+    try:
+        return capture_export(work, args, kwargs, name, notes)
+    except CaptureError as exc:
+        config = getattr(work, "config", None)
+        if "Cache" not in str(exc) or not getattr(config, "use_cache", False):
+            raise
+        config.use_cache = False
+        notes.append("captured with use_cache=False: the model's key/value cache is no tensor")
+        return capture_export(work, args, kwargs, name, notes)
+
+
 def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     """Capture a deep copy of ``model`` (in eval mode) as a GraphModule.
 
@@ -67,7 +81,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     except Exception as exc:  # fx raises many kinds; report them as one line
         reason = one_line(exc)
         try:
-            gm = capture_export(work, args, kwargs, name, notes)
+            gm = _export_without_cache(work, args, kwargs, name, notes)
         except CaptureError as exc2:
             raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
         notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")

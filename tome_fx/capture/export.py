@@ -22,9 +22,9 @@ What the returned GraphModule is:
 * Token counts stay baked into view/reshape/expand arguments; the shape repair pass
   (``passes/shapes.py``) makes them follow merges.
 * Export records eval-mode behaviour: dropout is off whatever ``.train()`` says.
-* An SDPA mask that does not depend on the input values and keeps every position (v5 builds an
-  all-true mask for unmasked encoders) is removed; a real mask stays (and is the matcher's
-  business).
+* An SDPA mask computed from shapes and constants only that keeps every position (v5 builds an
+  all-true mask for unmasked encoders) is removed; a real mask, or any term that reads a
+  parameter or buffer, stays (and is the matcher's business).
 """
 from __future__ import annotations
 
@@ -206,11 +206,21 @@ def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]
 _SDPA_TAIL = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def _reads_state(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is computed from a parameter or buffer (a learned table, or a buffer
+    indexing one): then what it holds depends on training, not on shapes."""
+    state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+    return any(a.op == "get_attr" and a.target in state for a in gu.ancestors_within(node, 10_000))
+
+
 def drop_trivial_masks(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
-    """Remove attention masks that mask nothing and do not depend on the input values (only on
-    shapes), evaluated on the example inputs: an SDPA ``attn_mask`` that keeps every position
-    (all true, or all zero if float), and an all-zero term added to softmax logits (eager
-    attention). Returns how many were removed."""
+    """Remove attention masks that mask nothing and are computed from shapes and constants only
+    (no input value, no parameter or buffer), evaluated on the example inputs: an SDPA
+    ``attn_mask`` that keeps every position (all true, or all zero if float), and an all-zero
+    term added to softmax logits (eager attention). Returns how many were removed.
+
+    A term that reads a parameter is never dropped, whatever its values: a relative-position
+    table initialised to zeros masks nothing now and is trained later."""
     sdpa_sites, add_sites = [], []
     for n in gm.graph.nodes:
         if gu.is_sdpa(n):
@@ -232,7 +242,7 @@ def drop_trivial_masks(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
 
     def masks_nothing(node, bool_ok: bool) -> bool:
         m = kept.get(node)
-        if node in dependent or not isinstance(m, torch.Tensor):
+        if node in dependent or not isinstance(m, torch.Tensor) or _reads_state(gm, node):
             return False
         if m.dtype == torch.bool:
             return bool_ok and bool(m.all())
