@@ -8,6 +8,7 @@ checks every case; other test files pick cases by id. Cases at full size are mar
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,11 +25,16 @@ class Case:
     id: str
     build: Callable[[], nn.Module]
     inputs: Callable[[int], tuple]  # batch size -> example inputs
-    blocks: Callable[[nn.Module], int]  # expected attention->MLP blocks, from the config
-    prefix: Callable[[nn.Module], int]  # expected protected tokens, from the config
-    pools: Callable[[nn.Module], bool]  # the output is a mean over tokens (size-weighted)
+    blocks: Callable[[nn.Module], int] | None  # expected attention->MLP blocks, from the config
+    prefix: Callable[[nn.Module], int] | None  # expected protected tokens, from the config
+    pools: Callable[[nn.Module], bool] | None  # the output is a mean over tokens (size-weighted)
     slow: bool = False
     marks: list = field(default_factory=list)
+    # "rewritten": every block merges; "partly": some sites refused, the rest merge; "refused":
+    # nothing merges. ``reason``: what every refusal says (a substring), beside the case.
+    outcome: str = "rewritten"
+    reason: tuple = ()  # every skip reason contains one of these
+    budget: float = 0.5  # the flops_budget the zoo checks (reachable for this model)
 
     def param(self):
         marks = list(self.marks) + ([pytest.mark.slow] if self.slow else [])
@@ -139,6 +145,155 @@ CASES = [
     hand_case("explicit-softmax-64d-no_final_norm", lambda: models.TinyTransformer(), 33, "blocks",
               pools=False),
 ]
+
+
+
+def family(id, build, inputs, outcome, reason=(), budget=0.5, prefix=None, slow=False) -> Case:
+    """A model family of the wider zoo: its expected outcome, and the reasons beside it."""
+    reason = (reason,) if isinstance(reason, str) else tuple(reason)
+    return Case(id, build, inputs, None, None if prefix is None else (lambda m: prefix), None,
+                slow, outcome=outcome, reason=reason, budget=budget)
+
+
+def _timm(name, **kw):
+    return lambda: timm.create_model(name, pretrained=False, **kw)
+
+
+def _mvit():
+    from timm.models import mvitv2
+
+    cfg = mvitv2.MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=(32, 64, 128, 256),
+                                  num_heads=(1, 2, 4, 8))
+    return mvitv2.MultiScaleVit(cfg, img_size=(64, 64))
+
+
+def _volo():
+    from timm.models import volo
+
+    return volo.VOLO(layers=(1, 1, 1, 1), embed_dims=(64, 128, 128, 128), num_heads=(2, 4, 4, 4),
+                     img_size=64)
+
+
+def _hf(cls_name, config_name, **kw):
+    def build():
+        import transformers
+
+        return getattr(transformers, cls_name)(getattr(transformers, config_name)(**kw))
+
+    return build
+
+
+def _trained(build):
+    """``build`` with its relative-position tables drawn at random (as after training)."""
+    def trained():
+        model = build()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "relative_position_bias_table" in name:
+                    p.normal_()
+        return model
+
+    return trained
+
+
+def _text(n):
+    return lambda b: (torch.randint(0, 100, (b, n)), torch.ones(b, n, dtype=torch.long))
+
+
+def _audio(samples):
+    return lambda b: (torch.randn(b, samples),)
+
+
+POSITION = "indexed by token position"
+ROTARY = "rotary or position embedding"
+TABLE = "does not depend on the input"
+CROSS = "queries and keys have different token counts"
+HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+FAMILIES = [
+    # timm: what merges, and why the rest is refused
+    family("timm-cait-talking_heads", _timm("cait_xxs24_224", depth=2, img_size=64), _images(64),
+           "refused", ("logits pass through permute", CROSS)),  # heads mixed; class attention
+    family("timm-xcit-cross_covariance", _timm("xcit_nano_12_p16_224", depth=2, img_size=64),
+           _images(64), "refused", ("combined with a tensor", CROSS)),  # temperature; class attn
+    family("timm-pit-pooling_stages", _timm("pit_ti_224", img_size=64), _images(64), "refused",
+           ("fails on merged tokens", "selects tokens by position")),  # pooling between stages
+    family("timm-convit-gpsa_then_mhsa", _timm("convit_tiny", depth=2, local_up_to_layer=1,
+                                                img_size=64), _images(64), "partly",
+           ("softmax output goes to", "logits pass through permute"), 0.9),  # gated positional
+    family("timm-levit-attention_biases", _timm("levit_128s", img_size=64), _images(64),
+           "refused", (POSITION, "logits pass through add")),
+    family("timm-crossvit-two_branches", _timm("crossvit_tiny_240", depth=((1, 1, 0),)),
+           _images(240), "refused", (CROSS, "fails on merged tokens", "concatenation along the token")),
+    family("timm-twins_pcpvt-spatial_reduction", _timm("twins_pcpvt_small", depths=(1, 1, 1, 1),
+                                                       img_size=64), _images(64), "refused",
+           (CROSS, "fails on merged tokens")),  # reduced keys; the last stage reshapes a grid
+    family("timm-mvitv2-pooled_attention", _mvit, _images(64), "refused",
+           (CROSS, "not the attention's input"), slow=True),
+    family("timm-volo-outlook", _volo, _images(64), "refused",
+           ("logits pass through permute", "not 3-D", CROSS)),
+    family("timm-vit_relpos", _timm("vit_relpos_base_patch16_224", depth=2, img_size=64),
+           _images(64), "refused", POSITION),
+    family("timm-flexivit", _timm("flexivit_small", depth=4, img_size=64), _images(64),
+           "rewritten", prefix=1),
+    family("timm-samvit-windows", _timm("samvit_base_patch16", depth=2, img_size=128),
+           _images(128), "refused", "no MLP residual branch"),  # windows partitioned around it
+    family("timm-hiera-mask_unit_windows", _timm("hiera_tiny_224", stages=(1, 1, 1, 1)),
+           _images(224), "refused", ("windowed or regrouped", CROSS)),  # mask units; pooled q
+    family("timm-eva02-rotary", _timm("eva02_tiny_patch14_224", depth=2, img_size=56),
+           _images(56), "partly", ROTARY, 0.95),
+    family("timm-vit_rope", _timm("vit_small_patch16_rope_224", depth=2, img_size=64),
+           _images(64), "partly", ROTARY, 0.95),
+    family("timm-siglip-attention_pool", _timm("vit_base_patch16_siglip_224", depth=4,
+                                               img_size=64), _images(64), "rewritten", prefix=0),
+    # HuggingFace transformers (torch.export path)
+    family("hf-data2vec_vision-zero_tables", _hf("Data2VecVisionModel", "Data2VecVisionConfig",
+                                                 **HF, image_size=64, patch_size=8,
+                                                 use_relative_position_bias=True),
+           _images(64), "refused", POSITION),
+    family("hf-data2vec_vision-trained_tables", _trained(_hf(
+        "Data2VecVisionModel", "Data2VecVisionConfig", **HF, image_size=64, patch_size=8,
+        use_relative_position_bias=True)), _images(64), "refused", POSITION),
+    family("hf-distilbert", _hf("DistilBertModel", "DistilBertConfig", dim=64, n_layers=4,
+                                n_heads=4, hidden_dim=128, vocab_size=100), _text(24),
+           "rewritten", prefix=0),
+    family("hf-roberta-pooler", _hf("RobertaModel", "RobertaConfig", **HF, vocab_size=100,
+                                    pad_token_id=1), _text(24), "rewritten", prefix=1, budget=0.8),
+    family("hf-wav2vec2", _hf("Wav2Vec2Model", "Wav2Vec2Config", **HF, conv_dim=(32, 32),
+                              conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+                              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+           _audio(4000), "rewritten", prefix=0, budget=0.8),
+    family("hf-segformer-spatial_reduction", _hf(
+        "SegformerModel", "SegformerConfig", num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+        hidden_sizes=[32, 64], num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2],
+        mlp_ratios=[2, 2]), _images(64), "refused", (CROSS, "folds or splits")),
+    family("hf-swin-windows", _hf("SwinModel", "SwinConfig", image_size=64, patch_size=4,
+                                  embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4),
+           _images(64), "refused", POSITION),
+    family("hf-yolos-mid_position_embeddings", _hf("YolosModel", "YolosConfig", **HF,
+                                                   image_size=[64, 64], patch_size=8,
+                                                   num_detection_tokens=5),
+           _images(64), "partly", TABLE, 0.95),
+    family("hf-dinov2", _hf("Dinov2Model", "Dinov2Config", **HF, image_size=64, patch_size=8),
+           _images(64), "rewritten", prefix=1, budget=0.8),
+    # HF puts the registers after the class token once position embeddings are added
+    # (cat(x[:, :1], registers, x[:, 1:])): only the class token is found to protect (the pooler
+    # reads it), the registers merge like patch tokens (timm's registers are protected)
+    family("hf-dinov2-registers", _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
+                                      **HF, image_size=64, patch_size=8, num_register_tokens=4),
+           _images(64), "rewritten", prefix=1, budget=0.8),
+    family("hf-siglip_vision-probe_pool", _hf("SiglipVisionModel", "SiglipVisionConfig", **HF,
+                                              image_size=64, patch_size=8),
+           _images(64), "rewritten", prefix=0, budget=0.8),
+    family("hf-gpt2-causal", _hf("GPT2Model", "GPT2Config", n_embd=64, n_layer=2, n_head=4,
+                                 vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0),
+           lambda b: (torch.randint(0, 100, (b, 16)),), "refused", "fixed pattern"),
+]
+_NO_HF = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                            reason="HuggingFace families need transformers (dev extra)")
+for f in FAMILIES:
+    if f.id.startswith("hf-"):
+        f.marks.append(_NO_HF)
+CASES += FAMILIES
 ZOO = {c.id: c for c in CASES}
 assert len(ZOO) == len(CASES), "case ids must be unique"
 

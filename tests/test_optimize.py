@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 import tome_fx
 from cases import case, timm_model
 from models import (CausalSelfAttention, Encoder, MHAEncoder, NoAttention, RelPosBiasAttention,
-                    TinyTransformer, Untraceable)
+                    SoftmaxAttention, TinyTransformer, Untraceable)
 
 
 # registry cases (tests/cases.py) this file runs the core checks on
@@ -278,3 +279,45 @@ def test_multihead_attention_called_directly():
     with torch.no_grad():
         assert (r0(x) - model(x)).abs().max() <= 1e-5
         assert torch.isfinite(fast(x)).all()
+
+
+class _ClassAttentionModel(torch.nn.Module):
+    """Explicit-softmax blocks, then CaiT-style class attention: the class token's query attends
+    to every token (keys, values), and only the class token goes on to the head."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.body = Encoder(lambda d: SoftmaxAttention(d, heads), dim=dim, depth=3,
+                            final_norm=False)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.q, self.kv = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim)
+        self.proj, self.head, self.heads = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 5), heads
+
+    def forward(self, x):
+        x = self.body.embed(x)
+        x = self.body.blocks(torch.cat([self.body.cls.expand(x.shape[0], -1, -1), x], dim=1))
+        b, n, c = x.shape
+        h = self.norm(x)
+        q = self.q(h[:, :1]).reshape(b, 1, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).reshape(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, c)
+        return self.head((x[:, :1] + self.proj(y))[:, 0])
+
+
+def test_class_attention_reads_merged_tokens_as_keys():
+    """Class attention (queries from the class token, keys from every token) is not a block to
+    merge in, and says so; it is a consumer of merged tokens whose keys get log(size): with
+    token pairs that are exact duplicates, merging every pair in block 0 changes nothing."""
+    torch.manual_seed(0)
+    model = _ClassAttentionModel().eval()
+    x = torch.randn(2, 16, 16).repeat_interleave(2, dim=1)  # tokens 1,2 / 3,4 / ... equal
+    fast = tome_fx.optimize(model, r=[16, 0, 0], example_inputs=(x,), drop_unread=False)
+    plan = fast.tome
+    assert plan.r == [16, 0, 0] and plan.protected == 1
+    assert [s.reason for s in plan.skipped] == [tome_fx.match.CROSS_FROM_INPUT]
+    assert fast.tome_counts["size_bias"] == 3  # blocks 1, 2 and the class attention
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() <= 1e-5
+        no_bias = tome_fx.optimize(model, r=[16, 0, 0], example_inputs=(x,), prop_attn=False,
+                                   drop_unread=False)
+        assert (no_bias(x) - model(x)).abs().max() > 1e-3  # the size term is what makes it exact

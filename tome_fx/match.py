@@ -157,6 +157,17 @@ def _peel_mask(gm, logits: Node, shapes, dep: set) -> tuple[Node, Node | None, N
     return logits, None, None
 
 
+CROSS_FROM_INPUT = ("cross-attention: queries and keys have different token counts, and the queries "
+                    "come from the input (class attention, spatial-reduction keys, encoder-decoder "
+                    "attention): not a block to merge in; it reads merged tokens only as keys")
+
+
+def _cross(n_queries: int, n_keys: int) -> bool:
+    """Cross-attention: the queries are other tokens than the keys (attention pooling with a
+    learned latent or probe, class attention, spatial-reduction keys)."""
+    return n_queries != n_keys
+
+
 def _core_softmax(gm, sm: Node, shapes, dep: set = frozenset()) -> Core:
     dim = gu.arg(sm, 1, "dim", None) if sm.op != "call_module" else gu.module_of(gm, sm).dim
     s = shapes.get(sm)
@@ -188,7 +199,7 @@ def _core_softmax(gm, sm: Node, shapes, dep: set = frozenset()) -> Core:
     tokens = ks[-1] if transposed else ks[-2]
     heads = ks[1] if len(ks) == 4 else 1
     queries = shapes.get(qk.args[0])
-    cross = gu.is_tensor_shape(queries) and len(queries) >= 2 and queries[-2] != tokens
+    cross = gu.is_tensor_shape(queries) and len(queries) >= 2 and _cross(queries[-2], tokens)
     return Core(sm, "softmax", qk.args[0], keys, transposed, out, logits_in, tokens, heads,
                 frozenset([qk, sm, out, *passed, *inner]), mask, cross=cross)
 
@@ -206,7 +217,7 @@ def _core_sdpa(gm, node: Node, shapes, dep: set = frozenset()) -> Core:
     ks = shapes[k]
     heads = ks[1] if len(ks) == 4 else 1
     return Core(node, "sdpa", q, k, False, node, None, ks[-2], heads, frozenset([node]), mask,
-                cross=shapes[q][-2] != ks[-2])
+                cross=_cross(shapes[q][-2], ks[-2]))
 
 
 def _descendant_add(start: Node, depth: int = 40) -> tuple[Node, Node]:
@@ -362,9 +373,12 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
             node.meta["tome"] = {"role": "refused", "reason": reason}
             continue
         cores.append(core)
-        if core.cross:  # attention pooling: keys and values are the tokens, the queries are not
-            cross.append(site_name(node))
+        if core.cross:  # a consumer of the tokens (keys, values), not a block to merge in
             node.meta["tome"] = {"role": "cross_attention", "kind": core.kind}
+            if core.query in dep:  # queries from the input: reported, checked by token flow
+                refusals.append(Refusal(site_name(node), CROSS_FROM_INPUT))
+            else:  # attention pooling: learned queries
+                cross.append(site_name(node))
             continue
         try:
             block = _block(gm, len(blocks), core, shapes)

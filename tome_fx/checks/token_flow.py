@@ -193,6 +193,10 @@ def check_token_flow(ctx: Context) -> Flow:
                                        "tokens (a position index, position table or mask); "
                                        "merged tokens have no single position"))
             flow.positional.add(n)
+    for core in ctx.matches.cores:  # a cross-attention takes merged tokens as keys, never queries
+        if core.cross and tdims.get(core.query):
+            flow.unsafe.append((core.anchor, f"the queries of cross-attention {core.anchor.name} "
+                                             "carry merged tokens"))
     size_of: dict[Node, Node] = {s.x: s.size for s in ctx.sites}
     offset: dict[Node, int] = {s.x: 0 for s in ctx.sites}
     for s in ctx.sites:  # a merge's token origins (side tensors follow them) align with its sizes

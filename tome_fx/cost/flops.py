@@ -37,7 +37,12 @@ def _transposed_conv(n: fx.Node, args) -> bool:
     return gu.packet(n) is gu.aten.convolution and bool(gu.arg(n, 6, "transposed", False))
 
 
-def known_flops(gm: fx.GraphModule, n: fx.Node, args, out) -> int | None:
+def _weight(args, kwargs):
+    """The weight of a linear or convolution call, passed by position or keyword."""
+    return args[1] if len(args) > 1 else kwargs["weight"]
+
+
+def known_flops(gm: fx.GraphModule, n: fx.Node, args, kwargs, out) -> int | None:
     """FLOPs of a recognised op from its actual tensors; None if the op is not recognised."""
     if n.op == "call_module":
         mod = gm.get_submodule(n.target)
@@ -47,9 +52,9 @@ def known_flops(gm: fx.GraphModule, n: fx.Node, args, out) -> int | None:
             return 2 * out.numel() * math.prod(mod.weight.shape[1:])
         return None
     if gu.is_call(n, _LINEAR_FUNCS):
-        return 2 * args[0].numel() * args[1].shape[0]
+        return 2 * args[0].numel() * _weight(args, kwargs).shape[0]
     if gu.is_call(n, gu.CONV_FUNCS) and isinstance(out, torch.Tensor) and not _transposed_conv(n, args):
-        return 2 * out.numel() * math.prod(args[1].shape[1:])
+        return 2 * out.numel() * math.prod(_weight(args, kwargs).shape[1:])
     if gu.is_matmul(n) and isinstance(out, torch.Tensor):
         return 2 * out.numel() * args[0].shape[-1]
     if gu.is_sdpa(n):
@@ -84,7 +89,7 @@ class FlopRun(fx.Interpreter):
         if n.op == "call_module" or gu.is_matmul(n) or gu.is_sdpa(n) or gu.is_call(
                 n, _LINEAR_FUNCS | gu.CONV_FUNCS):
             out = call()
-            f = known_flops(self.module, n, args, out)
+            f = known_flops(self.module, n, args, kwargs, out)
             if f is not None:
                 self.flops[n] = f
                 return out
