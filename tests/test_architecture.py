@@ -3,7 +3,6 @@ cycle, function-level imports included; modules stay small; no code is written t
 from __future__ import annotations
 
 import ast
-import collections
 import os
 
 import pytest

@@ -33,7 +33,7 @@ def merge_flops(tokens: int, r: int, prefix: int, batch: int, dim: int) -> int:
     return 2 * batch * n_a * n_b * dim
 
 
-def _transposed_conv(n: fx.Node, args) -> bool:
+def _transposed_conv(n: fx.Node) -> bool:
     return gu.packet(n) is gu.aten.convolution and bool(gu.arg(n, 6, "transposed", False))
 
 
@@ -53,7 +53,7 @@ def known_flops(gm: fx.GraphModule, n: fx.Node, args, kwargs, out) -> int | None
         return None
     if gu.is_call(n, _LINEAR_FUNCS):
         return 2 * args[0].numel() * _weight(args, kwargs).shape[0]
-    if gu.is_call(n, gu.CONV_FUNCS) and isinstance(out, torch.Tensor) and not _transposed_conv(n, args):
+    if gu.is_call(n, gu.CONV_FUNCS) and isinstance(out, torch.Tensor) and not _transposed_conv(n):
         return 2 * out.numel() * math.prod(_weight(args, kwargs).shape[1:])
     if gu.is_matmul(n) and isinstance(out, torch.Tensor):
         return 2 * out.numel() * args[0].shape[-1]
