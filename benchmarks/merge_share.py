@@ -41,9 +41,10 @@ def _ranged(fn, name):
     return wrapper
 
 
-def _stub_merge(x, keys, size, r, prefix, keys_transposed=False):
+def _stub_merge(x, keys, size, r, prefix, keys_transposed=False, origin=None, groups=None,
+                start=None):
     """Same output shapes as ops.tome_merge, none of its work."""
-    n = min(r, ops.merge_limit(x.shape[1], prefix))
+    n = min(ops.merge_count(r, x.shape[1], prefix, start), ops.merge_limit(x.shape[1], prefix))
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
     keep = x.shape[1] - max(n, 0)

@@ -162,5 +162,40 @@ def test_compiled_export_module_raises_shape_error():
     fast = tome_fx.optimize(export_program(model, (x,), {}), r=3, compile={"backend": "eager"})
     with torch.no_grad():
         assert fast(torch.randn(3, 32, 16)).shape == (3, 10)
-        with pytest.raises(tome_fx.ShapeError, match="dimension 1 is fixed at 32"):
-            fast(torch.randn(3, 30, 16))
+        assert fast(torch.randn(3, 30, 16)).shape == (3, 10)  # the token count is dynamic
+        with pytest.raises(tome_fx.ShapeError, match="dimension 2 is fixed at 16"):
+            fast(torch.randn(3, 30, 8))
+
+
+def test_lengths_vary_without_a_recompile_per_length():
+    """A budget schedule on a module captured with a dynamic sequence length: the second length
+    recompiles once with a symbolic token count, which serves the lengths after it (a length at
+    which some block's merge count reaches 0 or leaves one token unmerged in a set can add one,
+    as torch specialises sizes 0 and 1); running the same lengths again compiles nothing."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, vocab_size=1000, max_position_embeddings=256)
+    model = BertForSequenceClassification(config).eval()
+    ids = lambda n: {"input_ids": torch.randint(0, 1000, (2, n))}  # noqa: E731
+    gm = tome_fx.optimize(model, flops_budget=0.6, example_inputs=ids(32))
+    graphs = []
+
+    def keep(g, example_inputs):
+        graphs.append(g)
+        return g.forward
+
+    counter = CompileCounterWithBackend(keep)
+    fast = compile_module(gm, {"backend": counter})
+    lengths = (32, 48, 64, 100, 128, 80, 40, 56, 72, 96, 112)
+    with torch.no_grad():
+        for n in lengths:
+            x = ids(n)
+            torch.testing.assert_close(fast(**x).logits, gm(**x).logits, rtol=0, atol=1e-5)
+        compiled = counter.frame_count
+        for n in lengths:
+            fast(**ids(n))
+    assert compiled <= 3 < len(lengths), compiled
+    assert counter.frame_count == compiled
+    assert len(_symbols(graphs[1])) == 1  # the token count (the batch stayed 2)

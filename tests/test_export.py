@@ -187,11 +187,11 @@ def test_wrong_shape_is_a_one_line_shape_error():
     model, x, ep = _tiny_exported(depth=2)
     fast = tome_fx.optimize(ep, r=3)
     with pytest.raises(tome_fx.ShapeError) as info:
-        fast(torch.randn(2, 30, 16))
+        fast(torch.randn(2, 30, 8))
     msg = str(info.value)
     assert isinstance(info.value, ValueError) and "\n" not in msg
-    assert "input 'x' has shape (2, 30, 16)" in msg and "(any, 32, 16)" in msg
-    assert "dimension 1 is fixed at 32" in msg and "optimize again" in msg
+    assert "input 'x' has shape (2, 30, 8)" in msg and "(any, any, 16)" in msg
+    assert "dimension 2 is fixed at 16" in msg and "optimize again" in msg
     with pytest.raises(tome_fx.ShapeError, match="captured for .* \\(3 dimensions\\)"):
         fast(torch.randn(2, 32))
     with torch.no_grad():

@@ -5,6 +5,7 @@ method (``methods``), under a schedule from the cost model (``cost``) for a FLOP
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -110,7 +111,9 @@ def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool 
                        strategy: str = "auto", drop: bool = True) -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
     chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop)
-    result = run_pipeline(captured, ToMe(_padded(chosen.r)), prop_attn=prop_attn, drop=drop)
+    chosen = dataclasses.replace(chosen, scales=True)
+    result = run_pipeline(captured, ToMe(_padded(chosen.r), scales=True), prop_attn=prop_attn,
+                          drop=drop)
     if result.plan.r == chosen.r:
         result.plan = chosen
         result.graph_module.tome = chosen

@@ -49,6 +49,9 @@ class Plan:
     similarity: str | None = None  # "attention" | "keys"
     sim_threshold: float | None = None  # threshold mode; None in budget (count) mode
     grid: tuple | None = None  # (h, w) patch grid the components are taken over
+    # ToMe from a flops_budget: each block merges the same share of its tokens at any token
+    # count (``r`` are the counts at the example inputs; ``kernels.tome.merge_count``)
+    scales: bool = False
 
     @property
     def r(self) -> list[int]:
@@ -73,11 +76,14 @@ class Plan:
         rows = []
         for b in self.blocks:
             row = [b.index, b.site, b.kind, b.norm, b.tokens_in, b.r]
+            if self.scales:
+                row.append(f"{b.r / b.tokens_in:.1%}" if b.tokens_in else "-")
             row += [b.dropped, b.tokens_out] if with_drop else [b.tokens_out]
             if with_flops:
                 row.append(None if b.flops is None else b.flops / 1e6)
             rows.append(row)
         head = ["block", "attention", "kind", "norm", "tokens in", "r"]
+        head += ["r / tokens"] if self.scales else []
         head += ["dropped", "tokens out"] if with_drop else ["tokens out"]
         if with_flops:
             head.append("MFLOPs")
@@ -92,6 +98,9 @@ class Plan:
                 f"FLOPs: {self.flops / 1e9:.4g} G of {self.flops_original / 1e9:.4g} G, "
                 f"ratio {self.ratio:.4f}{budget}, predicted speed-up {self.predicted_speedup:.3f}x"
             )
+        if self.scales:
+            lines.append("the schedule scales with the token count: each block merges its share "
+                         "(r / tokens) of the tokens it gets; r is the count at the example inputs")
         if self.method != "tome":
             how = (f"threshold {self.sim_threshold:g}" if self.sim_threshold is not None
                    else "exact token count per image")

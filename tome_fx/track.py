@@ -43,7 +43,7 @@ def component_sources(sources: torch.Tensor, prefix: int, labels, n_out) -> torc
 
 def _tome(sources, a):
     match = match_tokens(a["x"].shape[1], a["keys"], a["r"], a["prefix"], a["keys_transposed"],
-                         a["origin"], a["groups"])
+                         a["origin"], a["groups"], a["start"])
     return sources if match is None else merge_sources(sources, a["prefix"], *match)
 
 

@@ -308,16 +308,23 @@ def test_batch_of_one_example_runs_every_batch():
     assert batched.shape == (4, 10) and (batched - alone).abs().max() <= 1e-5
 
 
-def test_other_sequence_length_is_a_shape_error():
+def test_other_sequence_lengths_run_and_beyond_the_position_table_is_a_shape_error():
+    """The sequence length is captured dynamic: 48 tokens run (r=2 per block, as at 32); more
+    tokens than the position table holds (512) is the one-line ShapeError naming the range."""
     model = _bert("model")
     ids = torch.randint(0, 100, (2, 32))
     fast = tome_fx.optimize(model, r=2, example_inputs={"input_ids": ids,
                                                          "attention_mask": torch.ones_like(ids)})
     longer = torch.randint(0, 100, (2, 48))
+    with torch.no_grad():
+        out = fast(input_ids=longer, attention_mask=torch.ones_like(longer)).last_hidden_state
+    assert out.shape == (2, 48 - 2 * LAYERS, SMALL["hidden_size"])
+    too_long = torch.randint(0, 100, (2, 600))
     with pytest.raises(tome_fx.ShapeError) as info:
-        fast(input_ids=longer, attention_mask=torch.ones_like(longer))
+        fast(input_ids=too_long, attention_mask=torch.ones_like(too_long))
     msg = str(info.value)
-    assert "\n" not in msg and "'input_ids' has shape (2, 48)" in msg and "(any, 32)" in msg
+    assert "\n" not in msg and "'input_ids' has shape (2, 600)" in msg
+    assert "(any, 1..512)" in msg and "must be between 1 and 512, got 600" in msg
 
 
 def test_tomato_finds_the_patch_grid_on_export_graphs():

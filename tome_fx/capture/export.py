@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -53,14 +54,17 @@ def exported_inputs(ep) -> tuple:
     return tuple(example[0]), dict(example[1])
 
 
-def _batch_dims(model: nn.Module, args: tuple, kwargs: dict):
-    """``dynamic_shapes`` with a dynamic batch dimension (``Dim.AUTO``: export keeps it static
-    where the model pins it) for every input tensor, keyed like ``model.forward``'s signature."""
+def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict, every: bool):
+    """``dynamic_shapes`` keyed like ``model.forward``'s signature: every dimension of every
+    input tensor (``every``), or the batch dimension only, as ``Dim.AUTO``: export keeps a
+    dimension static where the model pins it (a channel count, an image size its position
+    embedding is fixed to) and symbolic where it allows any size (the batch, a sequence length,
+    the image size of a model that interpolates its position embedding)."""
     auto = torch.export.Dim.AUTO
 
     def spec(x):
         if isinstance(x, torch.Tensor):
-            return {0: auto} if x.dim() > 0 else None
+            return ({d: auto for d in range(x.dim() if every else min(x.dim(), 1))}) or None
         if isinstance(x, (tuple, list)):
             return type(x)(spec(v) for v in x)
         if isinstance(x, dict):
@@ -94,49 +98,64 @@ def _repeated(args: tuple, kwargs: dict, batch: int):
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict):
-    """torch.export (non-strict) of an eval-mode deep copy, batch dimension dynamic."""
+    """torch.export (non-strict) of an eval-mode deep copy, every dimension the model allows
+    dynamic; failing that the batch only, failing that static. A batch of one is exported
+    repeated to two (export specialises a dimension of size 1), unless the model pins it."""
     work = copy.deepcopy(model).eval()
-    export = torch.export.export
-    if _batch_of_one(args, kwargs):  # export would specialise a batch of 1: trace a batch of 2
+    tries = []
+    if _batch_of_one(args, kwargs):
+        tries += [(*_repeated(args, kwargs, 2), True), (*_repeated(args, kwargs, 2), False)]
+    tries += [(args, kwargs, True), (args, kwargs, False), (args, kwargs, None)]
+    for a, k, every in tries:
+        dims = None if every is None else _dynamic_dims(work, a, k, every)
         try:
-            a2, k2 = _repeated(args, kwargs, 2)
-            ep = export(work, a2, k2, dynamic_shapes=_batch_dims(work, a2, k2), strict=False)
-            if _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
-                return ep
-        except Exception:  # noqa: BLE001 - the model pins the batch: export it as given
-            pass
-    try:
-        return export(work, args, kwargs, dynamic_shapes=_batch_dims(work, args, kwargs),
-                      strict=False)
-    except Exception:  # a batch dim the model cannot keep dynamic: export it static
-        return export(work, args, kwargs, strict=False)
+            ep = torch.export.export(work, a, k, dynamic_shapes=dims, strict=False)
+        except Exception as exc:  # noqa: BLE001 - try the next, more static, form
+            failure = exc
+            continue
+        if a is args or _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
+            return ep
+    raise failure
+
+
+def _described(dims) -> str:
+    def one(d):
+        if isinstance(d, int):
+            return str(d)
+        _, lo, hi = d
+        return "any" if lo <= 1 and hi is None else f"{lo}..{'' if hi is None else hi}"
+    return "(" + ", ".join(one(d) for d in dims) + ")"
 
 
 @torch.fx.node.has_side_effect
 def check_inputs(spec: tuple, *inputs) -> None:
     """Raise ``ShapeError`` (one line) if an input's shape is not one the graph was captured for.
 
-    ``spec``: per input ``(name, dims)``, ``dims`` a tuple of ints (fixed sizes) and symbol
-    names (sizes free at run time; one name in two places means equal sizes); None for a
-    non-tensor input."""
+    ``spec``: per input ``(name, dims)``, ``dims`` a tuple of ints (fixed sizes) and
+    ``(symbol, low, high)`` (sizes free at run time within ``low..high``, ``high`` None for no
+    bound; one symbol in two places means equal sizes); None for a non-tensor input."""
     seen: dict[str, tuple[str, int]] = {}
     for (name, dims), x in zip(spec, inputs):
         if dims is None or not isinstance(x, torch.Tensor):
             continue
         shape = tuple(x.shape)
-        captured = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in dims) + ")"
-        what = f"input {name!r} has shape {shape} but the module was captured for {captured}"
+        what = f"input {name!r} has shape {shape} but the module was captured for {_described(dims)}"
         fix = "optimize again with example inputs of the shape you will run"
         if len(shape) != len(dims):
             raise ShapeError(f"{what} ({len(dims)} dimensions); {fix}")
         for d, (want, got) in enumerate(zip(dims, shape)):
-            if isinstance(want, int) and want != got:
-                raise ShapeError(f"{what}: dimension {d} is fixed at {want}; {fix}")
-            if isinstance(want, str):
-                other, size = seen.setdefault(want, (f"{name!r} dimension {d}", got))
-                if size != got:
-                    raise ShapeError(f"{what}: its dimension {d} must equal {other} "
-                                     f"({size}), got {got}")
+            if isinstance(want, int):
+                if want != got:
+                    raise ShapeError(f"{what}: dimension {d} is fixed at {want}; {fix}")
+                continue
+            symbol, lo, hi = want
+            if got < lo or (hi is not None and got > hi):
+                bound = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+                raise ShapeError(f"{what}: dimension {d} must be {bound}, got {got}")
+            other, size = seen.setdefault(symbol, (f"{name!r} dimension {d}", got))
+            if size != got:
+                raise ShapeError(f"{what}: its dimension {d} must equal {other} "
+                                 f"({size}), got {got}")
 
 
 def input_check_hook(gm: fx.GraphModule):
@@ -159,23 +178,45 @@ def input_check_hook(gm: fx.GraphModule):
     return hook
 
 
-def _input_spec(gm: fx.GraphModule) -> tuple:
+def _input_spec(gm: fx.GraphModule, ranges: dict) -> tuple:
+    """``check_inputs``' spec of ``gm``'s placeholders; ``ranges``: export's range constraints
+    (symbol -> the sizes the program accepts)."""
+    def dim(d):
+        if not isinstance(d, torch.SymInt) or d.node.expr.is_number:  # a size export fixed
+            return int(d)
+        expr = d.node.expr
+        valid = ranges.get(expr)
+        lo, hi = (valid.lower, valid.upper) if valid is not None else (0, None)
+        finite = lambda v: isinstance(v, (int, sympy.Integer))  # noqa: E731 - not int_oo
+        lo = int(lo) if finite(lo) else 0
+        # export's ranges start at 2 (it traces with sizes above 1), its program takes 1 too
+        return (str(expr), 1 if lo == 2 else lo, int(hi) if finite(hi) else None)
+
     def dims(val):
-        if not isinstance(val, torch.Tensor):
-            return None
-        return tuple(int(d) if not isinstance(d, torch.SymInt) else str(d) for d in val.shape)
+        return tuple(dim(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
 
     return tuple((p.target, dims(p.meta.get("val")))
                  for p in gm.graph.nodes if p.op == "placeholder")
 
 
-def add_input_check(gm: fx.GraphModule) -> None:
-    """Insert ``check_inputs`` in front of export's guards (before the first computation)."""
+def add_input_check(gm: fx.GraphModule, ranges: dict) -> tuple:
+    """Insert ``check_inputs`` in front of export's guards (before the first computation);
+    returns its spec."""
     placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
     if not placeholders:
-        return
+        return ()
+    spec = _input_spec(gm, ranges)
     with gm.graph.inserting_after(placeholders[-1]):
-        gm.graph.call_function(check_inputs, (_input_spec(gm), *placeholders))
+        gm.graph.call_function(check_inputs, (spec, *placeholders))
+    return spec
+
+
+def dynamic_sizes(spec: tuple) -> str | None:
+    """The plan's note on the sizes beyond the batch that the module takes at any value."""
+    free = [f"{name} dimension {d} ({lo}..{'' if hi is None else hi})"
+            for name, dims in spec for d, size in enumerate(dims or ())
+            if d > 0 and not isinstance(size, int) for _, lo, hi in [size]]
+    return f"dynamic sizes (any value in range): {', '.join(free)}" if free else None
 
 
 def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]):
@@ -192,7 +233,9 @@ def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]
                       if isinstance(a, torch.Tensor) and a.dim() > 0), None)
         notes.append(f"torch.export kept the batch size static ({batch}); call the result "
                      "with that batch size or optimize again for another")
-    add_input_check(gm)
+    free = dynamic_sizes(add_input_check(gm, dict(ep.range_constraints)))
+    if free:
+        notes.append(free)
     drop_assertions(gm)
     dropped = drop_trivial_masks(gm, args, kwargs)
     if dropped:

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.fx as fx
 
+from ..errors import ShapeError
 from .tokens import current_groups, identity_origin, ones_size
 from .tome import keys_metric
 
@@ -207,6 +208,10 @@ def tomato_labels(x, src, r, prefix: int, grid: tuple, kind: str, threshold=None
     m = h * w
     if r is not None and r <= 0:
         return None
+    if x.shape[1] - prefix != m:  # the grid is the example inputs'; never guess another
+        raise ShapeError(f"ToMato merges over the {h}x{w} patch grid of the example inputs "
+                         f"({m} patch tokens), got {x.shape[1] - prefix}: optimize again with "
+                         "example inputs of this size")
     u, v = grid_edges(h, w, x.device)
     if kind == "probs":
         src = _probs_4d(src, x.shape[0])

@@ -24,8 +24,8 @@ def split_ab(t: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ab_sizes(n_tokens: int, prefix: int) -> tuple[int, int]:
     """(|A|, |B|) for ``n_tokens`` tokens with ``prefix`` protected."""
-    rest, off = max(n_tokens - prefix, 0), prefix % 2
-    return len(range(off, rest, 2)), len(range(1 - off, rest, 2))
+    rest, off = torch.sym_max(n_tokens - prefix, 0), prefix % 2
+    return (rest + 1 - off) // 2, (rest + off) // 2  # arithmetic: symbolic counts stay symbolic
 
 
 def merged_layout(t: torch.Tensor, prefix: int, unm: torch.Tensor) -> list[torch.Tensor]:
@@ -75,27 +75,47 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int, groups: torch.Ten
 
 def merge_limit(n_tokens: int, prefix: int) -> int:
     """Largest r a block with ``n_tokens`` tokens and ``prefix`` protected ones can merge."""
-    return max(n_tokens - prefix, 0) // 2
+    return torch.sym_max(n_tokens - prefix, 0) // 2
+
+
+def merge_count(r, n_tokens: int, prefix: int, start=None):
+    """How many tokens a merge of ``n_tokens`` asks to take away (``match_tokens`` clamps it).
+
+    ``r`` is ToMe's r (an int), or ``(kept, of)``: a share that scales with the token count.
+    ``start`` is the count that entered the first merge (None: this merge is the first). After
+    the merge ``kept / of * start`` tokens remain, rounded with halves down (the larger merge
+    keeps the FLOP budget), at least the ``prefix``. Rounding what remains, not each block's r,
+    keeps every block within half a token of its share at any length, and ``start == of``
+    gives exactly ``kept``. Integer arithmetic only: symbolic sizes (torch.export,
+    torch.compile's dynamic shapes) stay symbolic.
+    """
+    if not isinstance(r, tuple):
+        return r
+    kept, of = r
+    total = n_tokens if start is None else start
+    return n_tokens - torch.sym_max((total * kept + (of - 1) // 2) // of, prefix)
 
 
 def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool = False,
-                 origin=None, groups=None):
+                 origin=None, groups=None, start=None):
     """The matching ``tome_merge`` applies to ``n_tokens`` tokens (``bipartite_match``'s
-    indices), or None where it merges nothing. ``origin``/``groups``: see ``tome_merge``."""
-    r = min(r, merge_limit(n_tokens, prefix))
-    if r <= 0:
+    indices), or None where it merges nothing. ``r``/``start``: see ``merge_count``;
+    ``origin``/``groups``: see ``tome_merge``."""
+    r = torch.sym_min(merge_count(r, n_tokens, prefix, start), merge_limit(n_tokens, prefix))
+    if isinstance(r, int) and r <= 0:  # a symbolic count (torch.compile) takes no branch
         return None
     current = None if groups is None else current_groups(groups, origin, keys.shape[0], n_tokens)
     return bipartite_match(keys_metric(keys, keys_transposed), r, prefix, current)
 
 
 @fx.wrap
-def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False,
-               origin=None, groups=None):
+def tome_merge(x, keys, size, r, prefix: int, keys_transposed: bool = False,
+               origin=None, groups=None, start=None):
     """Merge ``r`` token pairs of ``x`` [B, N, C] (size-weighted), matched on ``keys``.
 
     ``size`` is [B, N, 1] or None (all ones). Returns (merged x, merged size). Output order:
     protected prefix, unmerged A tokens, B tokens, each in previous relative order.
+    ``r`` (an int, or ``(kept, of)`` with ``start``): see ``merge_count``.
 
     With ``groups`` ([B, N0, K], one vector per *original* token, e.g. the attention mask) only
     tokens of equal group merge, and a third output is returned: ``origin`` [B, N'] int64, for
@@ -105,7 +125,7 @@ def tome_merge(x, keys, size, r: int, prefix: int, keys_transposed: bool = False
     n = x.shape[1]
     if size is None:
         size = ones_size(x)
-    match = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups)
+    match = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups, start)
     if groups is None:
         return (x, size) if match is None else merge_by_index(x, size, prefix, *match)
     origin = identity_origin(origin, x.shape[0], n, x.device)

@@ -1,11 +1,15 @@
 """ToMe: merge ``r`` token pairs in every block (bipartite soft matching on the keys)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from ..kernels.tome import tome_merge
-from ..passes.base import Context
+import torch
+
+from .. import graph as gu
+from ..kernels.tome import merge_limit, tome_merge
+from ..passes.base import Context, inserted
 from ..passes.merge import MergeSite, splice_merge
 from ..plans import Plan
 
@@ -14,6 +18,9 @@ from ..plans import Plan
 class ToMe:
     schedule: Callable[[int], list[int]]  # number of blocks -> r per block
     notes: tuple = ()
+    # True: the schedule's r are counts at the example token count, and each block merges the
+    # same share of its tokens at any count (``kernels.tome.merge_count``); False: r as given
+    scales: bool = False
 
     def prepare(self, ctx: Context) -> dict[int, str]:
         return {}
@@ -34,17 +41,33 @@ class ToMe:
         """A ``tome_merge`` in each enabled block with r > 0; ``size`` threads from merge to
         merge, so every use of a merge point sees merged tokens."""
         schedule, size, sites = self.schedule(len(ctx.matches.blocks)), None, []
-        prefix = ctx.matches.prefix
+        prefix, start, tokens, of = ctx.matches.prefix, None, None, 0
         for block in ctx.matches.blocks:
             r = schedule[block.index]
             if r <= 0 or block.index not in enabled:
                 continue
+            arg = r
+            if self.scales:  # (kept, of): see kernels.tome.merge_count
+                if tokens is None:  # the first merge: its tokens are ``of``
+                    tokens = of = ctx.shapes[block.merge_at][block.token_dim]
+                tokens -= min(r, merge_limit(tokens, prefix))
+                arg = (tokens, of)
             keys, transposed = block.core.keys, block.core.keys_transposed
             site = splice_merge(ctx.gm.graph, block, tome_merge,
-                                lambda x: (x, keys, size, r, prefix, transposed), r=r)
+                                lambda x: (x, keys, size, arg, prefix, transposed), r=r)
+            if self.scales and sites:
+                start = start or _start_count(ctx.gm.graph, sites[0])
+                gu.set_merge_arg(site.merge, "start", start)
             size = site.size
             sites.append(site)
         return sites
 
     def describe(self, plan: Plan, ctx: Context) -> Plan:
-        return plan
+        return dataclasses.replace(plan, scales=True) if self.scales else plan
+
+
+def _start_count(graph, first: MergeSite):
+    """A node holding the token count that enters the first merge (``merge_count``'s start)."""
+    x = gu.merge_arg(first.merge, "x")
+    with graph.inserting_before(first.merge):
+        return inserted(graph.call_function(torch.ops.aten.sym_size.int, (x, 1)), "shape")

@@ -96,7 +96,8 @@ class _Repairer(fx.Interpreter):
         fargs, kwargs = self.fetch_args_kwargs_from_env(n)
         size = list(fargs[1])
         entry = spec[j]
-        if isinstance(entry, int) and not isinstance(entry, bool) and entry == n0:
+        baked = isinstance(entry, int) and not isinstance(entry, bool) and entry == n0
+        if baked or (isinstance(entry, Node) and size[j] == n0):  # a literal or an input's size
             self.found.repairs.append(Repair(n, j, n.args[0], t))
             size[j] = n1
         elif not (entry == -1 or (isinstance(entry, Node) and size[j] == n1)):
