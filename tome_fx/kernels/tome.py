@@ -24,8 +24,8 @@ def split_ab(t: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ab_sizes(n_tokens: int, prefix: int) -> tuple[int, int]:
     """(|A|, |B|) for ``n_tokens`` tokens with ``prefix`` protected."""
-    rest, off = max(n_tokens - prefix, 0), prefix % 2
-    return len(range(off, rest, 2)), len(range(1 - off, rest, 2))
+    rest, off = torch.sym_max(n_tokens - prefix, 0), prefix % 2
+    return (rest + 1 - off) // 2, (rest + off) // 2
 
 
 def merged_layout(t: torch.Tensor, prefix: int, unm: torch.Tensor) -> list[torch.Tensor]:
@@ -65,7 +65,7 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int, groups: torch.Ten
             scores = scores.masked_fill(differ, float("-inf"))
         best, partner = scores.max(dim=-1)
         if groups is not None:  # data-dependent: only A tokens with a same-group partner merge
-            r = min(r, int((best > float("-inf")).sum(dim=-1).min()))
+            r = torch.sym_min(r, (best > float("-inf")).sum(dim=-1).min().item())
         order = best.argsort(dim=-1, descending=True)
         src = order[:, :r]
         unm = order[:, r:].sort(dim=-1).values
@@ -75,14 +75,14 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int, groups: torch.Ten
 
 def merge_limit(n_tokens: int, prefix: int) -> int:
     """Largest r a block with ``n_tokens`` tokens and ``prefix`` protected ones can merge."""
-    return max(n_tokens - prefix, 0) // 2
+    return torch.sym_max(n_tokens - prefix, 0) // 2
 
 
 def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool = False,
                  origin=None, groups=None):
     """The matching ``tome_merge`` applies to ``n_tokens`` tokens (``bipartite_match``'s
     indices), or None where it merges nothing. ``origin``/``groups``: see ``tome_merge``."""
-    r = min(r, merge_limit(n_tokens, prefix))
+    r = torch.sym_min(r, merge_limit(n_tokens, prefix))
     if r <= 0:
         return None
     current = None if groups is None else current_groups(groups, origin, keys.shape[0], n_tokens)
