@@ -21,7 +21,7 @@ LAYERS = [
     ("pipeline",),  # the one fix-point rewrite
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
-    ("compiling", "track"),  # torch.compile of results, token sources of results
+    ("compiling", "track", "exporting"),  # compile, token sources, ONNX/.pt2 of results
     ("api",),  # optimize / explain / plan / compile
     ("cli",),  # tome-fx
     ("__init__", "__main__"),  # the package's front door

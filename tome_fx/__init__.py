@@ -4,9 +4,10 @@ The package reads in the order data flows through it (ARCHITECTURE.md): ``graph`
 ``capture``, ``match``, ``kernels``, ``passes`` and ``checks``, the one ``pipeline``,
 ``methods``, ``cost``, then ``api`` and ``cli``.
 """
-from .api import compile, explain, optimize, plan, rewrite
+from .api import compile, explain, export, optimize, plan, rewrite
 from .capture import capture
-from .errors import CaptureError, NoAttentionError, ShapeError, TomeError
+from .errors import (CaptureError, ExportError, MissingExtraError, NoAttentionError, ShapeError,
+                     TomeError)
 from .match import find_blocks
 from .plans import BlockPlan, Plan
 from .schedule import parse_r
@@ -15,5 +16,6 @@ from .track import track_sources
 __all__ = [
     "optimize", "compile", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan",
     "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "ShapeError", "track_sources",
+    "export", "ExportError", "MissingExtraError",
 ]
 __version__ = "0.1.0"

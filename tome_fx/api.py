@@ -1,4 +1,4 @@
-"""Public entry points: ``optimize``, ``compile``, ``explain``, ``plan`` and ``rewrite``.
+"""Public entry points: ``optimize``, ``compile``, ``explain``, ``plan``, ``rewrite``, ``export``.
 
 Each captures the model once (``capture``), then runs the one rewrite (``pipeline``) with a
 method (``methods``), under a schedule from the cost model (``cost``) for a FLOP budget.
@@ -15,6 +15,8 @@ from .capture import Captured, capture, is_exported_program
 from .compiling import compile_module, compile_options
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
+from .exporting import Exported
+from .exporting import export as export_module
 from .methods import ToMato, ToMe
 from .methods.tomato import check_args as check_tomato_args
 from .passes.size_bias import prop_attn_form
@@ -165,9 +167,9 @@ def optimize(
         if found.threshold is not None and not prop_attn:
             raise ValueError("ToMato threshold mode needs prop_attn=True: its log(size) bias is "
                              "what keeps padding tokens (size 0) out of attention")
-        result = rewrite_tomato(capture(model, example_inputs), found, flops_budget, prop_attn,
-                                drop_unread)
-        return _finish(result, compile, flops_budget)
+        captured = capture(model, example_inputs)
+        result = rewrite_tomato(captured, found, flops_budget, prop_attn, drop_unread)
+        return _finish(result, compile, flops_budget, captured)
     if method != "tome":
         raise ValueError(f"method must be 'tome' or 'tomato', got {method!r}")
     if tomato:
@@ -180,7 +182,7 @@ def optimize(
         result = rewrite_for_budget(captured, flops_budget, prop_attn, strategy, drop_unread)
     else:
         result = run_pipeline(captured, ToMe(_schedule(r)), prop_attn=prop_attn, drop=drop_unread)
-    return _finish(result, compile, flops_budget)
+    return _finish(result, compile, flops_budget, captured)
 
 
 def unmet_budget(plan: Plan, budget: float | None) -> str | None:
@@ -197,12 +199,15 @@ def unmet_budget(plan: Plan, budget: float | None) -> str | None:
     return f"flops_budget={budget:g} is not met ({got}): {why} (every reason: print(module.tome))"
 
 
-def _finish(result: Rewrite, compile: bool | dict, budget: float | None = None) -> nn.Module:
+def _finish(result: Rewrite, compile: bool | dict, budget: float | None = None,
+            captured: Captured | None = None) -> nn.Module:
     why = unmet_budget(result.plan, budget)
     if why:
         warnings.warn(why, UserWarning, stacklevel=3)
     out = result.graph_module
     out.tome_counts = result.counts
+    if captured is not None:  # export's default example inputs
+        out.tome_inputs = (captured.args, captured.kwargs)
     if compile not in (False, None):
         out = compile_module(out, compile)  # .tome and .tome_counts stay reachable
     return out
@@ -223,3 +228,19 @@ def explain(model: nn.Module, example_inputs: Any = None, r: Any = 1,
             drop_unread: bool = True) -> Plan:
     """What tome_fx finds in ``model``: blocks, protected tokens, skipped sites with reasons."""
     return rewrite(model, _schedule(r), example_inputs, drop=drop_unread).plan
+
+
+def export(module: nn.Module, path, example_inputs: Any = None, format: str | None = None, *,
+           tolerance: float | None = None, verbose: bool = True) -> Exported:
+    """Write ``module`` (what ``optimize`` returns, or any module ``torch.export`` traces) to
+    ``path`` as ONNX (``.onnx``, needs the ``export`` extra) or a ``torch.export`` archive
+    (``.pt2``); ``format`` defaults to the suffix. The file is loaded (onnxruntime /
+    ``torch.export.load``) and run on ``example_inputs`` (default: those ``optimize`` captured
+    the module with) and on one more batch size; the largest difference to the module's outputs
+    is printed (``verbose``) and returned in ``Exported.max_diff``, and above ``tolerance``
+    (1e-4 for fp32) it is an ``ExportError``. The batch dimension is dynamic, and so is every
+    other dimension the module allows (a token count that only meets per-token ops); a token
+    count that depends on the input's values (ToMato threshold mode) is an ``ExportError``.
+    See ``tome_fx.exporting``."""
+    return export_module(module, path, example_inputs, format, tolerance=tolerance,
+                         verbose=verbose)

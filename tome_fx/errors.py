@@ -17,6 +17,15 @@ class NoAttentionError(TomeError, ValueError):
     """The model has no attention site that tome_fx can find."""
 
 
+class ExportError(TomeError, ValueError):
+    """A module cannot be exported (ONNX, ``.pt2``), or its exported file does not compute what
+    the module computes."""
+
+
+class MissingExtraError(TomeError, ModuleNotFoundError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
 def one_line(exc: BaseException) -> str:
     """First line of an exception message, for one-line errors."""
     text = str(exc).strip().splitlines()

@@ -65,7 +65,7 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int, groups: torch.Ten
             scores = scores.masked_fill(differ, float("-inf"))
         best, partner = scores.max(dim=-1)
         if groups is not None:  # data-dependent: only A tokens with a same-group partner merge
-            r = min(r, int((best > float("-inf")).sum(dim=-1).min()))
+            r = torch.sym_min(r, (best > float("-inf")).sum(dim=-1).min().item())
         order = best.argsort(dim=-1, descending=True)
         src = order[:, :r]
         unm = order[:, r:].sort(dim=-1).values

@@ -1,0 +1,395 @@
+"""Export a module to ONNX or a ``.pt2`` archive, then load the file, run it and compare.
+
+``export(module, path)`` is meant for what ``optimize`` returns and takes any module
+``torch.export`` can trace. Both formats come from one ``torch.export.export`` (non-strict) of
+the module in eval mode under ``no_grad``; ONNX is ``torch.onnx.export(program, dynamo=True)``.
+
+* **ATen only.** The merge kernels are Python over tensors and are traced through, so the
+  program holds ATen ops and nothing of tome_fx: a ``.pt2`` loads where tome_fx is not
+  installed. ``check_inputs`` (export-captured modules) runs once, at trace time, on the traced
+  shapes; it is not in the file, whose own shape guards refuse other shapes instead.
+* **Inputs and outputs.** The module's tensors in signature order (positional, then keyword),
+  named after ``forward``'s parameters. Outputs are plain containers: a HuggingFace
+  ``ModelOutput`` becomes a dict of its fields, so loading needs no transformers.
+* **Dynamic dimensions.** Dimension 0 of the inputs is one dynamic ``batch``; every other
+  dimension is ``Dim.AUTO``: dynamic where the module allows it (a token count that only meets
+  per-token ops), static where it does not (a position table fixes the image size). Where that
+  fails, batch only; where the module pins the batch, nothing (the result's notes say so).
+* **Data-dependent token counts** (ToMato threshold mode, ToMato count mode with a padding
+  mask) have no exported form: ``ExportError`` names the kernel line. ToMe with a padding mask
+  lowers ``r`` when a block has too few same-group pairs: an unbacked size bounded by the
+  schedule's ``r``, which torch.export and ONNX carry as a symbolic token count.
+* **Checked.** The file is loaded (``torch.export.load`` / onnxruntime) and run on the example
+  inputs and on one more batch size; the largest absolute difference to the module's outputs
+  is reported, and above ``tolerance`` (1e-4 for fp32) it is an ``ExportError``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import os
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path
+
+from .capture import default_inputs, is_exported_program, normalize_inputs
+from .errors import ExportError, MissingExtraError, one_line
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # everything else: 1e-4
+ONNX_INLINE_LIMIT = 1_800_000_000  # bytes of weights kept inside the .onnx (protobuf: < 2 GB)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``export`` wrote, and how the file's outputs compare with the module's."""
+
+    path: str
+    format: str  # "onnx" | "pt2"
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic: tuple[str, ...]  # "x[0]" (dimension 0 of input x), ...
+    max_diff: dict  # checked inputs ("batch 2", "x[1]=31") -> largest |file - module| output
+    tolerance: float
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        runner = "onnxruntime" if self.format == "onnx" else "torch.export.load"
+        diffs = ", ".join(f"{d:.2g} at {label}" for label, d in self.max_diff.items())
+        size = os.path.getsize(self.path) / 1e6 if os.path.exists(self.path) else 0.0
+        line = (f"wrote {self.path} ({self.format}, {size:.1f} MB): {runner} vs the module, max "
+                f"|diff| {diffs} (tolerance {self.tolerance:g}); dynamic: "
+                f"{', '.join(self.dynamic) or 'nothing'}")
+        return "\n".join([line, *(f"note: {n}" for n in self.notes)])
+
+
+def export_format(path, format: str | None = None) -> str:
+    """``"onnx"`` or ``"pt2"``: ``format`` if given (it must agree with a known suffix), else
+    from the file name's suffix; ValueError otherwise."""
+    by_suffix = FORMATS.get(os.path.splitext(str(path))[1].lower())
+    if format is None:
+        if by_suffix is None:
+            raise ValueError(f"cannot tell the export format from {str(path)!r}: the file name "
+                             "must end in .onnx or .pt2")
+        return by_suffix
+    if format not in FORMATS.values():
+        raise ValueError(f"format must be 'onnx' or 'pt2', got {format!r}")
+    if by_suffix not in (None, format):
+        raise ValueError(f"format={format!r} does not match the file name {str(path)!r}")
+    return format
+
+
+def require_onnx() -> None:
+    """MissingExtraError (one line, naming the ``export`` extra) unless the ONNX packages
+    import."""
+    missing = []
+    for name in ONNX_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(f"ONNX export needs onnx, onnxscript and onnxruntime "
+                                f"({', '.join(missing)} missing): pip install -e \".[export]\"")
+
+
+def plain(out):
+    """``out`` with mappings (a HuggingFace ``ModelOutput``) as dicts of their non-None fields
+    and sequences as tuples/lists: containers any torch can rebuild."""
+    if isinstance(out, Mapping):
+        return {k: plain(v) for k, v in out.items() if v is not None}
+    if isinstance(out, list):
+        return [plain(v) for v in out]
+    if isinstance(out, tuple):
+        return tuple(plain(v) for v in out)
+    return out
+
+
+class _Flat(nn.Module):
+    """``module`` as a function of its tensors in a fixed order, returning plain containers."""
+
+    def __init__(self, module: nn.Module, n_args: int, keys: tuple[str, ...]):
+        super().__init__()
+        self.module, self.n_args, self.keys = module, n_args, keys
+
+    def forward(self, *tensors):
+        kwargs = dict(zip(self.keys, tensors[self.n_args:]))
+        return plain(self.module(*tensors[:self.n_args], **kwargs))
+
+
+def _input_names(module: nn.Module, n_args: int, keys) -> list[str]:
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"input_{i}" for i in range(n_args)] + list(keys)
+
+
+def _output_names(out) -> list[str]:
+    names = []
+    for path, leaf in tree_flatten_with_path(out)[0]:
+        if isinstance(leaf, torch.Tensor):
+            parts = [str(k.key if isinstance(k, MappingKey) else k.idx
+                         if isinstance(k, SequenceKey) else k) for k in path]
+            name = ".".join(parts) or "output"
+            names.append(f"output_{name}" if name[0].isdigit() else name)
+    return names
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [t for _, t in tree_flatten_with_path(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _dynamic_shapes(tensors, batch: bool, free: bool):
+    """Per input: dimension 0 the shared ``batch`` (inputs whose dimension 0 is the first
+    input's), other dimensions ``Dim.AUTO`` if ``free``."""
+    dim, size = torch.export.Dim("batch"), tensors[0].shape[0] if tensors[0].dim() else None
+    specs = []
+    for t in tensors:
+        spec = {d: torch.export.Dim.AUTO for d in range(1 if batch else 0, t.dim())} if free else {}
+        if batch and t.dim() and t.shape[0] == size:
+            spec[0] = dim
+        elif batch and t.dim():
+            spec[0] = torch.export.Dim.AUTO
+        specs.append(spec or None)
+    return tuple(specs)
+
+
+def _data_dependent(exc: BaseException | None):
+    """The GuardOnDataDependentSymNode behind ``exc``, if any."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, GuardOnDataDependentSymNode):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _tome_fx_line(exc: BaseException) -> str | None:
+    """``kernels/tomato.py:178 in tomato_merge: n_out = ...``: the innermost tome_fx frame."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if os.path.abspath(f.filename).startswith(_PACKAGE + os.sep)]
+    if not frames:
+        return None
+    f = frames[-1]
+    code = (f.line or "").split("  #")[0].strip()
+    return f"{os.path.relpath(f.filename, _PACKAGE)}:{f.lineno} in {f.name}: {code}"
+
+
+def _refuse_data_dependent(exc: BaseException, module: nn.Module) -> None:
+    guard = _data_dependent(exc)
+    if guard is None:
+        return
+    plan = getattr(module, "tome", None)
+    hint = ""
+    if getattr(plan, "method", None) == "tomato" and getattr(plan, "sim_threshold", None) is not None:
+        hint = ("; ToMato threshold mode keeps a per-image number of tokens: use "
+                "method='tomato' with flops_budget= (an exact count per image) to export")
+    where = _tome_fx_line(guard)
+    what = "a token count" if where else "a size"
+    raise ExportError(f"cannot export: {what} depends on the input's values, not only on its "
+                      f"shape ({where or 'in the model code'}){hint}") from exc
+
+
+def _foreign_calls(graph_module: torch.fx.GraphModule) -> list[str]:
+    """Calls (in ``graph_module`` and its subgraphs) to functions of tome_fx: an exported
+    program must have none, or it would need tome_fx to load."""
+    found = []
+    for gm in graph_module.modules():
+        graph = getattr(gm, "graph", None)
+        for n in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            where = getattr(n.target, "__module__", None) or ""
+            if n.op == "call_function" and where.split(".")[0] == "tome_fx":
+                found.append(f"{where}.{getattr(n.target, '__name__', n.target)}")
+    return found
+
+
+def _trace(flat: _Flat, tensors: tuple, batch: bool, free: bool):
+    traced = tensors
+    if batch and tensors[0].dim() and tensors[0].shape[0] == 1:  # export specialises a size 1
+        traced = tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t
+                       for t in tensors)
+    with torch.no_grad():
+        return torch.export.export(flat, traced, dynamic_shapes=(_dynamic_shapes(traced, batch, free),),
+                                   strict=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx and onnxscript print progress and optimizer messages; hold them back."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _write(ep, path: str, fmt: str, inputs: list[str], outputs: list[str], tensors) -> None:
+    if fmt == "pt2":
+        torch.export.save(ep, path)
+        return
+    weights = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
+    with _quiet():
+        torch.onnx.export(ep, tensors, path, input_names=inputs, output_names=outputs,
+                          dynamo=True, external_data=weights > ONNX_INLINE_LIMIT, verbose=False)
+
+
+def _runner(path: str, fmt: str, names: list[str]):
+    """Load the written file: a function of the input tensors returning its output tensors."""
+    if fmt == "pt2":
+        fn = torch.export.load(path).module()
+        return lambda tensors: _tensors(fn(*tensors))
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+
+    def run(tensors):
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if n in wanted}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+    return run
+
+
+def _max_diff(got: list, want: list, where: str) -> float:
+    if len(got) != len(want):
+        raise ExportError(f"{where}: the file returns {len(got)} tensors, the module {len(want)}")
+    worst = 0.0
+    for i, (g, w) in enumerate(zip(got, want)):
+        if tuple(g.shape) != tuple(w.shape):
+            raise ExportError(f"{where}: output {i} has shape {tuple(g.shape)} in the file, "
+                              f"{tuple(w.shape)} from the module")
+        if w.numel():
+            d = (g.double() - w.detach().cpu().double()).abs()
+            d = torch.where(torch.isnan(g) & torch.isnan(w.cpu()), 0.0, d.nan_to_num(float("inf")))
+            worst = max(worst, d.max().item())
+    return worst
+
+
+def _example(module, example_inputs):
+    if example_inputs is not None:
+        return normalize_inputs(example_inputs)
+    recorded = getattr(module, "tome_inputs", None)  # what optimize captured the module with
+    if recorded is not None:
+        return tuple(recorded[0]), dict(recorded[1])
+    return normalize_inputs(default_inputs(module))
+
+
+def export(module, path, example_inputs=None, format: str | None = None, *,
+           tolerance: float | None = None, verbose: bool = True) -> Exported:
+    """Write ``module`` to ``path`` as ONNX or a ``.pt2`` archive; load it, run it and compare
+    (see the module docstring). Returns ``Exported``; prints it when ``verbose``."""
+    fmt = export_format(path, format)
+    if fmt == "onnx":
+        require_onnx()
+    if is_exported_program(module):
+        module = module.module()
+    module = getattr(module, "_orig_mod", module)  # torch.compile'd: export the module inside
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    args, kwargs = _example(module, example_inputs)
+    tensors = (*args, *kwargs.values())
+    bad = [type(t).__name__ for t in tensors if not isinstance(t, torch.Tensor)]
+    if bad or not tensors:
+        raise ExportError(f"export takes tensor inputs only, got {', '.join(bad) or 'none'}")
+    states = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        return _export(module, str(path), fmt, args, kwargs, tolerance, verbose)
+    finally:
+        for m, training in states:
+            m.training = training
+
+
+def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, tensors):
+    """Trace and write, from the most dynamic shapes to the least: (program, notes)."""
+    errors = []
+    for batch, free in ((True, True), (True, False), (False, False)):
+        try:
+            with _quiet():  # export prints partial graphs when it fails
+                ep = _trace(flat, tensors, batch, free)
+        except Exception as exc:  # export raises many kinds; the first says the most
+            _refuse_data_dependent(exc, module)
+            errors.append(f"torch.export failed: {one_line(exc)}")
+            continue
+        foreign = _foreign_calls(ep.graph_module)
+        if foreign:
+            raise ExportError(f"the exported program still calls tome_fx ({foreign[0]})")
+        try:
+            _write(ep, path, fmt, names, out_names, tensors)
+        except Exception as exc:  # torch.onnx raises many kinds too
+            errors.append(f"writing {fmt} failed: {one_line(exc)}")
+            continue
+        notes = [] if batch else [f"the batch is static ({tensors[0].shape[0]}): the module pins it"]
+        return ep, notes
+    raise ExportError(f"cannot export {type(module).__name__} to {fmt}: {errors[0]}")
+
+
+def _symbols(ep, names: list[str]) -> dict:
+    """Free size symbol of the program's inputs -> [(input index, dimension), ...]."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"
+                    and n.name in set(ep.graph_signature.user_inputs)]
+    found: dict = {}
+    for i, node in enumerate(placeholders[:len(names)]):
+        for d, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                found.setdefault(size.node.expr, []).append((i, d))
+    return found
+
+
+def _variants(ep, names: list[str], tensors: tuple):
+    """(label, inputs) to check the file on: the example inputs; one more sample where the
+    batch is dynamic; one token fewer along each other dynamic dimension."""
+    out = [(f"batch {tensors[0].shape[0]}", tensors)]
+    for symbol, where in _symbols(ep, names).items():
+        i, d = where[0]
+        size, low = tensors[i].shape[d], ep.range_constraints[symbol].lower
+        if d == 0:
+            more = list(tensors)
+            for j, _ in where:
+                more[j] = torch.cat([tensors[j], tensors[j][:1]])
+            out.append((f"batch {size + 1}", tuple(more)))
+        elif size - 1 >= low:
+            fewer = list(tensors)
+            for j, e in where:
+                fewer[j] = tensors[j].narrow(e, 0, size - 1)
+            out.append((f"{names[i]}[{d}]={size - 1}", tuple(fewer)))
+    return out
+
+
+def _export(module, path, fmt, args, kwargs, tolerance, verbose) -> Exported:
+    flat = _Flat(module, len(args), tuple(kwargs))
+    tensors = (*args, *kwargs.values())
+    with torch.no_grad():
+        expected = flat(*tensors)
+    names, out_names = _input_names(module, len(args), kwargs), _output_names(expected)
+    ep, notes = _write_program(flat, module, path, fmt, names, out_names, tensors)
+    dynamic = tuple(f"{names[i]}[{d}]" for where in _symbols(ep, names).values()
+                    for i, d in where)
+    run = _runner(path, fmt, names)
+    diffs = {}
+    for label, inputs in _variants(ep, names, tensors):
+        with torch.no_grad():
+            want = _tensors(flat(*inputs)) if inputs is not tensors else _tensors(expected)
+        diffs[label] = _max_diff(run(inputs), want, f"{path} at {label}")
+    out_dtype = next((t.dtype for t in _tensors(expected) if t.is_floating_point()), torch.float32)
+    tol = tolerance if tolerance is not None else TOLERANCE.get(out_dtype, 1e-4)
+    result = Exported(path, fmt, tuple(names), tuple(out_names), dynamic, diffs, tol, tuple(notes))
+    worst = max(diffs.values())
+    if not worst <= tol:
+        raise ExportError(f"{path}: the {fmt} file's outputs differ from the module's by "
+                          f"{worst:.3g} (tolerance {tol:g}); the file is kept for inspection")
+    if verbose:
+        print(result)
+    return result
