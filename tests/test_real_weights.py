@@ -127,13 +127,20 @@ def test_minilm_small(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import eval_minilm
 
-    r = eval_minilm.main(["--n", "24", "--batch", "12", "--budgets", "0.75",
+    r = eval_minilm.main(["--n", "24", "--batch", "12", "--budgets", "0.75", "--rounds", "1",
                           "--out", str(tmp_path)])
-    assert r["rows"][0]["mean_cosine"] == pytest.approx(1.0)
-    row = r["rows"][1]
+    seeded = r["orders"][0]  # batches at their natural lengths, in the seeded order
+    assert seeded["rows"][0]["mean_cosine"] == pytest.approx(1.0)
+    row = seeded["rows"][1]
     assert row["status"] == "ok", row["status"]
-    assert 0.74 <= row["ratio"] <= 0.75
+    assert 0.74 <= row["example_ratio"] <= 0.75  # on the batch it was optimized on
+    assert abs(row["ratio"] - 0.75) <= 0.02  # over every batch, each at its own length
     assert row["mean_cosine"] >= 0.9 and row["nn_agreement"] >= 0.5
+    assert row["sentences_per_s"] > 0 and len(set(seeded["lengths"])) == 2
+    tokens = eval_minilm.main(["--tokens", "--n", "24", "--batch", "12", "--budgets", "0.75",
+                               "--out", str(tmp_path)])
+    row = tokens["rows"][0]  # per-token embeddings, unmerged
+    assert row["unmerges"] == 1 and row["mean_token_cosine"] >= 0.9
 
 
 @needs_shared

@@ -304,7 +304,7 @@ def test_cifar_threshold_batch_equals_single(similarity, threshold, cifar):
     assert plan.method == "tomato" and plan.grid == (8, 8) and plan.protected == 1
     assert plan.sim_threshold == threshold and plan.merge_block == 0
     assert fast.tome_counts == {"merges": 1, "size_bias": 5, "weighted_pool": 0,
-                                "mask_follow": 0, "drop_unread": 1}
+                                "mask_follow": 0, "drop_unread": 1, "unmerge": 0}
     size = _sizes(fast, x)[..., 0]
     counts = (size > 0).sum(1)
     assert counts.min() < counts.max() <= 65  # images really differ, so padding is exercised

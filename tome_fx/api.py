@@ -20,6 +20,7 @@ from .exporting import export as export_module
 from .methods import ToMato, ToMe
 from .methods.tomato import check_args as check_tomato_args
 from .passes.size_bias import prop_attn_form
+from .passes.unmerge import check_mode
 from .pipeline import Rewrite
 from .pipeline import rewrite as run_pipeline
 from .plans import Plan
@@ -53,27 +54,29 @@ def _padded(schedule: list[int]):
 
 
 def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool | str = True,
-            drop: bool = True) -> Rewrite:
+            drop: bool = True, unmerge: str | bool = "auto") -> Rewrite:
     """Capture ``model`` and rewrite it with ToMe; ``schedule_fn(num_blocks) -> list[int]``
     gives r per block (see ``pipeline.rewrite``)."""
-    return run_pipeline(capture(model, example_inputs), ToMe(schedule_fn), prop_attn=prop_attn,
-                        drop=drop)
+    return run_pipeline(capture(model, example_inputs), ToMe(schedule_fn, unmerge=unmerge),
+                        prop_attn=prop_attn, drop=drop)
 
 
 def plan_for_budget(captured: Captured, flops_budget: float, strategy: str = "auto",
-                    prop_attn: bool | str = True, drop: bool = True) -> tuple[Plan, CostModel]:
+                    prop_attn: bool | str = True, drop: bool = True,
+                    unmerge: str | bool = "auto") -> tuple[Plan, CostModel]:
     """(the plan ``tome_fx.plan`` returns, the cost model it was searched on)."""
     b = check_budget(flops_budget)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    cm = CostModel.build(captured, prop_attn, drop)
+    cm = CostModel.build(captured, prop_attn, drop, unmerge)
     notes: list[str] = []
     schedule, drift = search(cm, b, strategy, notes)
     return to_plan(cm, schedule, b, strategy, drift, notes), cm
 
 
 def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
-         strategy: str = "auto", prop_attn: bool | str = True, drop: bool = True) -> Plan:
+         strategy: str = "auto", prop_attn: bool | str = True, drop: bool = True,
+         unmerge: str | bool = "auto") -> Plan:
     """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's.
 
     ``example_inputs`` set the token count (and serve as calibration inputs); without them the
@@ -105,17 +108,19 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
     The returned Plan's ``drift`` is the chosen schedule's proxy value for every strategy.
     """
     check_budget(flops_budget)
+    check_mode(unmerge)
     return plan_for_budget(capture(model, example_inputs), flops_budget, strategy, prop_attn,
-                           drop)[0]
+                           drop, unmerge)[0]
 
 
 def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool | str = True,
-                       strategy: str = "auto", drop: bool = True) -> Rewrite:
+                       strategy: str = "auto", drop: bool = True,
+                       unmerge: str | bool = "auto") -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
-    chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop)
+    chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge)
     chosen = dataclasses.replace(chosen, scales=True)
-    result = run_pipeline(captured, ToMe(_padded(chosen.r), scales=True), prop_attn=prop_attn,
-                          drop=drop)
+    result = run_pipeline(captured, ToMe(_padded(chosen.r), scales=True, unmerge=unmerge),
+                          prop_attn=prop_attn, drop=drop)
     if result.plan.r == chosen.r:
         result.plan = chosen
         result.graph_module.tome = chosen
@@ -133,6 +138,7 @@ def optimize(
     strategy: str = "auto",
     method: str = "tome",
     drop_unread: bool = True,
+    unmerge: str | bool = "auto",
     **tomato: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
@@ -147,6 +153,10 @@ def optimize(
     ``drop_unread``: after the last attention, compute only the protected tokens the output
     reads (a class-token head): exact, verified on the example inputs, skipped where it does not
     apply; the last block then merges nothing (``Plan`` shows the tokens as ``dropped``).
+    ``unmerge``: where merged tokens go back to the original token layout (every original
+    token gets a copy of the merged token that holds it): ``"auto"`` (default) at outputs that
+    keep a token dimension and at layout ops that fold the tokens into a grid, ``"outputs"`` at
+    outputs only, False nowhere (outputs hold merged tokens; a grid fold switches merging off).
     ``prop_attn``: proportional attention, True (the bias form for now), False, ``"bias"``
     (``log(size)`` as SDPA's ``attn_mask``) or ``"fold"`` (no mask: one more q/k channel, so
     fused mask-free kernels stay available); see ``passes.size_bias``.
@@ -154,6 +164,7 @@ def optimize(
     """
     compile_options(compile)  # TypeError before the (slow) rewrite
     prop_attn_form(prop_attn)  # ValueError likewise
+    check_mode(unmerge)
     if method == "tomato":
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -179,9 +190,11 @@ def optimize(
         parse_r(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type/range errors early
     captured = capture(model, example_inputs)  # the one capture of this call
     if flops_budget is not None:  # schedule from the cost model (tome_fx.plan)
-        result = rewrite_for_budget(captured, flops_budget, prop_attn, strategy, drop_unread)
+        result = rewrite_for_budget(captured, flops_budget, prop_attn, strategy, drop_unread,
+                                    unmerge)
     else:
-        result = run_pipeline(captured, ToMe(_schedule(r)), prop_attn=prop_attn, drop=drop_unread)
+        result = run_pipeline(captured, ToMe(_schedule(r), unmerge=unmerge), prop_attn=prop_attn,
+                              drop=drop_unread)
     return _finish(result, compile, flops_budget, captured)
 
 

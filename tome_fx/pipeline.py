@@ -31,6 +31,7 @@ from .passes.follow import follow_side_tensors
 from .passes.pooling import weight_pooling
 from .passes.shapes import repair_shapes
 from .passes.size_bias import add_size_bias, prop_attn_form
+from .passes.unmerge import insert_unmerges, new_edges
 from .plans import BlockPlan, Plan, Skipped
 
 
@@ -132,6 +133,7 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
     disabled: dict[int, str] = {}
     protect = 0  # leading tokens the graph reads by position (grown from the token-flow check)
     dropping, dropped, drop_why = drop, None, None
+    edges: dict = {}  # where merged tokens go back to the original layout (passes.unmerge)
     while True:
         ctx, dropped = analyse(captured), None
         matches = ctx.matches
@@ -142,6 +144,7 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
             dropping = drop_why is None
         ctx.sites = method.insert(ctx, method.enabled(ctx, disabled, dropping))
         followed = follow_side_tensors(ctx)
+        unmerged = insert_unmerges(ctx, edges.values())
         fixed = repair_shapes(ctx)  # baked token counts (export)
         if dropping:
             dropped, drop_why = drop_last(ctx)
@@ -150,6 +153,10 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
                 continue
         biased = add_size_bias(ctx, form) if form else None
         flow = check_token_flow(ctx)
+        found = new_edges(ctx, getattr(method, "unmerge", False), flow, fixed.info.folds, edges)
+        if found:  # unmerge there, instead of switching merges off
+            edges.update(found)
+            continue
         # a mask that cannot follow comes first
         unsafe = followed.info.unsafe or (fixed.info.unsafe + flow.unsafe)
         if not unsafe:
@@ -170,6 +177,8 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
         notes.append(drop_note(dropped, drop_why, matches.prefix))
     if flow.token_outputs and sites:
         notes.append("the model's output keeps a token dimension; it holds merged tokens")
+    notes += [f"unmerged to the original token layout before {e.consumer} ({e.why})"
+              for e in unmerged.info]
     if matches.cross and sites:
         how = "its keys get log(size)" if biased is not None else "proportional attention is off"
         notes.append(f"cross-attention over the tokens (attention pooling) at "
@@ -185,6 +194,7 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
         "weighted_pool": pooled.count,
         "mask_follow": followed.count,
         "drop_unread": int(dropped is not None),
+        "unmerge": unmerged.count,
     }
     if captured.frontend == "export":
         counts["shape_repairs"] = fixed.count

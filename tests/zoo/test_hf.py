@@ -95,7 +95,8 @@ def test_r0_unchanged(name):
     assert fast.tome.protected == ZOO[name][3]
     assert len(fast.tome.blocks) == LAYERS and not fast.tome.skipped
     assert fast.tome_counts == {"merges": 0, "size_bias": 0, "weighted_pool": 0, "shape_repairs": 0,
-                                "mask_follow": 0, "drop_unread": 0}
+                                "mask_follow": 0, "drop_unread": 0,
+                                "unmerge": 0}
     with torch.no_grad():
         for batch in (1, 2, 3):
             x = _inputs(name, batch)
@@ -318,7 +319,7 @@ def test_other_sequence_lengths_run_and_beyond_the_position_table_is_a_shape_err
     longer = torch.randint(0, 100, (2, 48))
     with torch.no_grad():
         out = fast(input_ids=longer, attention_mask=torch.ones_like(longer)).last_hidden_state
-    assert out.shape == (2, 48 - 2 * LAYERS, SMALL["hidden_size"])
+    assert out.shape == (2, 48, SMALL["hidden_size"])  # unmerged to one row per token
     too_long = torch.randint(0, 100, (2, 600))
     with pytest.raises(tome_fx.ShapeError) as info:
         fast(input_ids=too_long, attention_mask=torch.ones_like(too_long))

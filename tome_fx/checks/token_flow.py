@@ -81,9 +81,22 @@ class Pool:
     kind: str = "mean"  # "mean" | "sum": both become size-weighted
 
 
+@dataclass(frozen=True)
+class Exit:
+    """A place where merged tokens could go back to the original layout (``passes.unmerge``):
+    a graph output, or a layout op that folds the token dimension into a grid."""
+
+    consumer: Node
+    src: Node  # the consumer's input that carries merged tokens
+    dim: int  # its token dimension
+    offset: int  # ``src`` holds the tokens from this position on (a slice past the prefix)
+    why: str
+
+
 @dataclass
 class Flow:
     unsafe: list[tuple[Node, str]] = field(default_factory=list)
+    exits: list[Exit] = field(default_factory=list)
     pools: list[Pool] = field(default_factory=list)
     token_outputs: bool = False
     shapes: dict = field(default_factory=dict)  # shapes with the real schedule
@@ -164,8 +177,7 @@ def _index_entry(idx, ndim: int, tdim: int):
 def check_token_flow(ctx: Context) -> Flow:
     """Classify every consumer of merged tokens. Merging blocks get their token dimension
     probed (``token_probe``)."""
-    gm, prefix = ctx.gm, ctx.matches.prefix
-    core_nodes = set().union(*(c.nodes for c in ctx.matches.cores))
+    gm = ctx.gm
     flow = Flow()
     merging = {s.block for s in ctx.sites}
     probe = [b for b in ctx.matches.blocks if b.index in merging]
@@ -175,13 +187,22 @@ def check_token_flow(ctx: Context) -> Flow:
     shapes_real, err_real, _ = _run(ctx, None)
     flow.shapes = shapes_real
     dep = gu.data_dependent(gm, shapes_a)
-    for err in (err_a, err_b, err_real):
-        if err is not None:
-            node, exc = err
-            flow.unsafe.append((node, _fixed_table(node, shapes_a, dep)
-                                or f"fails on merged tokens: {one_line(exc)}"))
+    failed = next((err for err in (err_a, err_b, err_real) if err is not None), None)
+    if failed is not None:
+        node, exc = failed
+        flow.unsafe.append((node, _fixed_table(node, shapes_a, dep)
+                            or f"fails on merged tokens: {one_line(exc)}"))
+        if failed is err_a:
             return flow
+    _classify_all(ctx, flow, shapes_a, shapes_b, dep, None if failed is None else failed[0])
+    return flow
 
+
+def _classify_all(ctx: Context, flow: Flow, shapes_a, shapes_b, dep, failed) -> None:
+    """The body of ``check_token_flow``; with the run at r=1 ``failed`` at a node, up to that
+    node, which becomes an exit (``Exit``) if it is a layout op on merged tokens."""
+    gm, prefix = ctx.gm, ctx.matches.prefix
+    core_nodes = set().union(*(c.nodes for c in ctx.matches.cores))
     tdims = {n: gu.token_dims(shapes_a.get(n), shapes_b.get(n)) for n in gm.graph.nodes}
     for n in gm.graph.nodes:
         # Token-sized but not computed from the input: built from the token count (arange,
@@ -206,6 +227,13 @@ def check_token_flow(ctx: Context) -> Flow:
 
     for n in gm.graph.nodes:
         token_inputs = [i for i in n.all_input_nodes if tdims.get(i)]
+        if n is failed:
+            if token_inputs and gu.is_call(n, _LAYOUT_FUNCS, _LAYOUT_METHODS):
+                src = token_inputs[0]
+                if len(tdims[src]) == 1:
+                    flow.exits.append(Exit(n, src, tdims[src][0], offset.get(src, 0),
+                                           f"{n.name} folds the tokens into a grid"))
+            return
         if not token_inputs or n.op == "placeholder":
             continue
         # follow the size of the merged stream, not of a side tensor gathered to its layout
@@ -218,11 +246,15 @@ def check_token_flow(ctx: Context) -> Flow:
             continue
         if n.op == "output":
             flow.token_outputs = True
+            flow.exits += [Exit(n, i, tdims[i][0], offset.get(i, 0),
+                                "an output with a token dimension")
+                           for i in token_inputs if len(tdims[i]) == 1]
             continue
         reason = classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
         if reason:
             flow.unsafe.append((n, reason))
-    return flow
+            if gu.is_call(n, _LAYOUT_FUNCS, _LAYOUT_METHODS) and len(tdims[src]) == 1:
+                flow.exits.append(Exit(n, src, tdims[src][0], offset.get(src, 0), reason))
 
 
 def classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | None:

@@ -126,10 +126,13 @@ class CostModel:
         return self.clamp([BIG_R] * self.num_blocks)
 
     @classmethod
-    def build(cls, captured: Captured, prop_attn: bool | str = True, drop: bool = True) -> "CostModel":
-        """The cost model of ``captured`` rewritten by ToMe (``prop_attn``, ``drop`` as in
-        ``optimize``), for its example inputs' batch."""
-        rw = rewrite(captured, ToMe(lambda n: [BIG_R] * n), prop_attn=prop_attn, drop=drop)
+    def build(cls, captured: Captured, prop_attn: bool | str = True, drop: bool = True,
+              unmerge: str | bool = "auto") -> "CostModel":
+        """The cost model of ``captured`` rewritten by ToMe (``prop_attn``, ``drop``,
+        ``unmerge`` as in ``optimize``), for its example inputs' batch. Ops after an unmerge
+        see the original token count whatever the schedule: they are priced as constants."""
+        rw = rewrite(captured, ToMe(lambda n: [BIG_R] * n, unmerge=unmerge), prop_attn=prop_attn,
+                     drop=drop)
         gm, base = rw.graph_module, rw.plan
         inputs = (captured.args, captured.kwargs)
         merge_nodes = {m.meta["tome"]["block"]: m for m in gu.merge_nodes(gm)}
@@ -151,7 +154,8 @@ class CostModel:
                 raise RuntimeError(f"cost model: block {i} tokens {t1[i]} != measured {b.tokens_in}")
         model.terms = _fit_terms(gm, run0.flops, run1.flops, tokens, t1, _owners(gm, rw.blocks))
         if rw.counts.get("drop_unread"):
-            plain = rewrite(captured, ToMe(lambda n: [0] * n), prop_attn=prop_attn, drop=False)
+            plain = rewrite(captured, ToMe(lambda n: [0] * n, unmerge=unmerge),
+                            prop_attn=prop_attn, drop=False)
             flops = run_flops(plain.graph_module, inputs).flops
             owner = _owners(plain.graph_module, plain.blocks)
             model.original = _by_owner(((owner[n], f) for n, f in flops.items()), num)

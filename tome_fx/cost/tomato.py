@@ -83,7 +83,7 @@ def flops_curve(model, example_inputs=None, *, similarity="attention", block=0, 
     site = site_of(captured, ToMato(block, grid, similarity))
     if site.reason is not None:
         raise ValueError(f"ToMato cannot merge this model: {site.reason}")
-    cm = CostModel.build(captured, prop_attn, drop=drop and not site.drop_skipped)
+    cm = CostModel.build(captured, prop_attn, drop=drop and not site.drop_skipped, unmerge=False)
     return curve(cm, site), cm.flops_original
 
 
@@ -124,7 +124,7 @@ def _attempt(captured, method: ToMato, flops_budget, prop_attn, drop):
     dropping = drop and site.reason is None and site.drop_skipped is None
     flops = orig = None
     if site.reason is None and flops_budget is not None:
-        cm = CostModel.build(captured, prop_attn, drop=dropping)
+        cm = CostModel.build(captured, prop_attn, drop=dropping, unmerge=False)
         if dropping and cm.original is None:
             return None, "the cost model's rewrite could not drop them"
         r, flops = tokens_for_budget(cm, site, flops_budget)

@@ -108,9 +108,39 @@ def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool
     return bipartite_match(keys_metric(keys, keys_transposed), r, prefix, current)
 
 
+def merge_where(n_tokens: int, prefix: int, unm, src, dst) -> torch.Tensor:
+    """[B, n_tokens] int64: the output position of each input token of a merge (a merged A
+    token: its B partner's). ``unm``/``src``/``dst``: ``bipartite_match``'s indices."""
+    bsz, dev = unm.shape[0], unm.device
+    off = prefix % 2
+    a0, b0 = prefix + off, prefix + 1 - off
+    nb, n_unm = ab_sizes(n_tokens, prefix)[1], unm.shape[1]
+    where = torch.arange(n_tokens, device=dev).repeat(bsz, 1)  # the prefix stays in place
+    ranks = lambda k: torch.arange(k, device=dev).expand(bsz, k)  # noqa: E731
+    where.scatter_(1, a0 + 2 * unm, prefix + ranks(n_unm))
+    where.scatter_(1, (b0 + 2 * ranks(nb)), prefix + n_unm + ranks(nb))
+    return where.scatter_(1, a0 + 2 * src, prefix + n_unm + dst)
+
+
+@fx.wrap
+def tome_unmerge(x, dim: int, offset: int, *wheres):
+    """``x`` with its token dimension ``dim`` back in the original token layout: every original
+    token gets a copy of the merged token that holds it (ToMeSD's unmerge). ``wheres``: the
+    ``merge_where`` maps of the merges ``x`` went through, in order; ``offset``: ``x`` holds the
+    tokens from that position on (``h[:, 1:]`` after a class token, which stays in place).
+    Batch first, or ``x`` sequence-first (``dim`` 0)."""
+    slots = wheres[0]
+    for w in wheres[1:]:
+        slots = w.gather(1, slots)
+    slots = slots[:, offset:] - offset
+    t = x.movedim(dim, 1)
+    index = slots.reshape(*slots.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+    return t.gather(1, index).movedim(1, dim)
+
+
 @fx.wrap
 def tome_merge(x, keys, size, r, prefix: int, keys_transposed: bool = False,
-               origin=None, groups=None, start=None):
+               origin=None, groups=None, start=None, where: bool = False):
     """Merge ``r`` token pairs of ``x`` [B, N, C] (size-weighted), matched on ``keys``.
 
     ``size`` is [B, N, 1] or None (all ones). Returns (merged x, merged size). Output order:
@@ -121,11 +151,23 @@ def tome_merge(x, keys, size, r, prefix: int, keys_transposed: bool = False,
     tokens of equal group merge, and a third output is returned: ``origin`` [B, N'] int64, for
     each output token an original token of its group (``origin`` in: the same for the input
     tokens, None = identity). Token-aligned side tensors follow the merge by gathering it.
+    ``where=True`` appends the ``merge_where`` map as the last output (for ``tome_unmerge``).
     """
     n = x.shape[1]
     if size is None:
         size = ones_size(x)
     match = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups, start)
+    if where:
+        out = _merge(x, size, prefix, match, origin, groups)
+        if match is None:
+            return (*out, torch.arange(n, device=x.device).repeat(x.shape[0], 1))
+        return (*out, merge_where(n, prefix, *match))
+    return _merge(x, size, prefix, match, origin, groups)
+
+
+def _merge(x, size, prefix: int, match, origin, groups):
+    """``tome_merge``'s outputs for a matching (None: nothing merges)."""
+    n = x.shape[1]
     if groups is None:
         return (x, size) if match is None else merge_by_index(x, size, prefix, *match)
     origin = identity_origin(origin, x.shape[0], n, x.device)

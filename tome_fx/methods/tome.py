@@ -21,6 +21,7 @@ class ToMe:
     # True: the schedule's r are counts at the example token count, and each block merges the
     # same share of its tokens at any count (``kernels.tome.merge_count``); False: r as given
     scales: bool = False
+    unmerge: str | bool = "auto"  # where merged tokens go back to the original layout
 
     def prepare(self, ctx: Context) -> dict[int, str]:
         return {}
