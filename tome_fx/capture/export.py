@@ -54,17 +54,30 @@ def exported_inputs(ep) -> tuple:
     return tuple(example[0]), dict(example[1])
 
 
+def _interpolates(model: nn.Module, kwargs: dict) -> bool:
+    """Whether the model takes any image size: timm ``dynamic_img_size=True``, or HF called
+    with ``interpolate_pos_encoding=True``."""
+    return bool(kwargs.get("interpolate_pos_encoding") is True
+                or any(getattr(m, "dynamic_img_size", False) is True for m in model.modules()))
+
+
 def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict, every: bool):
-    """``dynamic_shapes`` keyed like ``model.forward``'s signature: every dimension of every
-    input tensor (``every``), or the batch dimension only, as ``Dim.AUTO``: export keeps a
-    dimension static where the model pins it (a channel count, an image size its position
-    embedding is fixed to) and symbolic where it allows any size (the batch, a sequence length,
-    the image size of a model that interpolates its position embedding)."""
+    """``dynamic_shapes`` keyed like ``model.forward``'s signature, as ``Dim.AUTO`` (export
+    keeps a dimension static where the model pins it): the batch of every input tensor, and
+    with ``every`` the token dimensions too: a sequence (dimension 1 of ``[B, N]`` ids or masks
+    and ``[B, N, C]`` embeddings) and, for a model that interpolates its position embedding,
+    an image's height and width."""
     auto = torch.export.Dim.AUTO
+    images = every and _interpolates(model, kwargs)
 
     def spec(x):
         if isinstance(x, torch.Tensor):
-            return ({d: auto for d in range(x.dim() if every else min(x.dim(), 1))}) or None
+            dims = {0} if x.dim() > 0 else set()
+            if every and x.dim() in (2, 3):
+                dims.add(1)
+            if images and x.dim() == 4:
+                dims |= {2, 3}
+            return {d: auto for d in sorted(dims)} or None
         if isinstance(x, (tuple, list)):
             return type(x)(spec(v) for v in x)
         if isinstance(x, dict):
@@ -98,9 +111,11 @@ def _repeated(args: tuple, kwargs: dict, batch: int):
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict):
-    """torch.export (non-strict) of an eval-mode deep copy, every dimension the model allows
-    dynamic; failing that the batch only, failing that static. A batch of one is exported
-    repeated to two (export specialises a dimension of size 1), unless the model pins it."""
+    """torch.export (non-strict) of an eval-mode deep copy, the batch and the token dimensions
+    dynamic where the model allows (``_dynamic_dims``); failing that the batch only, failing
+    that static. A form is kept only if the program runs the given inputs (export's guards can
+    refuse a batch of one). A batch of one is exported repeated to two (export specialises a
+    dimension of size 1), unless the model pins it."""
     work = copy.deepcopy(model).eval()
     tries = []
     if _batch_of_one(args, kwargs):
@@ -113,8 +128,15 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict):
         except Exception as exc:  # noqa: BLE001 - try the next, more static, form
             failure = exc
             continue
-        if a is args or _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
-            return ep
+        if a is not args and not _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
+            continue
+        try:  # export's guards can still refuse the example itself (a batch of one)
+            with torch.no_grad():
+                ep.module()(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the next, more static, form
+            failure = exc
+            continue
+        return ep
     raise failure
 
 
