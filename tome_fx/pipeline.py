@@ -153,7 +153,7 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
                 continue
         biased = add_size_bias(ctx, form) if form else None
         flow = check_token_flow(ctx)
-        found = new_edges(ctx, getattr(method, "unmerge", False), flow, fixed.info.folds, edges)
+        found = new_edges(ctx, getattr(method, "unmerge", False), flow, edges)
         if found:  # unmerge there, instead of switching merges off
             edges.update(found)
             continue

@@ -119,7 +119,8 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict):
     work = copy.deepcopy(model).eval()
     tries = []
     if _batch_of_one(args, kwargs):
-        tries += [(*_repeated(args, kwargs, 2), True), (*_repeated(args, kwargs, 2), False)]
+        two = _repeated(args, kwargs, 2)
+        tries += [(*two, True), (*two, False)]
     tries += [(args, kwargs, True), (args, kwargs, False), (args, kwargs, None)]
     for a, k, every in tries:
         dims = None if every is None else _dynamic_dims(work, a, k, every)

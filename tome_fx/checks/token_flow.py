@@ -227,12 +227,10 @@ def _classify_all(ctx: Context, flow: Flow, shapes_a, shapes_b, dep, failed) -> 
 
     for n in gm.graph.nodes:
         token_inputs = [i for i in n.all_input_nodes if tdims.get(i)]
-        if n is failed:
-            if token_inputs and gu.is_call(n, _LAYOUT_FUNCS, _LAYOUT_METHODS):
-                src = token_inputs[0]
-                if len(tdims[src]) == 1:
-                    flow.exits.append(Exit(n, src, tdims[src][0], offset.get(src, 0),
-                                           f"{n.name} folds the tokens into a grid"))
+        if n is failed:  # the run at r=1 stopped here: nothing after it was seen
+            if token_inputs:
+                _fold_exit(flow, n, token_inputs[0], tdims, offset,
+                           f"{n.name} folds the tokens into a grid")
             return
         if not token_inputs or n.op == "placeholder":
             continue
@@ -253,8 +251,13 @@ def _classify_all(ctx: Context, flow: Flow, shapes_a, shapes_b, dep, failed) -> 
         reason = classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
         if reason:
             flow.unsafe.append((n, reason))
-            if gu.is_call(n, _LAYOUT_FUNCS, _LAYOUT_METHODS) and len(tdims[src]) == 1:
-                flow.exits.append(Exit(n, src, tdims[src][0], offset.get(src, 0), reason))
+            _fold_exit(flow, n, src, tdims, offset, reason)
+
+
+def _fold_exit(flow: Flow, n: Node, src: Node, tdims, offset, why: str) -> None:
+    """A layout op that folds ``src``'s one token dimension is an exit (``Exit``)."""
+    if gu.is_call(n, _LAYOUT_FUNCS, _LAYOUT_METHODS) and len(tdims[src]) == 1:
+        flow.exits.append(Exit(n, src, tdims[src][0], offset.get(src, 0), why))
 
 
 def classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | None:

@@ -110,16 +110,15 @@ def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool
 
 def merge_where(n_tokens: int, prefix: int, unm, src, dst) -> torch.Tensor:
     """[B, n_tokens] int64: the output position of each input token of a merge (a merged A
-    token: its B partner's). ``unm``/``src``/``dst``: ``bipartite_match``'s indices."""
-    bsz, dev = unm.shape[0], unm.device
-    off = prefix % 2
-    a0, b0 = prefix + off, prefix + 1 - off
-    nb, n_unm = ab_sizes(n_tokens, prefix)[1], unm.shape[1]
-    where = torch.arange(n_tokens, device=dev).repeat(bsz, 1)  # the prefix stays in place
-    ranks = lambda k: torch.arange(k, device=dev).expand(bsz, k)  # noqa: E731
-    where.scatter_(1, a0 + 2 * unm, prefix + ranks(n_unm))
-    where.scatter_(1, (b0 + 2 * ranks(nb)), prefix + n_unm + ranks(nb))
-    return where.scatter_(1, a0 + 2 * src, prefix + n_unm + dst)
+    token: its B partner's). ``unm``/``src``/``dst``: ``bipartite_match``'s indices. The
+    layout is ``merged_layout``'s, applied to the input positions."""
+    bsz = unm.shape[0]
+    positions = torch.arange(n_tokens, device=unm.device).expand(bsz, n_tokens)
+    kept = torch.cat(merged_layout(positions, prefix, unm), dim=1)  # input position per output
+    ranks = torch.arange(kept.shape[1], device=unm.device).expand(bsz, -1)
+    where = torch.empty(bsz, n_tokens, dtype=torch.long, device=unm.device).scatter_(1, kept, ranks)
+    merged = split_ab(positions, prefix)[0].gather(1, src)  # input positions of merged A tokens
+    return where.scatter_(1, merged, prefix + unm.shape[1] + dst)
 
 
 @fx.wrap

@@ -45,9 +45,6 @@ class Repair:
 class ShapeRepairs:
     repairs: list[Repair] = field(default_factory=list)
     unsafe: list[tuple[Node, str]] = field(default_factory=list)
-    # shape ops that fold or split the token dimension (a grid): (op, its input, token dim,
-    # offset: the input holds the tokens from that position on, after a prefix slice)
-    folds: list[tuple[Node, Node, int, int]] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -57,12 +54,10 @@ class _Stop(Exception):
 class _Repairer(fx.Interpreter):
     """Runs the graph at r=1; at shape ops on merged tokens, finds and applies the repair."""
 
-    def __init__(self, gm: fx.GraphModule, shapes0: dict, found: ShapeRepairs, tokens: int,
-                 prefix: int):
+    def __init__(self, gm: fx.GraphModule, shapes0: dict, found: ShapeRepairs):
         super().__init__(gm)
         self.shapes0 = shapes0
         self.found = found
-        self.tokens, self.prefix = tokens, prefix  # tokens entering the first merge
 
     def run_node(self, n: Node):
         if gu.is_call(n, SHAPE_OPS) and isinstance(n.args[0], Node):
@@ -95,8 +90,6 @@ class _Repairer(fx.Interpreter):
             lead = math.prod(in0[:t])
             js = [j for j in range(len(out0)) if out0[j] == n0 and math.prod(out0[:j]) == lead]
         if len(js) != 1 or not 0 <= js[0] < len(out0) or out0[js[0]] != n0:
-            if 0 <= self.tokens - n0 <= self.prefix:  # all tokens, or those after a prefix
-                self.found.folds.append((n, n.args[0], t, self.tokens - n0))
             self._unsafe(n, f"{name} folds or splits the token dimension ({n.name})")
         j = js[0]
         spec = list(n.args[1])
@@ -128,9 +121,7 @@ def repair_shapes(ctx: Context) -> PassResult:
         shapes0, _ = gu.record_shapes(gm, ctx.args, ctx.kwargs)
     with gu.merges_at(gm, 1, ctx.merges), torch.no_grad():
         try:
-            tokens = shapes0[gu.merge_arg(ctx.merges[0], "x")][1]
-            repairer = _Repairer(gm, shapes0, found, tokens, ctx.matches.prefix)
-            gu.run_interpreter(repairer, gm, ctx.args, ctx.kwargs)
+            gu.run_interpreter(_Repairer(gm, shapes0, found), gm, ctx.args, ctx.kwargs)
         except _Stop:
             pass
     graph = gm.graph

@@ -97,16 +97,13 @@ def insert_unmerges(ctx: Context, edges) -> PassResult:
     return PassResult(finish(gm), len(done), done)
 
 
-def new_edges(ctx: Context, mode, flow, folds, known: dict) -> dict:
-    """Edges to add this round (keyed by (consumer, src)): outputs for ``"outputs"`` and
-    ``"auto"``, grid folds after the blocks (``in_tail``) too for ``"auto"``; ``folds`` from
-    shape repair as (op, input, dim, offset)."""
+def new_edges(ctx: Context, mode, flow, known: dict) -> dict:
+    """Edges to add this round (keyed by (consumer, src)) from the token-flow check's exits:
+    outputs for ``"outputs"`` and ``"auto"``, grid folds after the blocks (``in_tail``) too for
+    ``"auto"``."""
     if not mode:
         return {}
     found = [e for e in flow.exits
              if e.consumer.op == "output" or (mode == "auto" and in_tail(ctx, e.consumer))]
     edges = [Edge(e.consumer.name, e.src.name, e.dim, e.offset, e.why) for e in found]
-    if mode == "auto":
-        edges += [Edge(n.name, src.name, dim, offset, f"{n.name} folds the tokens into a grid")
-                  for n, src, dim, offset in folds if in_tail(ctx, n)]
     return {(e.consumer, e.src): e for e in edges if (e.consumer, e.src) not in known}
