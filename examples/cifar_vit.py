@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import io
 import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOME_FX_SHARED", ROOT.parent / "shared"))
@@ -88,14 +87,9 @@ def load_train_uint8(indices=None, progress: bool = False) -> tuple[torch.Tensor
         indices = np.arange(len(labels))
     indices = np.asarray(indices)
     out = np.empty((len(indices), 32, 32, 3), dtype=np.uint8)
-    bar = Progress(len(indices), "decode train JPEGs") if progress else None
-    for k, i in enumerate(indices):
+    for k, i in enumerate(tqdm(indices, "decode train JPEGs", disable=not progress, leave=False)):
         blob = raw[offsets[i]:offsets[i + 1]].tobytes()
         out[k] = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
-        if bar and k % 500 == 0:
-            bar.update(min(500, len(indices) - k))
-    if bar:
-        bar.close()
     return torch.from_numpy(out), torch.from_numpy(labels[indices]).long()
 
 
@@ -104,37 +98,8 @@ def calibration_indices(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).choice(50000, size=n, replace=False)
 
 
-class Progress:
-    """A minimal progress bar on stderr (tqdm is not a dependency)."""
-
-    def __init__(self, total: int, label: str = ""):
-        self.total, self.label, self.done = max(total, 1), label, 0
-        self.start = time.perf_counter()
-        self._draw()
-
-    def update(self, n: int = 1):
-        self.done = min(self.total, self.done + n)
-        self._draw()
-
-    def _draw(self):
-        frac = self.done / self.total
-        bar = "#" * int(24 * frac)
-        el = time.perf_counter() - self.start
-        eta = el / frac - el if frac > 0 else 0.0
-        sys.stderr.write(f"\r{self.label[:40]:40s} [{bar:24s}] {self.done}/{self.total} "
-                         f"{el:5.0f}s eta {eta:4.0f}s")
-        sys.stderr.flush()
-
-    def close(self):
-        self.done = self.total
-        self._draw()
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch: int = 500,
-            bar: Progress | None = None) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch: int = 500, bar=None) -> torch.Tensor:
     """Top-1 predictions over ``images`` in batches."""
     preds = []
     for i in range(0, len(images), batch):
@@ -142,3 +107,41 @@ def predict(model: nn.Module, images: torch.Tensor, batch: int = 500,
         if bar:
             bar.update(1)
     return torch.cat(preds)
+
+
+def write_material(out: Path, calib: int = 256, limit: int | None = None) -> dict:
+    """What a user of ``tome-fx sweep`` would have: the model as a ``.pt2`` archive
+    (``torch.export.save``, dynamic batch), the test images as a folder of PNGs in class
+    sub-folders, and ``calib`` training images (``calibration_indices``) as a flat folder.
+    Returns the paths. PNG is lossless: the folders hold exactly the arrays of ``../shared``."""
+    from PIL import Image
+
+    out = Path(out)
+    data = np.load(TEST)
+    classes = [str(c) for c in data["classes"]]
+    images, labels = data["images"][:limit], data["labels"][:limit]
+    for c in classes:
+        (out / "test" / c).mkdir(parents=True, exist_ok=True)
+    for i, (img, lab) in enumerate(zip(tqdm(images, "write test PNGs", leave=False), labels)):
+        Image.fromarray(img).save(out / "test" / classes[lab] / f"{i:05d}.png")
+    (out / "calib").mkdir(parents=True, exist_ok=True)
+    cal, _ = load_train_uint8(calibration_indices(calib))
+    for i, img in enumerate(cal.numpy()):
+        Image.fromarray(img).save(out / "calib" / f"{i:04d}.png")
+    x = torch.zeros(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(load_model(), (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, out / "vit_cifar10.pt2")
+    return {"model": out / "vit_cifar10.pt2", "test": out / "test", "calib": out / "calib"}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="write the CIFAR-10 ViT as .pt2 and the images as "
+                                            "folders, for tome-fx sweep")
+    p.add_argument("out", type=Path)
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="first N test images (default all)")
+    a = p.parse_args()
+    print(write_material(a.out, a.calib, a.limit))

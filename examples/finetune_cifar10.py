@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,7 +72,7 @@ def _optimizer(module, lr, wd, steps, warmup):
 
 def _accuracy(module, x, y, label) -> float:
     module.eval()
-    bar = cv.Progress((len(x) + 499) // 500, label)
+    bar = tqdm(total=(len(x) + 499) // 500, leave=False, desc=label)
     pred = cv.predict(module, x, 500, bar)
     bar.close()
     return float((pred == y).float().mean()) * 100
@@ -107,7 +108,7 @@ def run(args) -> dict:
               for name, m in (("unmerged (tome_fx r=0)", unmerged), ("original nn.Module", original))}
     times = {"merged": [], **{k: [] for k in others}}
     losses = []
-    bar = cv.Progress(args.steps, f"fine-tune b={args.budget}")
+    bar = tqdm(total=args.steps, leave=False, desc=f"fine-tune b={args.budget}")
     for s in range(args.steps):
         sl = slice(s * args.batch, (s + 1) * args.batch)
         x, y = augment(train_u8[sl], gen), train_y[sl]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tome_fx first
@@ -54,7 +55,7 @@ def run(args) -> dict:
         constant, constant_drift = cost.search(cm, budget, "constant")
         if constant not in [sched for sched, _ in cands.values()]:
             cands["constant (strategy)"] = (constant, constant_drift)
-        bar = cv.Progress(len(cands), f"b={budget}: {len(cands)} schedules")
+        bar = tqdm(total=len(cands), leave=False, desc=f"b={budget}: {len(cands)} schedules")
         for name, (sched, drift) in cands.items():
             gm = rewrite(model, lambda n, s=sched: list(s) + [0] * (n - len(s)), (calib,)).graph_module
             pred = cv.predict(gm, x)

@@ -221,7 +221,7 @@ def test_errors_are_one_line(files):
             assert_error(res, text)
 
 
-@pytest.mark.parametrize("command", ["report", "bench", "visualize", "export"])
+@pytest.mark.parametrize("command", ["report", "bench", "sweep", "visualize", "export"])
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])

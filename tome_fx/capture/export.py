@@ -29,6 +29,7 @@ What the returned GraphModule is:
 from __future__ import annotations
 
 import copy
+import math
 import inspect
 
 import sympy
@@ -264,9 +265,47 @@ def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]
     if dropped:
         notes.append(f"removed {dropped} constant all-keep attention mask argument(s) "
                      "(they mask nothing)")
+    unfolded = unfold_row_reshapes(gm, args, kwargs)
+    if unfolded:
+        notes.append(f"{unfolded} linear layer(s) run on [tokens, batch, channels] instead of "
+                     "the rows export folded them into (nn.MultiheadAttention's out-projection)")
     gm.graph.eliminate_dead_code()  # unused values would look like extra consumers
     gm.recompile()
     return gm
+
+
+_RESHAPES = {torch.ops.aten.reshape, torch.ops.aten.view, torch.ops.aten._unsafe_view}
+
+
+def unfold_row_reshapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
+    """``reshape(x, [a*b, c]) -> linear -> view([a, b, c'])`` becomes ``linear`` on
+    ``[a, b, c]``: the same rows, but the token dimension stays its own dimension (export's
+    nn.MultiheadAttention folds tokens and batch into rows around its out-projection, which
+    no token count could follow). Returns how many were rewritten."""
+    shapes, _ = gu.record_shapes(gm, args, kwargs)
+    count = 0
+    for n in list(gm.graph.nodes):
+        if not gu.is_call(n, _RESHAPES) or len(n.users) != 1:
+            continue
+        x, user = n.args[0], next(iter(n.users))
+        xs, ns = shapes.get(x), shapes.get(n)
+        if not (gu.is_tensor_shape(xs) and gu.is_tensor_shape(ns) and len(xs) >= 3
+                and list(ns) == [xs[0] * xs[1], math.prod(xs[2:])]):
+            continue
+        if not gu.is_call(user, {torch.ops.aten.linear}) or user.args[0] is not n \
+                or len(user.users) != 1:
+            continue
+        back = next(iter(user.users))
+        out = shapes.get(user)
+        if not gu.is_call(back, _RESHAPES) or list(shapes.get(back) or ()) != [xs[0], xs[1], out[1]]:
+            continue
+        with gm.graph.inserting_before(n):
+            rows = [gm.graph.call_function(torch.ops.aten.sym_size.int, (x, d)) for d in (0, 1)]
+        n.args = (x, [*rows, ns[1]])
+        back.replace_all_uses_with(user)
+        gm.graph.erase_node(back)
+        count += 1
+    return count
 
 
 _SDPA_TAIL = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

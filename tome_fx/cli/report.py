@@ -5,6 +5,7 @@ as a table (tabulate ``simple``) or markdown (tabulate ``github``).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -15,26 +16,14 @@ from tabulate import tabulate
 from .. import cost
 from ..capture import capture
 from ..methods import ToMe
+from ..api import check_calibration
 from ..pipeline import rewrite
 from ..schedule import parse_r
+from ..sweep import check_labels, main_output, outputs, scores
 
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def main_output(out: Any) -> torch.Tensor:
-    """The tensor a model's output is judged by: logits, else the first floating tensor."""
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v
-    raise ValueError(f"cannot find an output tensor in a {type(out).__name__}")
 
 
 def fidelity(ref: Any, out: Any) -> dict:
@@ -55,33 +44,63 @@ def fidelity(ref: Any, out: Any) -> dict:
     return res
 
 
-def build(target: Any, model: nn.Module, inputs: tuple, *, r: Any = None,
-          flops_budget: float | None = None, strategy: str = "auto"):
+def _run(module, inputs):
+    return module(**inputs) if isinstance(inputs, dict) else module(*inputs)
+
+
+def data_fidelity(model, fast, data, batch_size: int = 64, bar=None) -> dict:
+    """``fidelity`` over every input of ``data`` (a ``tome_fx.Data``), batch by batch; with
+    labels, top-1 of both models too."""
+    steps = -(-len(data) // batch_size)
+    with bar(2 * steps, "fidelity") if bar else contextlib.nullcontext() as b:
+        ref, emb = outputs(model, data, batch_size, b), outputs(fast, data, batch_size, b)
+    check_labels(data, ref)
+    got = scores(ref, emb, data)
+    res = {"inputs": f"real ({data.source})", "samples": len(data), "cosine_mean": got["cosine"],
+           "cosine_min": got["cosine_min"], "top1_agreement": None}
+    if "agreement" in got:
+        res["top1_agreement"] = got["agreement"] / 100
+    if "top1" in got:
+        res["top1"] = {"original": got["top1_original"], "rewritten": got["top1"]}
+    if "nn_agreement" in got:
+        res["nn_agreement"] = got["nn_agreement"] / 100
+    return res
+
+
+def build(target: Any, model: nn.Module, inputs, *, r: Any = None,
+          flops_budget: float | None = None, strategy: str = "auto", calibration=None,
+          evaluate=None, bar=None):
     """(report dict, rewritten module). ``target`` goes to the tome_fx API, ``model`` runs the
-    original. The schedule is ``tome_fx.plan``'s for a budget (same cost model and search), or
-    ``r`` as ``optimize`` reads it."""
+    original. The schedule is ``tome_fx.plan``'s for a budget (same cost model and search, on
+    ``calibration`` inputs when given), or ``r`` as ``optimize`` reads it. Fidelity is measured
+    on ``evaluate`` (a ``tome_fx.Data``) when given, else on ``inputs``."""
     captured = capture(target, inputs)
     cm = cost.CostModel.build(captured)
-    drift = None
+    drift, notes = None, []
     if flops_budget is not None:
-        schedule, drift = cost.search(cm, cost.check_budget(flops_budget), strategy)
+        calib = check_calibration(captured, calibration)
+        schedule, drift = cost.search(cm, cost.check_budget(flops_budget), strategy, notes, calib)
     else:
         schedule = cm.clamp(parse_r(r, cm.num_blocks))
     rw = rewrite(captured, ToMe(lambda n: list(schedule) + [0] * (n - len(schedule))))
     fast = rw.graph_module
     plan = cost.to_plan(cm, rw.plan.r, flops_budget,
-                        strategy if flops_budget is not None else None, drift)
+                        strategy if flops_budget is not None else None, drift, notes)
     fast.tome, fast.tome_counts = plan, rw.counts
     before, outside_before = cm.breakdown_original()
     after, outside_after = cm.breakdown(plan.r)
-    with torch.no_grad():
-        ref, out = model(*inputs), fast(*inputs)
+    if evaluate is not None:
+        measured = data_fidelity(model, fast, evaluate, bar=bar)
+    else:
+        with torch.no_grad():
+            measured = {"inputs": "random", **fidelity(_run(model, inputs), _run(fast, inputs))}
     params = count_params(model), count_params(fast)
     data = {
         "source": None,
         "model_class": type(model).__name__,
         "frontend": plan.frontend,  # how the graph was captured (fx symbolic tracing, export)
-        "input_shape": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+        "input_shape": [list(t.shape) for t in (inputs.values() if isinstance(inputs, dict)
+                                                else inputs) if isinstance(t, torch.Tensor)],
         "request": {"flops_budget": flops_budget, "r": None if flops_budget is not None else r,
                     "strategy": plan.strategy},
         "blocks": [
@@ -92,7 +111,7 @@ def build(target: Any, model: nn.Module, inputs: tuple, *, r: Any = None,
         ],
         "protected_tokens": plan.protected,
         "skipped": [{"site": s.site, "reason": s.reason} for s in plan.skipped],
-        "notes": list(rw.notes),
+        "notes": list(rw.notes) + notes,
         "rewrites": dict(rw.counts),
         "totals": {
             "flops_before": plan.flops_original, "flops_after": plan.flops,
@@ -103,7 +122,7 @@ def build(target: Any, model: nn.Module, inputs: tuple, *, r: Any = None,
             "params_unchanged": params[0] == params[1],
         },
         "drift": drift,
-        "fidelity": {"inputs": "random", **fidelity(ref, out)},
+        "fidelity": measured,
         "bench": None,
     }
     return data, fast
@@ -153,8 +172,17 @@ def format_text(data: dict, fmt: str = "table") -> str:
                  f"parameters {t['params_original']:,} -> {t['params_rewritten']:,} ({unchanged})")
     f = data["fidelity"]
     top1 = "" if f["top1_agreement"] is None else f", top-1 agreement {f['top1_agreement']:.1%}"
+    if f.get("top1"):
+        top1 += (f", top-1 accuracy {f['top1']['original']:.2f}% -> "
+                 f"{f['top1']['rewritten']:.2f}%")
+    if f.get("nn_agreement") is not None:
+        top1 += f", nearest-neighbour agreement {f['nn_agreement']:.1%}"
     lines.append(f"{bullet}fidelity on {f['samples']} {f['inputs']} inputs: output cosine similarity "
                  f"{f['cosine_mean']:.4f} (min {f['cosine_min']:.4f}){top1}")
+    if f["inputs"] == "random":
+        lines.append(f"{bullet}these inputs are random, not your data: pass --data PATH (image "
+                     f"folder, .npz, or .txt for text models) for fidelity and calibration on "
+                     f"real inputs")
     b = data.get("bench")
     if b:
         lines.append(f"{bullet}throughput on {b['device']} ({b['dtype']}, batch {b['batch']}, median of "

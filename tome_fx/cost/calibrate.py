@@ -40,17 +40,20 @@ def output_drift(reference: Any, output: Any) -> float:
 
 
 class Calibration:
-    """Runs the max-merge rewrite with a chosen r per block on the calibration inputs."""
+    """Runs the max-merge rewrite with a chosen r per block on the calibration inputs: ``inputs``
+    as ``(args, kwargs)`` (real data, ``optimize(calibration=...)``), else the example inputs.
+    They must hold as many tokens as the example inputs; the batch may differ."""
 
-    def __init__(self, cm: CostModel):
+    def __init__(self, cm: CostModel, inputs: tuple | None = None):
         self.cm = cm
-        self.reference = cm.reference
+        self.inputs = cm.inputs if inputs is None else inputs
+        self.reference = cm.reference if inputs is None else None
         if self.reference is None:
             self.reference = self.output([0] * cm.num_blocks)
 
     def output(self, schedule: list[int]) -> Any:
         r_of = {node: schedule[i] for i, node in self.cm.merge_nodes.items()}
-        return run_flops(self.cm.graph_module, self.cm.inputs, r_of, count=False).result
+        return run_flops(self.cm.graph_module, self.inputs, r_of, count=False).result
 
     def drift(self, schedule: list[int]) -> float:
         return output_drift(self.reference, self.output(schedule))

@@ -16,6 +16,10 @@ from .model import BIG_R, CostModel
 
 STRATEGIES = ("auto", "constant", "decreasing")
 
+DATA_FREE = "constant"  # auto's rule without real data (benchmarks/EVAL.md, "Without real data")
+DATA_FREE_NOTE = (f"auto: no calibration data, so the data-free rule ({DATA_FREE} r, free blocks "
+                  f"merging the most); pass real inputs as calibration= (tome-fx: --data) to "
+                  f"choose the schedule shape by output drift on them")
 TOLERANCE = 0.01  # achieved ratio must be in [b - TOLERANCE, b]
 _CLOSE = 0.0025  # the adjustment stops once this close below the budget
 
@@ -130,10 +134,13 @@ def _fit(cm: CostModel, weights: list[float], hi: float, close: float,
 
 
 def candidates(cm: CostModel, budget: float, strategy: str = "auto",
-               notes: list | None = None, calib: Calibration | None = None) -> dict[str, list[int]]:
+               notes: list | None = None, calib: Calibration | None = None,
+               family: bool = True) -> dict[str, list[int]]:
     """The schedules ``search`` chooses among for a budget < 1, by name, in the FLOP window.
 
-    ``notes``, if given, receives a line per fact the search used (free blocks).
+    ``notes``, if given, receives a line per fact the search used (free blocks). ``family``
+    False: ``auto`` without real calibration data, the data-free rule (``DATA_FREE``, its free
+    blocks pinned) alone.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -148,7 +155,7 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
             f"allows); pass flops_budget >= {math.ceil(floor / orig * 1e4) / 1e4}")
     close = (budget - _CLOSE) * orig
     shapes = _shapes(num)
-    names = list(shapes) if strategy == "auto" else [strategy]
+    names = [strategy] if strategy != "auto" else list(shapes) if family else [DATA_FREE]
     pinned = (calib or Calibration(cm)).free_blocks() if strategy == "auto" else frozenset()
     if pinned and notes is not None:
         notes.append(f"auto: merging in block(s) {', '.join(map(str, sorted(pinned)))} leaves the "
@@ -157,7 +164,7 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
     for name in names:
         s = _fit(cm, shapes[name], hi, close, pinned)
         fits[name] = s if s is not None else _adjust(cm, cm.max_schedule(), hi, close, pinned)
-    if pinned:  # the free merges alone, trimmed (or topped up) to the budget
+    if pinned and family:  # the free merges alone, trimmed (or topped up) to the budget
         fits["free-first"] = _adjust(cm, _pin(cm, [0] * num, pinned), hi, close)
         for name in ("constant", "decreasing"):  # unpinned too: auto never loses to these
             s = _fit(cm, shapes[name], hi, close)
@@ -181,11 +188,15 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
 
 
 def scored_candidates(cm: CostModel, budget: float, strategy: str = "auto",
-                      notes: list | None = None) -> dict[str, tuple[list[int], float]]:
-    """``candidates`` with each schedule's calibration drift: name -> (schedule, drift)."""
+                      notes: list | None = None, calibration: tuple | None = None,
+                      family: bool = True) -> dict[str, tuple[list[int], float]]:
+    """``candidates`` with each schedule's drift on ``calibration`` ((args, kwargs); default the
+    example inputs): name -> (schedule, drift). Free blocks are found on the example inputs
+    (a merge that cannot reach the output leaves any input's output unchanged)."""
     calib = Calibration(cm)
-    return {name: (s, calib.drift(s))
-            for name, s in candidates(cm, budget, strategy, notes, calib).items()}
+    scorer = calib if calibration is None else Calibration(cm, calibration)
+    return {name: (s, scorer.drift(s))
+            for name, s in candidates(cm, budget, strategy, notes, calib, family).items()}
 
 
 def best(cm: CostModel, scored: dict[str, tuple[list[int], float]]) -> tuple[list[int], float]:
@@ -193,9 +204,13 @@ def best(cm: CostModel, scored: dict[str, tuple[list[int], float]]) -> tuple[lis
     return min(scored.values(), key=lambda sd: (sd[1], -cm.flops(sd[0])))
 
 
-def search(cm: CostModel, budget: float, strategy: str = "auto",
-           notes: list | None = None) -> tuple[list[int], float | None]:
-    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees."""
+def search(cm: CostModel, budget: float, strategy: str = "auto", notes: list | None = None,
+           calibration: tuple | None = None) -> tuple[list[int], float | None]:
+    """(schedule, drift) for a FLOP budget; see ``plan`` for the strategies and guarantees.
+
+    ``auto`` chooses among its family by output drift on ``calibration`` ((args, kwargs) of
+    real inputs); without them it applies the data-free rule (``DATA_FREE``) and says so in
+    ``notes``: drift on random inputs does not predict accuracy (``benchmarks/EVAL.md``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if budget >= 1.0:
@@ -204,7 +219,16 @@ def search(cm: CostModel, budget: float, strategy: str = "auto",
         if notes is not None:
             notes.append(f"flops_budget={budget:g} is not met: no block can merge")
         return [0] * cm.num_blocks, None
-    return best(cm, scored_candidates(cm, budget, strategy, notes))
+    family = strategy != "auto" or calibration is not None
+    if not family and notes is not None:
+        notes.append(DATA_FREE_NOTE)
+    scored = scored_candidates(cm, budget, strategy, notes, calibration, family)
+    schedule, drift = best(cm, scored)
+    if strategy == "auto" and family and notes is not None:
+        name = next(k for k, (s, _) in scored.items() if s == schedule)
+        notes.append(f"auto: the {name} schedule drifts least on the calibration inputs "
+                     f"(of {len(scored)} shapes)")
+    return schedule, drift
 
 
 def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,

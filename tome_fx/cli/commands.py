@@ -1,0 +1,254 @@
+"""What each ``tome-fx`` subcommand does: ``report``, ``bench``, ``sweep``, ``visualize``,
+``export`` (the parser and error handling are in ``main``)."""
+from __future__ import annotations
+
+import json
+
+STDERR = None  # the real stderr while main() holds back library output (progress bars go here)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared steps
+# ---------------------------------------------------------------------------------------------
+
+def _parse_r(text: str | None):
+    if text is None:
+        return 8
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"--r must be an int or a comma-separated list of ints, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _check(args):
+    """Validate options before loading anything (fast one-line errors)."""
+    from ..cost import check_budget
+    from .sources import parse_input_size
+
+    if getattr(args, "flops_budget", None) is not None:
+        check_budget(args.flops_budget)
+        args.r_value = None
+    else:
+        args.r_value = _parse_r(getattr(args, "r", None))
+    args.size = parse_input_size(args.input_size)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "runs", 1) < 1 or getattr(args, "warmup", 0) < 0:
+        raise ValueError(f"need --runs >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
+    if hasattr(args, "calib"):
+        from .data import check
+
+        check(args)
+
+
+def _source(args):
+    from .sources import load
+
+    return load(args.source, trust_pickle=args.trust_pickle, checkpoint=args.checkpoint,
+                input_size=args.size)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _measure(original, rewritten, inputs, args, label=""):
+    """Throughput of both modules: {"original": items/s, "rewritten": ..., "speedup": ...}."""
+    from ..timing import throughput
+    from .data import bar_factory
+
+    res = {}
+    for name, fn in (("original", original), ("rewritten", rewritten)):
+        with bar_factory(args, STDERR)(args.warmup + args.runs, f"{label}{name}") as bar:
+            res[name] = throughput(fn, inputs, args.warmup, args.runs, bar)
+    res["speedup"] = res["rewritten"] / res["original"]
+    return res
+
+
+def _data(args, src):
+    """(calibration inputs or None, evaluation Data or None) from --data."""
+    from . import data as cli_data
+
+    if not args.data:
+        return None, None
+    calib, rest = cli_data.split(args, cli_data.load(args, src, STDERR))
+    return (None if calib is None else calib.inputs()), rest
+
+
+def _to(inputs, device, dtype=None):
+    """Inputs on ``device``; floating tensors in ``dtype`` (token ids stay integers)."""
+    def move(t):
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
+                    else t.dtype)
+    if isinstance(inputs, dict):
+        return {k: move(v) for k, v in inputs.items()}
+    return tuple(move(t) for t in inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+# ---------------------------------------------------------------------------------------------
+
+def report(args) -> int:
+    from . import report as rep
+    from .sources import example_inputs
+
+    from ..timing import batch_size as batch_of
+    from .data import bar_factory
+
+    _check(args)
+    src = _source(args)
+    calib, evaluate = _data(args, src)
+    inputs = (calib if calib is not None else evaluate.inputs(0, args.batch_size or 2)
+              if evaluate is not None else example_inputs(src, args.size, args.batch_size))
+    data, fast = rep.build(src.target, src.model, inputs, r=args.r_value,
+                           flops_budget=args.flops_budget, strategy=args.strategy,
+                           calibration=calib, evaluate=evaluate,
+                           bar=bar_factory(args, STDERR))
+    data["source"] = args.source
+    if args.bench:
+        device = _device(args.device)
+        moved = _to(inputs, device)
+        speeds = _measure(src.model.to(device), fast.to(device), moved, args)
+        data["bench"] = {"device": str(device), "dtype": "float32", "batch": batch_of(moved),
+                         "warmup": args.warmup, "runs": args.runs, **speeds}
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(rep.format_text(data, args.format))
+    return 0
+
+
+def bench(args) -> int:
+    import torch
+    from tabulate import tabulate
+
+    from .. import api
+    from ..timing import batch_size as batch_of
+    from .sources import example_inputs
+
+    _check(args)
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    src = _source(args)
+    recorded = src.example_inputs  # an ExportedProgram's: its batch may be fixed
+    batch = args.batch_size or (len(recorded[0]) if recorded else 32 if device.type == "cuda" else 8)
+    calib, evaluate = _data(args, src)
+    if evaluate is not None:  # real inputs: plan on --calib of them, time a batch of the rest
+        plan_inputs = calib if calib is not None else evaluate.inputs(0, batch)
+        fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+                            example_inputs=plan_inputs, calibration=calib)
+        inputs = _to(evaluate.inputs(0, batch), device, dtype)
+        size = tuple(next(iter(inputs.values() if isinstance(inputs, dict) else inputs)).shape[1:])
+    else:
+        plan_inputs = example_inputs(src, args.size, batch if recorded else min(batch, 2))
+        fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+                            example_inputs=plan_inputs)
+        size = tuple(plan_inputs[0].shape[1:])
+        g = torch.Generator().manual_seed(0)
+        inputs = (torch.randn(batch, *size, generator=g).to(device=device, dtype=dtype),)
+    batch = batch_of(inputs)
+    plan = fast.tome
+    original = src.model.to(device=device, dtype=dtype).eval()
+    fast = fast.to(device=device, dtype=dtype).eval()
+    modes = [("eager", original, fast)]
+    if args.compile:
+        modes.append(("compiled", torch.compile(original), torch.compile(fast)))
+    results = []
+    for mode, a, b in modes:
+        speeds = _measure(a, b, inputs, args, label=f"{mode} ")
+        results.append({"mode": mode, **speeds})
+    info = {"source": args.source, "data": args.data, "model_class": src.model_class,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": args.dtype, "batch": batch, "input_shape": [batch, *size],
+            "warmup": args.warmup, "runs": args.runs, "r": list(plan.r),
+            "flops_budget": args.flops_budget, "flop_ratio": plan.ratio,
+            "torch": torch.__version__, "results": results}
+    rows = [[r["mode"], f"{r['original']:.1f}", f"{r['rewritten']:.1f}", f"{r['speedup']:.2f}x"]
+            for r in results]
+    print(f"tome-fx bench: {args.source} on {info['device_name']} ({args.dtype}, batch {batch}, "
+          f"input {'x'.join(map(str, size))}, median of {args.runs} runs after {args.warmup} warm-up)")
+    print(f"r per block: {list(plan.r)}" + (f", FLOP ratio {plan.ratio:.4f}" if plan.ratio else ""))
+    print(tabulate(rows, headers=["mode", "original /s", "rewritten /s", "speed-up"],
+                   tablefmt="simple"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def visualize(args) -> int:
+    import torch
+
+    from .. import api
+
+    from . import visualize as vis
+    from .sources import declared_size
+    from ..track import track_sources
+
+    _check(args)
+    src = _source(args)
+    size = args.size or declared_size(src)
+    mean, std = vis.normalization(src.model)
+    x, image = vis.load_image(args.image, size, mean, std)
+    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+                            example_inputs=(x,))
+    tracked = track_sources(fast, x)
+    num = tracked.num_blocks
+    layer = num - 1 if args.layer is None else args.layer
+    if not -num <= layer < num:
+        raise ValueError(f"--layer {args.layer} is out of range: the model has {num} blocks (0..{num - 1})")
+    layer %= num
+    sources = tracked.at(layer)
+    prefix = tracked.prefix
+    if sources is None:  # nothing merged up to this block: every patch is its own group
+        patches = fast.tome.blocks[0].tokens_in - prefix
+        groups = torch.arange(patches)
+    else:
+        groups = vis.group_ids(sources[0], prefix)
+        patches = len(groups)
+    rows, cols = vis.patch_grid(patches, size[1], size[2], src.model)
+    img = vis.render(image, groups.reshape(rows, cols).numpy(), args.scale)
+    img.save(args.output, format="PNG")
+    n_groups = len(set(groups.tolist()))
+    print(f"wrote {args.output} ({img.width}x{img.height}): merge groups after block {layer}, "
+          f"{n_groups} groups of {patches} patches ({rows}x{cols} grid), r per block {list(fast.tome.r)}")
+    return 0
+
+
+def export(args) -> int:
+    from .. import api
+    from ..exporting import export_format, require_onnx
+    from .sources import example_inputs
+
+    _check(args)
+    if export_format(args.output) == "onnx":  # fast one-line errors before loading the model
+        require_onnx()
+    src = _source(args)
+    inputs = example_inputs(src, args.size, args.batch_size)
+    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+                        example_inputs=inputs)
+    plan = fast.tome
+    ratio = f", FLOP ratio {plan.ratio:.4f}" if plan.ratio else ""
+    print(f"{args.source}: r per block {list(plan.r)}{ratio}")
+    api.export(fast, args.output, inputs)
+    return 0
+
+
+def sweep(args) -> int:
+    from .sweep import run
+
+    _check(args)
+    return run(args, _source, STDERR)

@@ -1,0 +1,80 @@
+"""Throughput measurement: warm-up, CUDA synchronisation, median of timed runs; progress bars.
+
+``throughput(fn, inputs)`` is what the command line, ``tome_fx.sweep`` and the benchmark
+scripts use::
+
+    from tome_fx.timing import throughput
+    ips = throughput(model, (x,), warmup=3, runs=10)   # images (batch items) per second
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def progress(total: int | None = None, desc: str = "", quiet: bool | None = None, file=None,
+             **kwargs) -> tqdm:
+    """A tqdm bar on ``file`` (stderr): off when ``quiet`` is True; when ``quiet`` is None, on
+    only if ``file`` is a terminal. Bars are removed when they finish (``leave=False``)."""
+    file = file if file is not None else sys.stderr
+    if quiet is None:
+        quiet = not bool(getattr(file, "isatty", lambda: False)())
+    return tqdm(total=total, desc=desc, disable=quiet, file=file, leave=False,
+                dynamic_ncols=True, **kwargs)
+
+
+def _devices(inputs: Sequence) -> set[torch.device]:
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return {t.device for t in values if isinstance(t, torch.Tensor)}
+
+
+def _sync(devices: set[torch.device]) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def _call(fn: Callable, inputs):
+    return fn(**inputs) if isinstance(inputs, dict) else fn(*inputs)
+
+
+def timings(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> list[float]:
+    """Seconds per call of ``fn(*inputs)`` (``fn(**inputs)`` for a dict) for ``runs`` calls after
+    ``warmup`` untimed calls.
+
+    Runs under ``torch.no_grad``; on CUDA each call is synchronised before the clock stops.
+    ``bar`` (optional, a tqdm bar) is advanced once per call, warm-up included.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    devices = _devices(inputs)
+    out = []
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            _sync(devices)
+            t0 = time.perf_counter()
+            _call(fn, inputs)
+            _sync(devices)
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update()
+    return out
+
+
+def batch_size(inputs) -> int:
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    first = next((t for t in values if isinstance(t, torch.Tensor)), None)
+    if first is None or first.dim() == 0:
+        raise ValueError("inputs need a tensor with a batch dimension")
+    return int(first.shape[0])
+
+
+def throughput(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> float:
+    """Batch items per second: batch size / median seconds per call (see ``timings``)."""
+    return batch_size(inputs) / statistics.median(timings(fn, inputs, warmup, runs, bar))
