@@ -86,22 +86,30 @@ def main(argv=None) -> tome_fx.SweepResult:
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--eval-md", type=Path, default=None,
                    help="also write the table into this markdown file's cifar10_eval section")
+    p.add_argument("--render", type=Path, default=None,
+                   help="no run: re-write the table, plot and --eval-md section from this JSON")
     args = p.parse_args(argv)
-    if not cv.available():
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        result = tome_fx.SweepResult.from_dict(saved)
+        info = {k: saved[k] for k in ("command", "torch", "threads", "machine")}
+    elif not cv.available():
         sys.exit(f"eval_cifar10: {cv.missing_reason()}")
-    result = run(args)
+    else:
+        result = run(args)
+        command = " ".join(["python", "examples/eval_cifar10.py", *sys.argv[1:]] if argv is None
+                           else ["python", "examples/eval_cifar10.py", *argv])
+        info = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine()}
+    command = info["command"]
     args.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "examples/eval_cifar10.py", *sys.argv[1:]] if argv is None
-                       else ["python", "examples/eval_cifar10.py", *argv])
-    info = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine()}
     (args.out / "cifar10_eval.json").write_text(json.dumps({**info, **result.to_dict()}, indent=1))
     md = result.table() + "\n\nPaired, auto (the default) vs constant, image by image:\n\n" + \
         result.paired_table()
     (args.out / "cifar10_eval.md").write_text(md + "\n")
     result.plot(args.out / "cifar10_eval.png")
     if args.eval_md:
-        tp = "" if args.no_throughput else (
+        tp = "" if result.throughput_batch is None else (
             f", throughput on the first batch of {result.throughput_batch}, median of "
             f"{args.reps} passes")
         note = (f"Command: `{command}` ({result.evaluated} test images, calibration: "

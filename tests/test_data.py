@@ -147,6 +147,12 @@ def test_cli_sweep_json_and_report_data(images, tmp_path, capsys):
     code, out, _ = _main(capsys, "report", f"timm:{NAME}", "--input-size", SIZE,
                          "--flops-budget", "0.7")
     assert "random, not your data: pass --data PATH" in out and "data-free rule" in out
+    code, out, _ = _main(capsys, "bench", f"timm:{NAME}", "--input-size", SIZE, "--r", "2",
+                         "--data", root / "tree", "--calib", "4", "--batch-size", "5", "--runs",
+                         "1", "--warmup", "0", "--device", "cpu", "--json", tmp_path / "b.json")
+    info = json.loads((tmp_path / "b.json").read_text())
+    assert code == 0 and info["batch"] == 5 and info["input_shape"] == [5, 3, 64, 64]
+    assert info["data"] == str(root / "tree") and info["results"][0]["speedup"] > 0
 
 
 def test_bad_data_is_one_line(images, tmp_path, capsys):
@@ -174,3 +180,24 @@ def test_bad_data_is_one_line(images, tmp_path, capsys):
     code, _, err = _main(capsys, "sweep", f"timm:{NAME}", "--data", root / "tree", "--budgets",
                          "1,2")
     assert code == 2 and "flops_budget must be in (0, 1]" in err
+
+
+def test_huggingface_image_processor_preprocesses(images, tmp_path, capsys):
+    # a HuggingFace directory's own image processor, not timm's transforms, prepares the images
+    transformers = pytest.importorskip("transformers")
+    root, pixels, labels = images
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32},
+                                               image_mean=[0.2, 0.3, 0.4], image_std=[0.5] * 3)
+    processor.save_pretrained(tmp_path / "vit")
+    model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit")
+    data = tome_fx.load_data(root / "tree", model, model_dir=tmp_path / "vit")
+    expect = processor(images=[Image.fromarray(p) for p in pixels], return_tensors="pt")
+    torch.testing.assert_close(data.images, expect["pixel_values"], rtol=0, atol=0)
+    code, out, err = _main(capsys, "sweep", tmp_path / "vit", "--data", root / "tree",
+                           "--calib", "4", "--budgets", "1,0.8", "--strategy", "constant",
+                           "--no-throughput", "--quiet")
+    assert code == 0 and "top-1 %" in out, err

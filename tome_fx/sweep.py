@@ -69,6 +69,21 @@ class SweepResult:
     pairs: tuple[Pair, ...]
     throughput_batch: int | None
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepResult":
+        """The result ``to_dict`` (or ``--json``) wrote."""
+        rows = tuple(Row(**{**r, "r": None if r["r"] is None else tuple(r["r"])})
+                     for r in d["rows"])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in fields}, "rows": rows,
+                      "pairs": tuple(Pair(**p) for p in d["pairs"])})
+
+    def ordered(self) -> list[Row]:
+        """Rows by strategy (first seen first), budgets from high to low: the original first."""
+        names = list(dict.fromkeys(r.strategy for r in self.rows))
+        return sorted(self.rows, key=lambda r: (r.budget < 1.0 or r.strategy != "original",
+                                                names.index(r.strategy), -r.budget))
+
     def table(self, fmt: str = "github") -> str:
         has = lambda key: any(getattr(r, key) is not None for r in self.rows)  # noqa: E731
         cols = [("strategy", "strategy", "{}"), ("budget", "budget", "{:g}"),
@@ -79,7 +94,7 @@ class SweepResult:
                                                     "{:.2f}"),
             ("items_per_s", "items/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x")) if has(k)]
         body = []
-        for row in self.rows:
+        for row in self.ordered():
             cells = []
             for key, _, fmt_ in cols:
                 v = getattr(row, key)
