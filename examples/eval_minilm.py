@@ -194,7 +194,9 @@ def run(args) -> dict:
                 source="Python documentation bundled with the interpreter (pydoc_data.topics)",
                 batch=args.batch, threads=args.threads,
                 command=" ".join(["python", "examples/eval_minilm.py", *sys.argv[1:]]),
-                orders=[evaluate(model, tok, texts, by_length, args) for by_length in (False, True)])
+                orders=[evaluate(model, tok, texts, by_length, args)
+                        for by_length in {"both": (False, True), "seeded": (False,),
+                                          "sorted": (True,)}[args.order]])
 
 
 class Tokens(nn.Module):
@@ -269,6 +271,8 @@ def main(argv=None):
                    help="no run: write the --n sentences to FILE, one per line (for tome-fx "
                         "sweep --data FILE)")
     p.add_argument("--batch", type=int, default=32, help="sentences per batch")
+    p.add_argument("--order", choices=["both", "seeded", "sorted"], default="both",
+                   help="batches in the seeded order, sorted by length, or both (default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (speed is measured)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds over all batches")
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
