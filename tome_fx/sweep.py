@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from . import api
+from .capture import is_exported_program
 from .data import Data, DataError, load_data
 from .errors import MissingExtraError
 from .timing import batch_size as batch_of
-from .timing import progress, throughput
+from .timing import call, progress, throughput
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 STRATEGIES = ("auto", "constant")
@@ -196,8 +197,7 @@ def outputs(module, data: Data, batch_size: int, bar=None) -> torch.Tensor:
     """``pooled`` outputs of ``module`` over ``data``, in order: [N, D]."""
     out = []
     for inputs, _ in data.batches(batch_size):
-        res = module(**inputs) if isinstance(inputs, dict) else module(*inputs)
-        out.append(pooled(res, inputs))
+        out.append(pooled(call(module, inputs), inputs))
         if bar is not None:
             bar.update()
     return torch.cat(out)
@@ -228,10 +228,12 @@ def check_labels(data: Data, ref: torch.Tensor) -> None:
 _ROW_SCORES = ("cosine", "top1", "agreement", "nn_agreement", "right")
 
 
-def scores(ref: torch.Tensor, emb: torch.Tensor, data: Data) -> dict:
+def scores(ref: torch.Tensor, emb: torch.Tensor, data: Data,
+           ref_nearest: torch.Tensor | None = None) -> dict:
     """Rewritten outputs ``emb`` against the original's ``ref`` (``outputs``, same inputs):
     cosine (mean, min); for classifiers agreement % and, with labels, top-1 % of both and which
-    inputs the rewritten one gets right; else nearest-neighbour agreement %."""
+    inputs the rewritten one gets right; else nearest-neighbour agreement % (``ref_nearest``:
+    ``ref``'s nearest neighbours, when already computed)."""
     cos = F.cosine_similarity(emb.double(), ref.double(), dim=-1)
     out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
     if is_classifier(ref, data):
@@ -242,7 +244,8 @@ def scores(ref: torch.Tensor, emb: torch.Tensor, data: Data) -> dict:
             out["top1_original"] = 100 * float((ref.argmax(-1) == data.labels).double().mean())
             out["right"] = _bits(p == data.labels)
     elif len(ref) > 1:
-        out["nn_agreement"] = 100 * float((_nearest(emb) == _nearest(ref)).double().mean())
+        near = _nearest(ref) if ref_nearest is None else ref_nearest
+        out["nn_agreement"] = 100 * float((_nearest(emb) == near).double().mean())
     return out
 
 
@@ -307,9 +310,8 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
     ``quiet``: no progress bars (default: bars only on a terminal; ``bar_stream``, stderr).
     ``original``: the module that runs the original (default ``model``; for an
     ``ExportedProgram``, its ``.module()``). Other keyword arguments go to ``optimize``."""
-    original = original if original is not None else (
-        model.module() if hasattr(model, "module") and not isinstance(model, torch.nn.Module)
-        else model)
+    if original is None:
+        original = model.module() if is_exported_program(model) else model
     if isinstance(data, (str, os.PathLike)):
         data = load_data(data, original)
     budgets = sorted({float(api.check_budget(b)) for b in budgets} | {1.0}, reverse=True)
@@ -322,11 +324,12 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
     bar = progress(steps * (1 + len(variants) * (len(budgets) - 1)), "sweep", quiet, bar_stream)
     ref = outputs(original, data, batch_size, bar)
     check_labels(data, ref)
+    near = None if is_classifier(ref, data) or len(ref) < 2 else _nearest(ref)
     base_speed = throughput(original, first, warmup, runs) if measure else None
     rows, seen = [], {}
 
     def row(label, budget, ratio, r, emb, speed):
-        kw = {k: v for k, v in scores(ref, emb, data).items() if k in _ROW_SCORES}
+        kw = {k: v for k, v in scores(ref, emb, data, near).items() if k in _ROW_SCORES}
         return Row(label, budget, ratio, r, items_per_s=speed,
                    speedup=None if speed is None else speed / base_speed, **kw)
 

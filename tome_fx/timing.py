@@ -39,7 +39,8 @@ def _sync(devices: set[torch.device]) -> None:
             torch.cuda.synchronize(d)
 
 
-def _call(fn: Callable, inputs):
+def call(fn: Callable, inputs):
+    """``fn(**inputs)`` for a dict of keyword inputs, else ``fn(*inputs)``."""
     return fn(**inputs) if isinstance(inputs, dict) else fn(*inputs)
 
 
@@ -58,7 +59,7 @@ def timings(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> 
         for i in range(warmup + runs):
             _sync(devices)
             t0 = time.perf_counter()
-            _call(fn, inputs)
+            call(fn, inputs)
             _sync(devices)
             if i >= warmup:
                 out.append(time.perf_counter() - t0)

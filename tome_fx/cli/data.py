@@ -55,9 +55,9 @@ def bar_factory(args, stream):
     return lambda total, desc: progress(total, desc, True if args.quiet else None, file=stream)
 
 
-def load(args, src, stream=None):
-    """The ``Data`` of ``--data`` for source ``src``, preprocessed as the model's config (or
-    ``--mean``/``--std``/``--input-size``) says."""
+def load(args, src, stream=None, path=None):
+    """The ``Data`` of ``--data`` (or of ``path``, all of it) for source ``src``, preprocessed
+    as the model's config (or ``--mean``/``--std``/``--input-size``) says."""
     from ..data import load_data
     from .sources import declared_size
 
@@ -65,8 +65,8 @@ def load(args, src, stream=None):
     if size is None and args.mean_values is not None and src.example_inputs:
         size = declared_size(src)  # a .pt2's recorded input size
     model_dir = src.name if os.path.isdir(src.name) else None
-    return load_data(args.data, src.model, mean=args.mean_values, std=args.std_values,
-                     input_size=size, model_dir=model_dir, limit=args.limit,
+    return load_data(path or args.data, src.model, mean=args.mean_values, std=args.std_values,
+                     input_size=size, model_dir=model_dir, limit=None if path else args.limit,
                      bar=bar_factory(args, stream or sys.stderr))
 
 

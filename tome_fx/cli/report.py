@@ -20,6 +20,7 @@ from ..api import check_calibration
 from ..pipeline import rewrite
 from ..schedule import parse_r
 from ..sweep import check_labels, main_output, outputs, scores
+from ..timing import call
 
 
 def count_params(module: nn.Module) -> int:
@@ -42,10 +43,6 @@ def fidelity(ref: Any, out: Any) -> dict:
     if a.dim() == 2 and a.shape[1] > 1:
         res["top1_agreement"] = float((a.argmax(-1) == b.argmax(-1)).double().mean())
     return res
-
-
-def _run(module, inputs):
-    return module(**inputs) if isinstance(inputs, dict) else module(*inputs)
 
 
 def data_fidelity(model, fast, data, batch_size: int = 64, bar=None) -> dict:
@@ -93,7 +90,7 @@ def build(target: Any, model: nn.Module, inputs, *, r: Any = None,
         measured = data_fidelity(model, fast, evaluate, bar=bar)
     else:
         with torch.no_grad():
-            measured = {"inputs": "random", **fidelity(_run(model, inputs), _run(fast, inputs))}
+            measured = {"inputs": "random", **fidelity(call(model, inputs), call(fast, inputs))}
     params = count_params(model), count_params(fast)
     data = {
         "source": None,

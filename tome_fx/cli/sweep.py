@@ -29,9 +29,7 @@ def run(args, load_source, stream) -> int:
     data = cli_data.load(args, src, stream)
     calibration = args.calib
     if args.calib_data:
-        saved, args.data, args.limit = (args.data, args.limit), args.calib_data, None
-        calib = cli_data.load(args, src, stream)
-        args.data, args.limit = saved
+        calib = cli_data.load(args, src, stream, path=args.calib_data)
         calibration = calib if args.calib == 0 or args.calib >= len(calib) else calib.split(args.calib)[0]
     result = sweep(src.target, data, wanted, chosen, calibration=calibration,
                    batch_size=args.batch_size or 64, measure=not args.no_throughput,
