@@ -199,3 +199,17 @@ def test_no_free_block_with_average_pooling():
     assert Calibration(cm).free_blocks() == frozenset()
     plan = tome_fx.plan(model, flops_budget=0.8, example_inputs=x)
     assert not any("unchanged" in n for n in plan.notes)
+
+
+def test_calibration_on_the_example_inputs_reuses_the_reference_run():
+    # optimize(calibration=x) makes x the example inputs too: the cost model already ran the
+    # unmerged graph on them, so the calibration must not run it again. Equal values in other
+    # tensors are other inputs (the reference is recomputed, and equals the cost model's).
+    _, _, cm = _zoo(ENCODER)
+    same = Calibration(cm, cm.inputs)
+    assert same.reference is cm.reference and same.inputs is cm.inputs
+    copied = tuple(t.clone() for t in cm.inputs[0]), dict(cm.inputs[1])
+    other = Calibration(cm, copied)
+    assert other.reference is not cm.reference
+    torch.testing.assert_close(other.reference, cm.reference)
+    assert same.drift([1] * cm.num_blocks) == other.drift([1] * cm.num_blocks)

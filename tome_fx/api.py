@@ -64,14 +64,15 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
                         prop_attn=prop_attn, drop=drop)
 
 
-def calibration_inputs(calibration: Any, model=None) -> Any:
-    """``calibration`` as example inputs: a ``Data`` (all of it, one batch), a path
-    (``load_data(path, model)``), or inputs as ``example_inputs`` takes them; None stays None."""
+def calibration_inputs(calibration: Any, example_inputs: Any, model=None) -> tuple[Any, Any]:
+    """(``calibration`` as inputs, the example inputs): a ``Data`` is all of it as one batch, a
+    path is ``load_data(path, model)``, inputs stay as they are, None stays None; the example
+    inputs are the calibration inputs where none are given."""
     if isinstance(calibration, (str, os.PathLike)):
         calibration = load_data(calibration, model)
     if isinstance(calibration, Data):
-        return calibration.inputs()
-    return calibration
+        calibration = calibration.inputs()
+    return calibration, calibration if example_inputs is None else example_inputs
 
 
 def check_calibration(captured: Captured, calibration: Any) -> tuple | None:
@@ -136,9 +137,7 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
       not taken from blocks that matter (``Plan.notes`` names them). Output drift is the
       fidelity proxy: the mean over the calibration samples of the cosine distance
       ``1 - cos(f, f_r)`` between the unmerged model's output ``f`` and the merged model's
-      ``f_r`` (token dimensions that merging shortens are averaged out). Pass real inputs as
-      ``example_inputs`` for a meaningful proxy; random inputs only measure how much the
-      schedule perturbs the function. The constant and decreasing schedules are in the family,
+      ``f_r`` (token dimensions that merging shortens are averaged out). The constant and decreasing schedules are in the family,
       so on the calibration inputs "auto" is never worse than either.
     * ``"auto"`` without ``calibration``: the data-free rule, the constant schedule with the free
       trailing blocks merging the most (``cost.search.DATA_FREE``; output drift on random
@@ -149,8 +148,7 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
     """
     check_budget(flops_budget)
     check_mode(unmerge)
-    calibration = calibration_inputs(calibration, model)
-    example_inputs = calibration if example_inputs is None else example_inputs
+    calibration, example_inputs = calibration_inputs(calibration, example_inputs, model)
     return plan_for_budget(capture(model, example_inputs), flops_budget, strategy, prop_attn,
                            drop, unmerge, calibration)[0]
 
@@ -213,8 +211,7 @@ def optimize(
     compile_options(compile)  # TypeError before the (slow) rewrite
     prop_attn_form(prop_attn)  # ValueError likewise
     check_mode(unmerge)
-    calibration = calibration_inputs(calibration, model)
-    example_inputs = calibration if example_inputs is None else example_inputs
+    calibration, example_inputs = calibration_inputs(calibration, example_inputs, model)
     if method == "tomato":
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
