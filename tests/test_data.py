@@ -196,3 +196,33 @@ def test_huggingface_image_processor_preprocesses(images, tmp_path, capsys):
                            "--calib", "4", "--budgets", "1,0.8", "--strategy", "constant",
                            "--no-throughput", "--quiet")
     assert code == 0 and "top-1 %" in out, err
+
+
+def test_text_classifier_is_scored_by_agreement(tmp_path):
+    # A HuggingFace text classifier returns .logits: its rows get top-1 agreement with the
+    # original's predictions (recomputed here), not nearest-neighbour agreement of embeddings.
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, num_labels=3,
+                                  initializer_range=0.5)  # spread logits: predictions differ
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(f"w{i}" for i in rng.integers(0, 40, size=40)) for _ in range(48)]
+    (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
+    data = tome_fx.load_data(tmp_path / "s.txt", model, tokenizer=tok)
+    res = tome_fx.sweep(model, data, budgets=(1, 0.65), strategies=("constant",), calibration=0,
+                        batch_size=8, measure=False, quiet=True)
+    row = res.rows[1]
+    assert row.nn_agreement is None and row.top1 is None
+    fast = tome_fx.optimize(model, flops_budget=0.65, strategy="constant",
+                            example_inputs=data.inputs(0, 2))
+    assert row.r == tuple(fast.tome.r) and sum(row.r) > 0
+    with torch.no_grad():
+        x = data.inputs()
+        pred = model(**x).logits.argmax(-1)
+        same = fast(**x).logits.argmax(-1) == pred
+    assert len(set(pred.tolist())) > 1  # the original does not predict one class for all
+    assert row.agreement == pytest.approx(100 * float(same.double().mean()))

@@ -193,14 +193,17 @@ def pooled(out: Any, inputs: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def outputs(module, data: Data, batch_size: int, bar=None) -> torch.Tensor:
-    """``pooled`` outputs of ``module`` over ``data``, in order: [N, D]."""
-    out = []
+def outputs(module, data: Data, batch_size: int, bar=None) -> tuple[torch.Tensor, bool]:
+    """(``pooled`` outputs of ``module`` over ``data``, in order, [N, D]; whether they are
+    ``.logits`` of one score vector per input: a HuggingFace classifier, text ones included)."""
+    out, logits = [], False
     for inputs, _ in data.batches(batch_size):
-        out.append(pooled(call(module, inputs), inputs))
+        y = call(module, inputs)
+        logits = isinstance(getattr(y, "logits", None), torch.Tensor) and y.logits.dim() == 2
+        out.append(pooled(y, inputs))
         if bar is not None:
             bar.update()
-    return torch.cat(out)
+    return torch.cat(out), logits
 
 
 def _nearest(e: torch.Tensor) -> torch.Tensor:
@@ -213,14 +216,15 @@ def _nearest(e: torch.Tensor) -> torch.Tensor:
     return torch.cat(found)
 
 
-def is_classifier(ref: torch.Tensor, data: Data) -> bool:
-    """Image model with one score per class: top-1 metrics; otherwise (embeddings, text)
-    nearest-neighbour agreement."""
-    return data.kind == "images" and ref.dim() == 2 and ref.shape[1] > 1
+def is_classifier(ref: torch.Tensor, data: Data, logits: bool = False) -> bool:
+    """One score per class, judged by top-1: an image model's [B, classes] output or a
+    classifier's ``.logits`` (``outputs``); otherwise (embeddings) nearest-neighbour agreement."""
+    return (logits or data.kind == "images") and ref.dim() == 2 and ref.shape[1] > 1
 
 
-def check_labels(data: Data, ref: torch.Tensor) -> None:
-    if data.labels is not None and is_classifier(ref, data) and int(data.labels.max()) >= ref.shape[1]:
+def check_labels(data: Data, ref: torch.Tensor, logits: bool = False) -> None:
+    if (data.labels is not None and is_classifier(ref, data, logits)
+            and int(data.labels.max()) >= ref.shape[1]):
         raise DataError(f"labels of {data.source} go up to {int(data.labels.max())}, but the "
                         f"model outputs {ref.shape[1]} classes")
 
@@ -229,14 +233,14 @@ _ROW_SCORES = ("cosine", "top1", "agreement", "nn_agreement", "right")
 
 
 def scores(ref: torch.Tensor, emb: torch.Tensor, data: Data,
-           ref_nearest: torch.Tensor | None = None) -> dict:
+           ref_nearest: torch.Tensor | None = None, logits: bool = False) -> dict:
     """Rewritten outputs ``emb`` against the original's ``ref`` (``outputs``, same inputs):
-    cosine (mean, min); for classifiers agreement % and, with labels, top-1 % of both and which
-    inputs the rewritten one gets right; else nearest-neighbour agreement % (``ref_nearest``:
-    ``ref``'s nearest neighbours, when already computed)."""
+    cosine (mean, min); for classifiers (``is_classifier``) agreement % and, with labels, top-1 %
+    of both and which inputs the rewritten one gets right; else nearest-neighbour agreement %
+    (``ref_nearest``: ``ref``'s nearest neighbours, when already computed)."""
     cos = F.cosine_similarity(emb.double(), ref.double(), dim=-1)
     out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
-    if is_classifier(ref, data):
+    if is_classifier(ref, data, logits):
         p = emb.argmax(-1)
         out["agreement"] = 100 * float((p == ref.argmax(-1)).double().mean())
         if data.labels is not None:
@@ -322,14 +326,14 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
     first = data.inputs(0, batch_size)
     steps = -(-len(data) // batch_size)
     bar = progress(steps * (1 + len(variants) * (len(budgets) - 1)), "sweep", quiet, bar_stream)
-    ref = outputs(original, data, batch_size, bar)
-    check_labels(data, ref)
-    near = None if is_classifier(ref, data) or len(ref) < 2 else _nearest(ref)
+    ref, logits = outputs(original, data, batch_size, bar)
+    check_labels(data, ref, logits)
+    near = None if is_classifier(ref, data, logits) or len(ref) < 2 else _nearest(ref)
     base_speed = throughput(original, first, warmup, runs) if measure else None
     rows, seen = [], {}
 
     def row(label, budget, ratio, r, emb, speed):
-        kw = {k: v for k, v in scores(ref, emb, data, near).items() if k in _ROW_SCORES}
+        kw = {k: v for k, v in scores(ref, emb, data, near, logits).items() if k in _ROW_SCORES}
         return Row(label, budget, ratio, r, items_per_s=speed,
                    speedup=None if speed is None else speed / base_speed, **kw)
 
@@ -341,7 +345,7 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
             plan = fast.tome
             key = (tuple(plan.r), repr(sorted((k, v) for k, v in kw.items() if k != "strategy")))
             if key not in seen:  # same schedule, same rewrite: same outputs
-                seen[key] = outputs(fast, data, batch_size, bar)
+                seen[key] = outputs(fast, data, batch_size, bar)[0]
             else:
                 bar.update(steps)
             speed = throughput(fast, first, warmup, runs) if measure else None

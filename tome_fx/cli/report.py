@@ -50,9 +50,10 @@ def data_fidelity(model, fast, data, batch_size: int = 64, bar=None) -> dict:
     labels, top-1 of both models too."""
     steps = -(-len(data) // batch_size)
     with bar(2 * steps, "fidelity") if bar else contextlib.nullcontext() as b:
-        ref, emb = outputs(model, data, batch_size, b), outputs(fast, data, batch_size, b)
-    check_labels(data, ref)
-    got = scores(ref, emb, data)
+        ref, logits = outputs(model, data, batch_size, b)
+        emb = outputs(fast, data, batch_size, b)[0]
+    check_labels(data, ref, logits)
+    got = scores(ref, emb, data, logits=logits)
     res = {"inputs": f"real ({data.source})", "samples": len(data), "cosine_mean": got["cosine"],
            "cosine_min": got["cosine_min"], "top1_agreement": None}
     if "agreement" in got:
