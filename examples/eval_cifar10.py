@@ -97,8 +97,8 @@ def main(argv=None) -> tome_fx.SweepResult:
         sys.exit(f"eval_cifar10: {cv.missing_reason()}")
     else:
         result = run(args)
-        command = " ".join(["python", "examples/eval_cifar10.py", *sys.argv[1:]] if argv is None
-                           else ["python", "examples/eval_cifar10.py", *argv])
+        command = " ".join(["python", "examples/eval_cifar10.py",
+                            *(sys.argv[1:] if argv is None else argv)])
         info = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine()}
     command = info["command"]

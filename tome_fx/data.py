@@ -92,8 +92,8 @@ def load_data(path, model=None, *, mean=None, std=None, input_size=None, model_d
     """Read ``path``: a folder of images (class sub-folders give labels, as torchvision's
     ``ImageFolder``; a flat folder has none), a ``.npz`` with ``images`` (uint8 ``[N, H, W, C]``)
     and optional ``labels``, or a ``.txt`` file of one sentence per line for a HuggingFace text
-    model (tokenised with ``tokenizer``, a transformers tokenizer, or the one in ``model_dir``). ``mean``/``std``/``input_size`` (C, H, W) override
-    or stand in for the model's config. ``limit`` keeps the first N items; ``bar(total, desc)``
+    model (tokenised with ``tokenizer``, a transformers tokenizer, or the one in ``model_dir``).
+    ``mean``/``std``/``input_size`` (C, H, W) override or stand in for the model's config. ``limit`` keeps the first N items; ``bar(total, desc)``
     makes a progress bar (tqdm) for decoding."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -249,11 +249,11 @@ def _text(path: str, tokenizer, limit) -> Data:
         raise DataError(f"cannot read {path} as UTF-8 text: {one_line(exc)}") from exc
     if not texts:
         raise DataError(f"no sentences in {path} (one per line expected)")
+    if tokenizer is None:
+        raise DataError("a text file needs the model's tokenizer: pass tokenizer= (or "
+                        "model_dir=, a HuggingFace directory)")
     tok = tokenizer
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        if tokenizer is None:
-            raise DataError("a text file needs the model's tokenizer: pass tokenizer= (or "
-                            "model_dir=, a HuggingFace directory)")
+    if isinstance(tokenizer, (str, os.PathLike)):
         try:
             from transformers import AutoTokenizer
 

@@ -23,14 +23,13 @@ def run(args, load_source, stream) -> int:
     wanted = budgets(args.budgets)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     src = load_source(args)
     data = cli_data.load(args, src, stream)
     calibration = args.calib
     if args.calib_data:
         calib = cli_data.load(args, src, stream, path=args.calib_data)
-        calibration = calib if args.calib == 0 or args.calib >= len(calib) else calib.split(args.calib)[0]
+        keep_all = args.calib == 0 or args.calib >= len(calib)
+        calibration = calib if keep_all else calib.split(args.calib)[0]
     result = sweep(src.target, data, wanted, chosen, calibration=calibration,
                    batch_size=args.batch_size or 64, measure=not args.no_throughput,
                    warmup=args.warmup, runs=args.runs, quiet=True if args.quiet else None,
