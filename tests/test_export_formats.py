@@ -29,8 +29,8 @@ def _images(size):
 
 def _bert_inputs(batch):
     """Token ids and a padding mask: one sample padded after 18 tokens, and (batch 3) one whose
-    only non-protected real token is in set A with no real partner in set B, so a block with
-    r = |A| merges one pair fewer (r is data-dependent)."""
+    only non-protected real token is in set A with no real partner in set B: it merges none
+    of its real tokens, while the others merge by their own counts."""
     ids = torch.randint(0, 100, (batch, 24))
     mask = torch.ones(batch, 24, dtype=torch.long)
     mask[1, 18:] = 0
@@ -91,21 +91,21 @@ def _ort_run(path, names, inputs):
 
 
 def _merged_per_call(module, inputs):
-    """(r asked, pairs merged) of each bipartite matching while ``module`` runs ``inputs``."""
+    """(r asked, tokens each sample loses) of each merge while ``module`` runs ``inputs``."""
     from tome_fx.kernels import tome as kernel
 
-    calls, match = [], kernel.bipartite_match
+    calls, match = [], kernel.match_tokens
 
-    def spy(metric, r, prefix, groups=None):
-        out = match(metric, r, prefix, groups)
-        calls.append((r, out[1].shape[1]))
-        return out
+    def spy(n, keys, r, *args):
+        plan = match(n, keys, r, *args)
+        calls.append((r, 0 if plan is None else plan[1].shape[1]))
+        return plan
 
-    kernel.bipartite_match = spy
+    kernel.match_tokens = spy
     try:
         _call(module, inputs)
     finally:
-        kernel.bipartite_match = match
+        kernel.match_tokens = match
     return calls
 
 
@@ -129,8 +129,8 @@ def test_onnx_matches_the_rewritten_module(name, tmp_path):
     inputs = _inputs(name, 3)
     session, got = _ort_run(path, result.inputs, inputs)
     assert _max_diff(got, _tensors(_call(fast, inputs))) <= TOL
-    if name == "hf_bert_padding_mask":  # those inputs make r data-dependent: 11 asked, 10 merged
-        assert _merged_per_call(fast, inputs)[0] == (11, 10)
+    if name == "hf_bert_padding_mask":  # 11 asked; sample 2 merges none of its 2 real tokens,
+        assert _merged_per_call(fast, inputs)[0] == (11, 11)  # its padding fills the batch
     assert all(isinstance(i.shape[0], str) for i in session.get_inputs())  # batch is symbolic
     assert result.outputs == (("logits",) if name.startswith("hf") else ("output",))
 

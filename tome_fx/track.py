@@ -19,16 +19,19 @@ import torch.fx as fx
 
 from . import graph as gu
 from .kernels.tomato import component_slots, tomato_labels, tomato_merge
-from .kernels.tome import match_tokens, merged_layout, tome_merge
+from .kernels.tome import match_tokens, tome_merge
 
 
-def merge_sources(sources: torch.Tensor, prefix: int, unm, src, dst) -> torch.Tensor:
-    """Apply a matching (``kernels.tome.bipartite_match``'s indices) to a source map: merged
-    A rows are added to their B partners' rows."""
-    kept, unmerged, b = merged_layout(sources, prefix, unm)
-    merged = merged_layout(sources, prefix, src)[1]  # the merged A rows, as gathered
-    b = b.scatter_add(1, dst[..., None].expand(-1, -1, sources.shape[-1]), merged)
-    return torch.cat([kept, unmerged, b], dim=1)
+def merge_sources(sources: torch.Tensor, plan) -> torch.Tensor:
+    """Apply a merge plan (``kernels.tome.bipartite_plan``) to a source map: merged rows are
+    added to the rows of their slots."""
+    keep, src, dst, live = plan
+
+    def rows(index):
+        return sources.gather(1, index[..., None].expand(-1, -1, sources.shape[-1]))
+
+    moved = rows(src) if live is None else rows(src) * live[..., None].to(sources.dtype)
+    return rows(keep).scatter_add(1, dst[..., None].expand_as(moved), moved)
 
 
 def component_sources(sources: torch.Tensor, prefix: int, labels, n_out) -> torch.Tensor:
@@ -42,9 +45,9 @@ def component_sources(sources: torch.Tensor, prefix: int, labels, n_out) -> torc
 
 
 def _tome(sources, a):
-    match = match_tokens(a["x"].shape[1], a["keys"], a["r"], a["prefix"], a["keys_transposed"],
-                         a["origin"], a["groups"], a["start"])
-    return sources if match is None else merge_sources(sources, a["prefix"], *match)
+    plan = match_tokens(a["x"].shape[1], a["keys"], a["r"], a["prefix"], a["keys_transposed"],
+                        a["origin"], a["groups"], a["start"], a["pad"])
+    return sources if plan is None else merge_sources(sources, plan)
 
 
 def _tomato(sources, a):

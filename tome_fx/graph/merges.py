@@ -32,6 +32,11 @@ def _position(node: Node, name: str) -> int:
     return list(inspect.signature(node.target).parameters).index(name)
 
 
+def takes_arg(node: Node, name: str) -> bool:
+    """Whether the merge's kernel has an argument ``name`` (methods' kernels differ)."""
+    return name in inspect.signature(node.target).parameters
+
+
 def merge_arg(node: Node, name: str, default: Any = None) -> Any:
     i = _position(node, name)
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)

@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "aten", "SDPA", "SOFTMAX", "MATMUL", "ADD", "SCALE", "CAST", "TRANSPOSE", "CAT", "LINEAR_FUNCS",
+    "aten", "SDPA", "SOFTMAX", "MATMUL", "ADD", "MASKED_FILL", "SCALE", "CAST", "TRANSPOSE", "CAT", "LINEAR_FUNCS",
     "CONV_FUNCS", "DROPOUT_FUNCS", "NORM_FUNCS", "NORM_MODULES", "LINEAR_MODULES", "CONV_MODULES",
     "DROPOUT_MODULES", "module_of", "packet", "is_call", "is_sdpa", "is_softmax", "is_matmul",
-    "is_add", "is_norm", "is_linear", "is_conv", "is_dropout", "arg", "set_arg", "is_meta",
+    "is_add", "is_masked_fill", "is_norm", "is_linear", "is_conv", "is_dropout", "arg", "set_arg", "is_meta",
 ]
 
 Node = fx.Node
@@ -29,6 +29,7 @@ SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm,
           aten.matmul, aten.bmm}
 ADD = {operator.add, operator.iadd, torch.add, torch.Tensor.add, aten.add}
+MASKED_FILL = {torch.Tensor.masked_fill, torch.masked_fill, aten.masked_fill}
 SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, aten.mul, aten.div}
 CAST = {aten.to, aten._to_copy, aten.type_as, aten.contiguous, aten.clone, aten.alias}
 TRANSPOSE = {torch.transpose, aten.transpose}
@@ -79,6 +80,10 @@ def is_matmul(node: Node) -> bool:
 
 def is_add(node: Node) -> bool:
     return is_call(node, ADD, ("add", "__add__"))
+
+
+def is_masked_fill(node: Node) -> bool:
+    return is_call(node, MASKED_FILL, ("masked_fill",))
 
 
 def is_norm(gm: fx.GraphModule, node: Node) -> bool:

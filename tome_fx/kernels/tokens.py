@@ -35,6 +35,23 @@ def token_groups(*masks):
 
 
 @fx.wrap
+def key_padding(mask, fill=None):
+    """[B, N] bool: the keys an attention mask hides from every query of a sample (padding).
+
+    ``mask`` broadcasts to the logits [B, ..., Nq, N]: an SDPA ``attn_mask`` (bool, True =
+    attend) or an additive one (float: masked at -1e4 and below, BERT's -10000 and HF's
+    ``finfo.min``); with ``fill``, the condition of ``logits.masked_fill(mask, fill)``.
+    """
+    if fill is not None:
+        off = mask.bool() if fill <= -1e4 else torch.zeros_like(mask, dtype=torch.bool)
+    elif mask.dtype == torch.bool:
+        off = ~mask
+    else:
+        off = mask <= -1e4
+    return off.reshape(off.shape[0], -1, off.shape[-1]).all(dim=1)
+
+
+@fx.wrap
 def follow_tokens(t, origin, dims: tuple):
     """Re-index a token-aligned side tensor (original token layout, batch at dim 0 or
     broadcast) to the merged layout: gather each of ``dims`` with ``origin`` [B, N']."""

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from .. import graph as gu
-from ..kernels.tokens import follow_tokens, token_groups
+from ..kernels.tokens import follow_tokens, key_padding, token_groups
 from .base import Context, PassResult, finish, inserted
 
 Node = fx.Node
@@ -104,6 +104,22 @@ def _close(a, b) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
 
 
+def _padding(graph: fx.Graph, core, side: set) -> Node | None:
+    """A node holding which original tokens are padding ([B, N] bool), read off the first
+    attention's mask, which sees the original token layout (None: no padding mask there)."""
+    mask, fill = core.mask, None
+    if not isinstance(mask, Node) or mask not in side:
+        return None
+    if core.kind == "softmax" and gu.is_masked_fill(core.logits):
+        fill = core.logits.args[2] if len(core.logits.args) > 2 else None
+        if not isinstance(fill, (int, float)):
+            return None
+    elif core.kind == "softmax" and not gu.is_add(core.logits):
+        return None
+    with graph.inserting_after(mask):
+        return inserted(graph.call_function(key_padding, (mask, fill)), "padding")
+
+
 def follow_side_tensors(ctx: Context) -> PassResult:
     """Make the merges group-aware and re-index side tensors where they meet merged tokens."""
     info, gm = Followed(), ctx.gm
@@ -164,11 +180,14 @@ def follow_side_tensors(ctx: Context) -> PassResult:
     ordered = [p for p in aligned if p in sources]
     with graph.inserting_after(last_ph):
         info.groups = inserted(graph.call_function(token_groups, tuple(ordered)), "groups")
+    pad = _padding(graph, ctx.matches.blocks[0].core, side)
     origin = None
     origins = []
     for m in merges:
         gu.set_merge_arg(m, "origin", origin)
         gu.set_merge_arg(m, "groups", info.groups)
+        if gu.takes_arg(m, "pad"):
+            gu.set_merge_arg(m, "pad", pad)
         with graph.inserting_after(m):
             origin = inserted(graph.call_function(operator.getitem, (m, 2)), "origin")
         origins.append(origin)

@@ -1,7 +1,7 @@
 """Unmerge: merged tokens go back to the original token layout where the graph needs it.
 
 Each ToMe merge can also return where each of its input tokens went (``kernels.tome.
-merge_where``); ``tome_unmerge`` composes the maps of the merges upstream of a tensor and
+plan_where``); ``tome_unmerge`` composes the maps of the merges upstream of a tensor and
 copies every merged token back to each original position it stands for (ToMeSD). Protected
 prefix tokens keep their own positions. The pipeline chooses the places (``Edge``): graph
 outputs that keep a token dimension, and layout ops that fold the token dimension into a grid;
@@ -63,7 +63,7 @@ def _fits(ctx: Context, src: fx.Node, edge: "Edge") -> bool:
 
 
 def _where(graph: fx.Graph, merge: fx.Node) -> fx.Node:
-    """The merge's ``merge_where`` output (asked for once)."""
+    """The merge's ``plan_where`` output (asked for once)."""
     found = next((u for u in merge.users if u.meta.get("tome", {}).get("role") == "where"), None)
     if found is not None:
         return found
