@@ -243,20 +243,20 @@ def test_token_count_links():
 
 
 def test_diffusers_unet_budget_is_a_warning_not_an_internal_error():
-    """A UNet's transformer blocks sit at two token counts (16x16 and 8x8 latents) and every
+    """A UNet's transformer blocks sit at two token counts (8x8 and 4x4 latents) and every
     merge is refused (merged tokens would reach the text cross-attention's queries, or fold into
     the grid): flops_budget ends in the usual warning, with the model's output unchanged."""
     diffusers = pytest.importorskip("diffusers", reason="the UNet case needs diffusers (dev extra)")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=8, up_block_types=("UpBlock2D", "UpBlock2D"),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")).eval()
-    x = (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 4, 32))
+    x = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 4, 32))
     with pytest.warns(UserWarning, match=r"^flops_budget=0.5 is not met"):
         fast = tome_fx.optimize(unet, flops_budget=0.5, example_inputs=x)
     plan = fast.tome
-    assert [b.tokens_in for b in plan.blocks] == [256, 64] and plan.r == [0, 0]
+    assert [b.tokens_in for b in plan.blocks] == [64, 16] and plan.r == [0, 0]
     attn1 = [s.reason for s in plan.skipped if "attn1" in s.site]
     assert len(attn1) == 2 and all("cross-attention" in r or "folds" in r for r in attn1), attn1
     with torch.no_grad():
