@@ -278,11 +278,10 @@ FAMILIES = [
     family("hf-dinov2", _hf("Dinov2Model", "Dinov2Config", **HF, image_size=64, patch_size=8),
            _images(64), "rewritten", prefix=1, budget=0.8),
     # HF puts the registers after the class token once position embeddings are added
-    # (cat(x[:, :1], registers, x[:, 1:])): only the class token is found to protect (the pooler
-    # reads it), the registers merge like patch tokens (timm's registers are protected)
+    # (cat(x[:, :1], registers, x[:, 1:])): both are protected, as timm's (1 + 4 registers)
     family("hf-dinov2-registers", _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
                                       **HF, image_size=64, patch_size=8, num_register_tokens=4),
-           _images(64), "rewritten", prefix=1, budget=0.8),
+           _images(64), "rewritten", prefix=5, budget=0.8),
     family("hf-siglip_vision-probe_pool", _hf("SiglipVisionModel", "SiglipVisionConfig", **HF,
                                               image_size=64, patch_size=8),
            _images(64), "rewritten", prefix=0, budget=0.8),

@@ -73,6 +73,55 @@ class Encoder(nn.Module):
         return self.head(x[:, self.read_token] if self.pool == "cls" else x.mean(dim=1))
 
 
+class RegistersAfterClass(Encoder):
+    """Class token, position table, then register tokens inserted after the class token, as HF
+    DINOv2 with registers does: ``cat(x[:, :1], registers, x[:, 1:])``."""
+
+    def __init__(self, registers=4, patches=16, dim=32, depth=3):
+        super().__init__(lambda d: SoftmaxAttention(d, 4), dim, depth)
+        self.pos = nn.Parameter(torch.randn(1, patches + 1, dim))
+        self.registers = nn.Parameter(torch.randn(1, registers, dim))
+        self.num_prefix_tokens = 1 + registers
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = torch.cat([x[:, :1], self.registers.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class TwoStage(nn.Module):
+    """Two stages of blocks at different token counts (a pyramid, a UNet's levels): 8x8 patches,
+    a strided convolution on the folded grid, then 4x4; a head on the token mean."""
+
+    def __init__(self, dim=32, depth=2):
+        super().__init__()
+        self.embed, self.down = nn.Conv2d(3, dim, 4, 4), nn.Conv2d(dim, dim, 2, 2)
+        self.stage1 = nn.Sequential(*[Block(SoftmaxAttention(dim, 4), dim) for _ in range(depth)])
+        self.stage2 = nn.Sequential(*[Block(SoftmaxAttention(dim, 4), dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):  # x: [B, 3, 32, 32]
+        x = self.embed(x)
+        t = self.stage1(x.flatten(2).transpose(1, 2))
+        x = t.transpose(1, 2).reshape(x.shape[0], -1, 8, 8)
+        return self.head(self.stage2(self.down(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+class TextReadout(nn.Module):
+    """A class-token encoder over 16-d 'patches' whose head also reads a second input (text
+    tokens) through a learned query: that attention's keys are never merged tokens."""
+
+    def __init__(self, dim=32, depth=2):
+        super().__init__()
+        self.encoder = explicit_softmax_encoder(dim=dim, depth=depth, classes=dim)
+        self.query = nn.Parameter(torch.randn(1, 1, dim))
+
+    def forward(self, x, text):  # x: [B, N, 16], text: [B, T, dim]
+        q = self.query.expand(x.shape[0], -1, -1)
+        return self.encoder(x) + F.scaled_dot_product_attention(q, text, text)[:, 0]
+
+
 def explicit_softmax_encoder(**kw):
     return Encoder(lambda d: SoftmaxAttention(d, 4), **kw)
 

@@ -22,6 +22,7 @@ from tome_fx.api import rewrite
 from tome_fx.capture import capture
 from tome_fx.cost import Calibration, CostModel, search
 from tome_fx.kernels import tome as ops
+from models import TwoStage
 
 def _counted(module, inputs) -> int:
     return counted_flops(module, *(inputs if isinstance(inputs, tuple) else (inputs,)))
@@ -213,3 +214,50 @@ def test_calibration_on_the_example_inputs_reuses_the_reference_run():
     assert other.reference is not cm.reference
     torch.testing.assert_close(other.reference, cm.reference)
     assert same.drift([1] * cm.num_blocks) == other.drift([1] * cm.num_blocks)
+
+
+def test_blocks_at_different_token_counts_are_priced():
+    """Two stages (64 then 16 tokens): the first stage's merges are switched off (its tokens
+    fold into a grid), the second merges; the prediction is the counted FLOPs and the budget
+    is met (the closed form used to expect 64 tokens in stage 2: a RuntimeError)."""
+    torch.manual_seed(0)
+    model, x = TwoStage().eval(), torch.randn(2, 3, 32, 32)
+    fast = tome_fx.optimize(model, flops_budget=0.96, example_inputs=(x,))
+    plan = fast.tome
+    assert [b.tokens_in for b in plan.blocks][:3] == [64, 64, 16]
+    assert plan.r[:2] == [0, 0] and plan.r[2] > 0 and plan.blocks[3].tokens_in == 16 - plan.r[2]
+    assert plan.flops == _counted(fast, x) and 0.95 <= plan.flops / _counted(model, x) <= 0.96
+    with pytest.raises(ValueError, match=r"^flops_budget=0.5 is below the smallest reachable"):
+        tome_fx.optimize(model, flops_budget=0.5, example_inputs=(x,))
+
+
+def test_token_count_links():
+    """Which earlier block's tokens enter each block, from the counts without merging and at the
+    most merging; a count no link explains is a reason, not an exception."""
+    from tome_fx.cost.model import _links
+
+    assert _links((64, 64, 16, 16), (64, 60, 16, 12), (4, 0, 4, 4)) == (-1, 0, -1, 2)
+    assert _links((8, 8), (8, 8), (0, 0)) == (-1, 0)
+    why = _links((64, 64), (64, 50), (4, 4))
+    assert isinstance(why, str) and why.startswith("the cost model cannot price merging: block 1")
+
+
+def test_diffusers_unet_budget_is_a_warning_not_an_internal_error():
+    """A UNet's transformer blocks sit at two token counts (8x8 and 4x4 latents) and every
+    merge is refused (merged tokens would reach the text cross-attention's queries, or fold into
+    the grid): flops_budget ends in the usual warning, with the model's output unchanged."""
+    diffusers = pytest.importorskip("diffusers", reason="the UNet case needs diffusers (dev extra)")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8, up_block_types=("UpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")).eval()
+    x = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 4, 32))
+    with pytest.warns(UserWarning, match=r"^flops_budget=0.5 is not met"):
+        fast = tome_fx.optimize(unet, flops_budget=0.5, example_inputs=x)
+    plan = fast.tome
+    assert [b.tokens_in for b in plan.blocks] == [64, 16] and plan.r == [0, 0]
+    attn1 = [s.reason for s in plan.skipped if "attn1" in s.site]
+    assert len(attn1) == 2 and all("cross-attention" in r or "folds" in r for r in attn1), attn1
+    with torch.no_grad():
+        assert (fast(*x).sample - unet(*x).sample).abs().max() <= 1e-5

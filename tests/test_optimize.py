@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import tome_fx
 from cases import case, timm_model
-from models import (CausalSelfAttention, Encoder, MHAEncoder, NoAttention, RelPosBiasAttention,
-                    SoftmaxAttention, TinyTransformer, Untraceable)
+from models import (CausalSelfAttention, Encoder, MHAEncoder, NoAttention, RegistersAfterClass,
+                    RelPosBiasAttention, SoftmaxAttention, TinyTransformer, Untraceable)
 
 
 # registry cases (tests/cases.py) this file runs the core checks on
@@ -80,6 +80,21 @@ def test_merging_is_sane(name):
     for s in rec.sizes:
         assert (s[:, :prefix] == 1).all()  # protected tokens never merge
         assert torch.allclose(s.sum(dim=1), torch.full((x.shape[0], 1), float(n0)))  # sizes conserve tokens
+
+
+def test_registers_inserted_after_the_class_token_are_protected():
+    """Parameter tokens form the protected prefix wherever they are concatenated, as long as they
+    lead: class token, then registers cut in after it (HF DINOv2's layout)."""
+    torch.manual_seed(0)
+    model, x = RegistersAfterClass(registers=4).eval(), torch.randn(2, 16, 16)
+    fast = tome_fx.optimize(model, r=0, example_inputs=(x,))
+    assert fast.tome.protected == 5 and fast.tome.frontend == "fx"
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max().item() <= 1e-5
+    rec = SizeRecorder(tome_fx.optimize(model, r=3, example_inputs=(x,)))
+    with torch.no_grad():
+        rec.run(x)
+    assert rec.sizes and all((s[:, :5] == 1).all() for s in rec.sizes)  # registers never merge
 
 
 def test_avg_pool_is_size_weighted():

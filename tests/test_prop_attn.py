@@ -120,3 +120,20 @@ def test_fold_runs_a_mask_free_fused_kernel_on_cuda():
         fold(x)
     names = " ".join(e.name for e in prof.events()).lower()
     assert "flash" in names or "cudnn" in names or "fmha" in names, names[:2000]
+
+
+def test_only_attention_over_merged_keys_gets_the_size_term():
+    """An attention whose keys are another input (a text readout after the merged encoder)
+    gets no log(size): the merges stay on, and the readout is the original's at r=0."""
+    from models import TextReadout
+
+    torch.manual_seed(0)
+    model = TextReadout().eval()
+    x, text = torch.randn(2, 16, 16), torch.randn(2, 5, 32)
+    fast = tome_fx.optimize(model, r=2, example_inputs=(x, text))
+    assert fast.tome.skipped == () and fast.tome_counts["merges"] >= 1
+    assert fast.tome_counts["size_bias"] == len(fast.tome.blocks) - 1  # the encoder's, not the readout
+    with torch.no_grad():
+        same = tome_fx.optimize(model, r=0, example_inputs=(x, text))
+        assert (same(x, text) - model(x, text)).abs().max() <= 1e-5
+        assert torch.isfinite(fast(x, text)).all()

@@ -279,25 +279,12 @@ def _block(gm, index: int, core: Core, shapes) -> Block:
 
 
 def find_prefix(gm, stream_in: Node, shapes, dependent: set, token_dim: int) -> int:
-    """Protected prefix: tokens concatenated in front of the input-derived tokens."""
-    node = stream_in
-    for _ in range(40):
-        if gu.is_call(node, gu.CAT):
-            tensors = node.args[0]
-            dim = gu.arg(node, 1, "dim", 0)
-            if dim % 3 != token_dim:
-                return 0
-            p = 0
-            for t in tensors:
-                if t in dependent:
-                    return p
-                p += shapes[t][token_dim]
-            return 0
-        ins = [i for i in node.all_input_nodes if i in dependent and shapes.get(i) == shapes.get(node)]
-        if len(ins) != 1:
-            return 0
-        node = ins[0]
-    return 0
+    """Protected prefix: the leading run of tokens of the first block's stream that do not
+    come from the input (class, distillation and register tokens: parameters concatenated
+    along the tokens), wherever they are concatenated (HF DINOv2 inserts its registers after
+    the class token: ``cat(x[:, :1], registers, x[:, 1:])``)."""
+    lead = gu.fixed_lead(stream_in, shapes, dependent, token_dim)
+    return lead if lead < shapes[stream_in][token_dim] else 0  # no input tokens: nothing to say
 
 
 _MASKING = ({torch.where}, ("masked_fill", "masked_fill_"))

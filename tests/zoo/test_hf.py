@@ -350,6 +350,20 @@ def test_tomato_finds_the_patch_grid_on_export_graphs():
         assert (inf(*x).logits - model(*x).logits).abs().max() <= 1e-5
 
 
+def test_dinov2_registers_are_protected_like_timm():
+    """HF inserts the registers after the class token once position embeddings are added; they
+    are protected with it (1 + num_register_tokens), as timm's ``num_prefix_tokens``."""
+    from cases import case
+
+    model, x, _ = case("hf-dinov2-registers")
+    fast = tome_fx.optimize(model, r=0, example_inputs=x)
+    assert fast.tome.protected == 1 + model.config.num_register_tokens == 5
+    with torch.no_grad():
+        ref, out = model(*x), fast(*x)
+    assert (out.last_hidden_state - ref.last_hidden_state).abs().max() <= 1e-5
+    assert (out.pooler_output - ref.pooler_output).abs().max() <= 1e-5
+
+
 def test_unmet_budget_warns_and_returns_the_model_unchanged():
     """Every attention of this Data2Vec has a learned relative position bias: no block can
     merge, so flops_budget=0.5 cannot be met; optimize says so and returns the model as is."""

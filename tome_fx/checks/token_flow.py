@@ -67,7 +67,6 @@ _LAYOUT_FUNCS |= {
     _A.view, _A.reshape, _A._unsafe_view, _A.permute, _A.transpose, _A.flatten, _A.unflatten,
     _A.unsqueeze, _A.squeeze, _A.expand, _A.chunk, _A.split, _A.split_with_sizes, _A.unbind,
 }
-_INDEX_FUNCS = {_A.select, _A.slice}
 _EXTREMES = {torch.max, torch.min, torch.amax, torch.amin, torch.argmax, torch.argmin,
              torch.logsumexp, _A.max, _A.min, _A.amax, _A.amin, _A.argmax, _A.argmin, _A.logsumexp}
 
@@ -155,23 +154,6 @@ def _fixed_table(node: Node, shapes: dict, dep: set) -> str | None:
                     "table that does not depend on the input (rotary or position embedding, "
                     "position bias): merged tokens have no single position")
     return None
-
-
-def _index_entry(idx, ndim: int, tdim: int):
-    """The index entry applied to input dimension ``tdim`` of a getitem, or 'unsupported'."""
-    if not isinstance(idx, tuple):
-        idx = (idx,)
-    if any(isinstance(i, (Node, torch.Tensor, list)) for i in idx):
-        return "unsupported"
-    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    expanded = []
-    for i in idx:
-        if i is Ellipsis:
-            expanded.extend([slice(None)] * (ndim - consumed))
-        else:
-            expanded.append(i)
-    dims = [i for i in expanded if i is not None]
-    return dims[tdim] if tdim < len(dims) else slice(None)
 
 
 def check_token_flow(ctx: Context) -> Flow:
@@ -298,10 +280,8 @@ def classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | 
                 gu.is_tensor_shape(o) and in_shape[tin[0]] in o for o in outs
             )
         return None if ok else f"{name} folds or splits the token dimension ({n.name})"
-    if n.op == "call_function" and n.target is operator.getitem:
-        return _check_index(n, src, ndim, tin, prefix, offset, flow.reads)
-    if gu.is_call(n, _INDEX_FUNCS) and n.args[0] is src:
-        return _check_index(n, src, ndim, tin, prefix, offset, flow.reads, _aten_index(n, in_shape))
+    if gu.is_index(n) and (n.target is operator.getitem or n.args[0] is src):
+        return _check_index(n, src, in_shape, tin, prefix, offset, flow.reads)
     if gu.is_call(n, {torch.mean, torch.sum, _A.mean, _A.sum}, ("mean", "sum")):
         dim = gu.arg(n, 1, "dim", None)
         dims = tuple(range(ndim)) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
@@ -331,28 +311,12 @@ def classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | 
     return f"unsupported op {name} on merged tokens ({n.name})"
 
 
-def _aten_index(n, in_shape) -> tuple:
-    """``aten.select``/``aten.slice`` as the equivalent getitem index tuple. A slice end at or
-    past the dimension's size (export bakes ``x[:, 1:]`` as ``end=N`` or INT64_MAX) is open."""
-    ndim = len(in_shape)
-    dim = gu.arg(n, 1, "dim", 0) % ndim
-    if gu.packet(n) is _A.select:
-        entry = gu.arg(n, 2, "index")
-    else:
-        start, end = gu.arg(n, 2, "start", None), gu.arg(n, 3, "end", None)
-        if isinstance(end, int) and end >= in_shape[dim]:
-            end = None
-        entry = slice(start, end, gu.arg(n, 4, "step", 1))
-    return (slice(None),) * dim + (entry,)
-
-
-def _check_index(n, src, ndim, tin, prefix, offset, reads: set, idx=None) -> str | None:
+def _check_index(n, src, in_shape, tin, prefix, offset, reads: set) -> str | None:
     """Reads by position are safe inside the protected prefix; positions read beyond it are
-    collected in ``reads`` so the caller can grow the prefix over them. ``idx`` is the
-    getitem-style index of an ATen select/slice."""
+    collected in ``reads`` so the caller can grow the prefix over them."""
     if len(tin) != 1:
         return f"indexing a tensor with several token dimensions ({n.name})"
-    entry = _index_entry(n.args[1] if idx is None else idx, ndim, tin[0])
+    entry = gu.index_entry(n, in_shape, tin[0])
     base = offset.get(src, 0)
     if isinstance(entry, int):
         if 0 <= entry and base + entry < prefix:

@@ -64,17 +64,24 @@ def known_flops(gm: fx.GraphModule, n: fx.Node, args, kwargs, out) -> int | None
 
 
 class FlopRun(fx.Interpreter):
-    """Runs a rewritten graph; records FLOPs per node (``count``) and each ToMe merge's
-    (tokens, batch, key dimension)."""
+    """Runs a rewritten graph; records FLOPs per node (``count``), each ToMe merge's
+    (tokens, batch, key dimension), and the size of each ``watch`` node along its dimension."""
 
-    def __init__(self, gm: fx.GraphModule, count: bool = True):
+    def __init__(self, gm: fx.GraphModule, count: bool = True, watch: dict | None = None):
         super().__init__(gm)
-        self.count = count
+        self.count, self.watch = count, watch or {}
+        self.sizes: dict[fx.Node, int] = {}
         self.flops: dict[fx.Node, int] = {}
         self.merges: dict[fx.Node, tuple[int, int, int]] = {}  # node -> (tokens, batch, dim)
         self.result: Any = None  # the graph's output
 
     def run_node(self, n: fx.Node) -> Any:
+        out = self._node(n)
+        if n in self.watch:
+            self.sizes[n] = out.shape[self.watch[n]]
+        return out
+
+    def _node(self, n: fx.Node) -> Any:
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
         call = lambda: getattr(self, n.op)(n.target, args, kwargs)  # noqa: E731
@@ -100,10 +107,11 @@ class FlopRun(fx.Interpreter):
         return out
 
 
-def run_flops(gm: fx.GraphModule, inputs: tuple, r=None, count: bool = True) -> FlopRun:
+def run_flops(gm: fx.GraphModule, inputs: tuple, r=None, count: bool = True,
+              watch: dict | None = None) -> FlopRun:
     """``FlopRun`` of ``gm`` on ``inputs`` = (args, kwargs), every merge at ``r`` (an int, a
-    dict merge -> r, or None: as the graph has it)."""
-    run = FlopRun(gm, count)
+    dict merge -> r, or None: as the graph has it); ``watch``: node -> dimension to record."""
+    run = FlopRun(gm, count, watch)
     merges = gu.merge_nodes(gm) if isinstance(r, int) else list(r or ())
     with gu.merges_at(gm, r if r is not None else {}, merges), torch.no_grad():
         run.result = gu.run_interpreter(run, gm, *inputs)

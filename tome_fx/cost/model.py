@@ -6,8 +6,13 @@ How the model is built (``CostModel.build``), from the graph rather than from a 
   time), so every block that can merge has a ``tome_merge`` node.
 * Token counts change only at merges, so the graph splits into segments at the blocks' merge
   points: segment 0 (before block 0's merge point: patch embedding, block 0's attention) sees
-  ``N0`` tokens, segment ``i`` (block ``i-1``'s MLP, block ``i``'s attention) sees ``T_i``, the
-  tokens entering block ``i``, and the last segment (the last MLP, the head) sees ``T_L``.
+  ``N0`` tokens, segment ``i`` (block ``i-1``'s MLP, block ``i``'s attention) sees the tokens
+  block ``i-1`` leaves, and the last segment (the last MLP, the head) those the last block leaves.
+* A block sees the tokens an earlier block leaves (its link; in a plain transformer the block
+  before it), or, where no merge reaches it, its own count: the blocks of a multi-resolution
+  model (a UNet, a pyramid) see different counts. Links are read from two runs, without merging
+  and at the most merging, and must explain both; a block none explains cannot be priced, and
+  then nothing merges (``Plan.skipped`` says why) rather than a budget being missed silently.
 * Each node's FLOPs are measured from the tensors it runs on (``cost.flops``).
 * The graph is run twice: with r = 0 everywhere and with the largest r. Comparing a node's
   FLOPs at the two token counts of its segment tells whether it is constant (the head on the
@@ -16,11 +21,13 @@ How the model is built (``CostModel.build``), from the graph rather than from a 
   ``kernels.tome.bipartite_match``), with ``|A|``, ``|B|`` the two halves of the unprotected
   tokens and ``d`` the key dimension; it is 0 where a block merges nothing.
 
-So ``flops(schedule) = sum_s (c_s + a_s*T_s + q_s*T_s**2) + sum_i merge_i(T_i, r_i)``: evaluating
+So ``flops(schedule) = sum_s (c_s + a_s*T_s + q_s*T_s**2) + sum_i merge_i(T_i, r_i)``, with
+``T_s`` the tokens segment ``s`` sees and ``T_i`` those entering block ``i``: evaluating
 a schedule is a few arithmetic operations per block, cheap enough for a search.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,7 +38,7 @@ from ..capture import Captured
 from ..kernels.tome import merge_limit
 from ..methods import ToMe
 from ..pipeline import rewrite
-from ..plans import Plan
+from ..plans import Plan, Skipped
 from .flops import merge_flops, run_flops
 
 BIG_R = 1 << 30  # "merge as much as the block allows"; clamped at run time by tome_merge
@@ -70,6 +77,8 @@ class CostModel:
     # FLOPs of the model without merging or dropping, when the rewrite drops unread tokens
     # (tome_fx.passes.drop: then r = 0 everywhere is already cheaper than the original)
     original: tuple[list[float], float] | None = None  # (FLOPs per block, outside blocks)
+    counts: tuple[int, ...] = ()  # tokens entering each block without merging
+    links: tuple[int, ...] = ()  # the block whose tokens enter each block; -1: its own count
 
     @property
     def num_blocks(self) -> int:
@@ -81,32 +90,36 @@ class CostModel:
         limit = merge_limit(tokens, self.prefix)
         return min(limit, self.caps[i]) if self.caps else limit
 
-    def clamp(self, schedule: Sequence[int]) -> list[int]:
-        """The r each block really applies (tome_merge clamps to the block's limit)."""
-        t, out = self.tokens, []
+    def flow(self, schedule: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+        """(the r each block really applies (tome_merge clamps to the block's limit), tokens
+        entering each block, tokens leaving it)."""
+        rs, ins, outs = [], [], []
         for i in range(self.num_blocks):
+            t = outs[self.links[i]] if self.links[i] >= 0 else self.counts[i]
             r = max(0, min(int(schedule[i]) if i < len(schedule) else 0, self.limit(i, t)))
-            out.append(r)
-            t -= r
-        return out
+            rs.append(r)
+            ins.append(t)
+            outs.append(t - r)
+        return rs, ins, outs
+
+    def clamp(self, schedule: Sequence[int]) -> list[int]:
+        return self.flow(schedule)[0]
 
     def token_counts(self, schedule: Sequence[int]) -> list[int]:
-        """Tokens entering each block, then the tokens after the last one (length L + 1)."""
-        t, out = self.tokens, [self.tokens]
-        for r in self.clamp(schedule):
-            t -= r
-            out.append(t)
-        return out
+        """Tokens each segment sees: those entering block 0, then those each block leaves
+        (length L + 1; in a plain transformer, the tokens entering each block, then the last's)."""
+        _, ins, outs = self.flow(schedule)
+        return [ins[0] if ins else self.tokens] + outs
 
     def breakdown(self, schedule: Sequence[int]) -> tuple[list[float], float]:
         """(FLOPs per block, FLOPs outside the blocks) for a schedule."""
-        r = self.clamp(schedule)
-        t = self.token_counts(r)
+        r, ins, outs = self.flow(schedule)
+        t = [ins[0] if ins else self.tokens] + outs  # token_counts
         per_block, outside = _by_owner(
             ((owner, term.at(t[seg])) for (seg, owner), term in self.terms.items()), self.num_blocks)
         for i in range(self.num_blocks):
             if r[i] > 0:
-                per_block[i] += merge_flops(t[i], r[i], self.prefix, self.batch, self.merge_dims[i])
+                per_block[i] += merge_flops(ins[i], r[i], self.prefix, self.batch, self.merge_dims[i])
         return per_block, outside
 
     def flops(self, schedule: Sequence[int]) -> int:
@@ -136,23 +149,27 @@ class CostModel:
         gm, base = rw.graph_module, rw.plan
         inputs = (captured.args, captured.kwargs)
         merge_nodes = {m.meta["tome"]["block"]: m for m in gu.merge_nodes(gm)}
-        run0 = run_flops(gm, inputs, 0)
+        entries = {b.stream_in: b.token_dim for b in rw.blocks}  # tokens entering each block
+        run0 = run_flops(gm, inputs, 0, watch=entries)
         run1 = run_flops(gm, inputs, BIG_R)
         num = len(base.blocks)
-        tokens = base.blocks[0].tokens_in if base.blocks else 0  # 0: no block matched
+        counts = tuple(run0.sizes[b.stream_in] for b in rw.blocks)
+        tokens = counts[0] if counts else 0  # 0: no block matched
         enabled = tuple(i in merge_nodes for i in range(num))
         batch = next((v[1] for v in run1.merges.values()), 1)  # 1: nothing can merge
         dims = tuple(run1.merges[merge_nodes[i]][2] if i in merge_nodes else 0 for i in range(num))
+        links = _links(counts, [b.tokens_in for b in base.blocks], [b.r for b in base.blocks])
+        if isinstance(links, str):  # no closed form: price and rewrite the model unmerged
+            base = dataclasses.replace(base, skipped=base.skipped + tuple(
+                Skipped(b.site, links) for i, b in enumerate(base.blocks) if enabled[i]))
+            enabled, links = (False,) * num, (-1,) * num
         model = cls(tokens, base.protected, batch, enabled, dims, {}, base_plan=base,
                     graph_module=gm, merge_nodes=merge_nodes, inputs=inputs,
-                    reference=run0.result)
+                    reference=run0.result, counts=counts, links=links)
         if any(gu.merge_arg(m, "groups") is not None for m in merge_nodes.values()):
             model.caps = tuple(b.r for b in base.blocks)
-        t1 = model.token_counts(model.max_schedule())
-        for i, b in enumerate(base.blocks):  # the closed form's token counts are the measured ones
-            if b.tokens_in != t1[i]:
-                raise RuntimeError(f"cost model: block {i} tokens {t1[i]} != measured {b.tokens_in}")
-        model.terms = _fit_terms(gm, run0.flops, run1.flops, tokens, t1, _owners(gm, rw.blocks))
+        model.terms = _fit_terms(gm, run0.flops, run1.flops, model.token_counts([0] * num),
+                                 model.token_counts(model.max_schedule()), _owners(gm, rw.blocks))
         if rw.counts.get("drop_unread"):
             plain = rewrite(captured, ToMe(lambda n: [0] * n, unmerge=unmerge),
                             prop_attn=prop_attn, drop=False)
@@ -160,6 +177,21 @@ class CostModel:
             owner = _owners(plain.graph_module, plain.blocks)
             model.original = _by_owner(((owner[n], f) for n, f in flops.items()), num)
         return model
+
+
+def _links(counts, measured, merged) -> tuple[int, ...] | str:
+    """For each block, the latest earlier block whose tokens enter it (-1: none, it sees its
+    own count), such that the token counts without merging (``counts``) and at the most
+    merging (``measured``, after each block merged ``merged``) are the ones measured; else why
+    the cost model cannot price the model."""
+    links: list[int] = []
+    for i, (n, m) in enumerate(zip(counts, measured)):
+        fits = [j for j in range(i) if counts[j] == n and measured[j] - merged[j] == m]
+        if not fits and m != n:
+            return (f"the cost model cannot price merging: block {i} sees {m} tokens at the most "
+                    f"merging, neither its own {n} nor what an earlier block leaves")
+        links.append(fits[-1] if fits else -1)
+    return tuple(links)
 
 
 def _owners(gm: fx.GraphModule, blocks) -> dict:
@@ -191,15 +223,16 @@ def _by_owner(flops, num: int) -> tuple[list[float], float]:
     return per_block, outside
 
 
-def _fit_terms(gm, f0: dict, f1: dict, n0: int, t1: list[int], owners: dict) -> dict:
-    """Group nodes by (segment, owner) and fit each node's FLOPs as c, a*T or q*T**2."""
+def _fit_terms(gm, f0: dict, f1: dict, t0: list[int], t1: list[int], owners: dict) -> dict:
+    """Group nodes by (segment, owner) and fit each node's FLOPs as c, a*T or q*T**2, from the
+    runs without merging and at the most merging (``t0``, ``t1``: the tokens each segment sees)."""
     seg = 0
     terms: dict[tuple[int, int], _Term] = {}
     for n in gm.graph.nodes:
         if n in f0 or n in f1:
             a0, a1 = f0.get(n, 0), f1.get(n, 0)
             term = terms.setdefault((seg, owners.get(n, -1)), _Term())
-            x0, x1 = n0, t1[seg]
+            x0, x1 = t0[seg], t1[seg]
             if a0 == a1 or x0 == x1:
                 term.c += a0
             elif x1 * a0 == x0 * a1:

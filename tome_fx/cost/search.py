@@ -69,7 +69,7 @@ def _adjust(cm: CostModel, schedule: list[int], hi: float, close: float,
     cost = cm.flops(s)
     num = cm.num_blocks
     movable = [i for i in range(num) if i not in pinned]
-    for _ in range(10 * (cm.tokens + num)):
+    for _ in range(10 * (max(cm.counts, default=0) + num)):
         if cost <= hi and cost >= close:
             break
         moves = []
@@ -120,7 +120,7 @@ def _fit(cm: CostModel, weights: list[float], hi: float, close: float,
     def sched(alpha: float) -> list[int]:
         return _pin(cm, [int(math.floor(alpha * w + 1e-9)) for w in weights], pinned)
 
-    top = (cm.tokens + 1) / min(w for i, w in enumerate(weights) if w > 0 and i not in pinned)
+    top = (max(cm.counts, default=0) + 1) / min(w for i, w in enumerate(weights) if w > 0 and i not in pinned)
     if cm.flops(sched(top)) > hi:
         return None  # this shape cannot reach the budget
     lo = 0.0
@@ -234,13 +234,12 @@ def search(cm: CostModel, budget: float, strategy: str = "auto", notes: list | N
 def to_plan(cm: CostModel, schedule: list[int], budget: float | None = None,
             strategy: str | None = None, drift: float | None = None, notes=()) -> Plan:
     """The Plan for a schedule: the max-merge rewrite's sites, with this schedule's numbers."""
-    r = cm.clamp(schedule)
-    t = cm.token_counts(r)
+    r, ins, outs = cm.flow(schedule)
     per_block, _ = cm.breakdown(r)
     rows = tuple(  # a block that drops unread tokens keeps the protected ones
-        dataclasses.replace(b, r=r[i], tokens_in=t[i],
-                            tokens_out=cm.prefix if b.dropped else t[i + 1],
-                            dropped=t[i + 1] - cm.prefix if b.dropped else 0,
+        dataclasses.replace(b, r=r[i], tokens_in=ins[i],
+                            tokens_out=cm.prefix if b.dropped else outs[i],
+                            dropped=outs[i] - cm.prefix if b.dropped else 0,
                             flops=int(round(per_block[i])))
         for i, b in enumerate(cm.base_plan.blocks)
     )

@@ -11,10 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "aten", "SDPA", "SOFTMAX", "MATMUL", "ADD", "MASKED_FILL", "SCALE", "CAST", "TRANSPOSE", "CAT", "LINEAR_FUNCS",
-    "CONV_FUNCS", "DROPOUT_FUNCS", "NORM_FUNCS", "NORM_MODULES", "LINEAR_MODULES", "CONV_MODULES",
-    "DROPOUT_MODULES", "module_of", "packet", "is_call", "is_sdpa", "is_softmax", "is_matmul",
-    "is_add", "is_masked_fill", "is_norm", "is_linear", "is_conv", "is_dropout", "arg", "set_arg", "is_meta",
+    "aten", "SDPA", "SOFTMAX", "MATMUL", "ADD", "MASKED_FILL", "SCALE", "CAST", "TRANSPOSE", "CAT",
+    "LINEAR_FUNCS", "CONV_FUNCS", "DROPOUT_FUNCS", "NORM_FUNCS", "NORM_MODULES", "LINEAR_MODULES",
+    "CONV_MODULES", "DROPOUT_MODULES", "module_of", "packet", "is_call", "is_sdpa", "is_softmax",
+    "is_matmul", "is_add", "is_masked_fill", "is_norm", "is_linear", "is_conv", "is_dropout", "arg",
+    "set_arg", "is_meta", "INDEX", "is_index", "index_entry",
 ]
 
 Node = fx.Node
@@ -37,6 +38,7 @@ CAT = {torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat}
 LINEAR_FUNCS = {F.linear, aten.linear, aten.addmm}
 CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
 DROPOUT_FUNCS = {F.dropout, aten.dropout}
+INDEX = {aten.select, aten.slice}  # a getitem of an fx graph, as ATen writes it
 NORM_FUNCS = {F.layer_norm, F.group_norm, aten.layer_norm, aten.group_norm} | (
     {F.rms_norm, aten.rms_norm} if hasattr(F, "rms_norm") else set())
 NORM_MODULES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -129,3 +131,33 @@ def is_meta(node: Node) -> bool:
     if node.op == "call_function" and (node.target is getattr or packet(node) in _META_ATEN):
         return True
     return is_call(node, set(), _META_METHODS)
+
+
+def is_index(node: Node) -> bool:
+    """``x[...]`` (a getitem) or an ATen select/slice."""
+    return (node.op == "call_function" and node.target is operator.getitem) or is_call(node, INDEX)
+
+
+def index_entry(node: Node, in_shape, dim: int):
+    """What an index node (``is_index``) takes from dimension ``dim`` of its input: an int, a
+    slice, or "unsupported" (advanced indexing). An ATen slice end at or past the dimension's
+    size is open (export bakes ``x[:, 1:]`` as ``end=N`` or INT64_MAX)."""
+    ndim = len(in_shape)
+    if is_call(node, INDEX):
+        if arg(node, 1, "dim", 0) % ndim != dim:
+            return slice(None)
+        if packet(node) is aten.select:
+            return arg(node, 2, "index")
+        start, end = arg(node, 2, "start", None), arg(node, 3, "end", None)
+        if isinstance(end, int) and end >= in_shape[dim]:
+            end = None
+        return slice(start, end, arg(node, 4, "step", 1))
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if any(isinstance(i, (Node, torch.Tensor, list)) for i in idx):
+        return "unsupported"
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in idx:
+        expanded.extend([slice(None)] * (ndim - consumed) if i is Ellipsis else [i])
+    dims = [i for i in expanded if i is not None]
+    return dims[dim] if dim < len(dims) else slice(None)

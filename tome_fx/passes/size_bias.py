@@ -1,4 +1,4 @@
-"""Proportional attention: add log(size) over keys to every attention after a merge.
+"""Proportional attention: add log(size) over keys to every attention whose keys are merged.
 
 Two forms (``optimize(prop_attn=...)``):
 
@@ -33,8 +33,10 @@ def prop_attn_form(prop_attn) -> str | None:
     raise ValueError(f"prop_attn must be True, False, 'bias' or 'fold', got {prop_attn!r}")
 
 
-def _latest_size(order: dict, sites, anchor: fx.Node):
-    before = [s for s in sites if order[s.size] < order[anchor]]
+def _latest_size(sites, reach: list, keys: fx.Node):
+    """Sizes of the latest merge whose tokens reach ``keys``; None where no merge's do (the
+    keys of a cross-attention over other tokens, such as a UNet's text, are not merged)."""
+    before = [s for s, down in zip(sites, reach) if keys in down]
     return before[-1].size if before else None
 
 
@@ -58,13 +60,13 @@ def _fold(graph: fx.Graph, anchor: fx.Node, size: fx.Node, head_dim: int, v_dim:
 
 
 def add_size_bias(ctx: Context, form: str = "bias") -> PassResult:
-    """Every attention core after a merge gets ``log(size)`` of the latest merge's sizes, in
-    ``form`` (see the module docstring). ``info``: how many were folded."""
+    """Every attention core whose keys hold merged tokens gets ``log(size)`` of the latest such
+    merge's sizes, in ``form`` (see the module docstring). ``info``: how many were folded."""
     graph = ctx.gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     count = folded = 0
+    reach = [gu.descendants([s.merge]) for s in ctx.sites]
     for core in ctx.matches.cores:
-        size = _latest_size(order, ctx.sites, core.anchor)
+        size = _latest_size(ctx.sites, reach, core.keys)
         if size is None:
             continue
         count += 1
