@@ -280,3 +280,144 @@ def test_readme_main_job():
     assert res.returncode == 0, res.stderr
     ratio = float(res.stdout.split("(ratio ")[1].split(",")[0])
     assert budget - 0.01 <= ratio <= budget
+
+
+# ---------------------------------------------------------------------------------------------
+# .pt2 files saved with torch.export's default (static) shapes, text model directories
+# ---------------------------------------------------------------------------------------------
+
+def _main(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model(NAME, img_size=32, patch_size=8, depth=2, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def static_pt2(tmp_path_factory):
+    """A ViT saved as torch.export saves by default (batch fixed at 2), the same ViT with a
+    dynamic batch, and 5 images: batches of 2 leave one over."""
+    d = tmp_path_factory.mktemp("static")
+    model, x = _tiny_vit(), torch.randn(2, 3, 32, 32)
+    torch.export.save(torch.export.export(model, (x,)), d / "static.pt2")
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), d / "dyn.pt2")
+    rng = np.random.default_rng(0)
+    np.savez(d / "d.npz", images=rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(5))
+    return d, model
+
+
+def test_static_batch_runs_in_batches_of_its_size(static_pt2):
+    """The program's own graph bakes batch 2 into its reshapes, so it cannot be re-exported with
+    another batch: it runs 2 at a time, the last call padded and trimmed. Exact: equal to the
+    module it was exported from, which takes any batch."""
+    from tome_fx.graph.batches import InBatches, static_batch
+
+    d, model = static_pt2
+    ep, dyn = torch.export.load(d / "static.pt2"), torch.export.load(d / "dyn.pt2")
+    assert static_batch(ep) == 2 and static_batch(dyn) is None and static_batch(model) is None
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(InBatches(ep.module(), 2)(x), model(x), rtol=0, atol=1e-5)
+    # calibration on 5 inputs runs the captured graph 2 at a time: the same plan and drift as
+    # the program with a dynamic batch, which runs all 5 at once
+    plans = [tome_fx.plan(p, 0.7, calibration=(x,)) for p in (ep, dyn)]
+    assert plans[0].r == plans[1].r and plans[0].drift == pytest.approx(plans[1].drift, abs=1e-6)
+    fast = tome_fx.optimize(ep, flops_budget=0.7, calibration=(x,))
+    assert static_batch(fast) == 2 and fast.tome.r == plans[0].r
+
+
+def test_static_batch_pt2_sweep_report_bench(static_pt2, capsys, tmp_path):
+    d, _ = static_pt2
+    norm = ("--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    code, out, err = _main(capsys, "sweep", d / "static.pt2", "--data", d / "d.npz", *norm,
+                           "--calib", "2", "--budgets", "1,0.7", "--strategy", "constant",
+                           "--runs", "1", "--warmup", "0", "--json", tmp_path / "s.json")
+    assert code == 0, err
+    static = json.loads((tmp_path / "s.json").read_text())
+    code, _, err = _main(capsys, "sweep", d / "dyn.pt2", "--data", d / "d.npz", *norm,
+                         "--calib", "2", "--budgets", "1,0.7", "--strategy", "constant",
+                         "--no-throughput", "--json", tmp_path / "d.json")
+    assert code == 0, err
+    dynamic = json.loads((tmp_path / "d.json").read_text())
+    assert static["evaluated"] == 3 and all(r["items_per_s"] > 0 for r in static["rows"])
+    for a, b in zip(static["rows"], dynamic["rows"]):
+        assert (a["strategy"], a["r"], a["agreement"]) == (b["strategy"], b["r"], b["agreement"])
+        assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-6)
+    code, out, err = _main(capsys, "report", d / "static.pt2", "--data", d / "d.npz", *norm,
+                           "--calib", "3", "--flops-budget", "0.7", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["fidelity"]["samples"] == 2
+    for source, calls in (("static.pt2", "3 calls per batch"), ("dyn.pt2", None)):
+        code, out, err = _main(capsys, "bench", d / source, "--r", "2", "--batch-size", "5",
+                               "--runs", "1", "--warmup", "0", "--device", "cpu")
+        assert code == 0, err  # an ExportedProgram's module refuses .eval(): bench must not call it
+        assert "batch 5" in out and (calls is None or calls in out)
+
+
+def _bert_dir(path):
+    """A tiny HuggingFace BERT saved with save_pretrained, its WordPiece tokenizer, and 6
+    sentences of 5 to 20 words."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+    (path / "vocab.txt").parent.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).eval().save_pretrained(path)
+    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    rng = np.random.default_rng(0)
+    lines = [" ".join(f"w{i}" for i in rng.integers(0, 40, size=n)) for n in (5, 9, 20, 12, 7, 15)]
+    (path / "s.txt").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_text_model_directory_on_the_command_line(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra")
+    import onnx
+
+    bert = _bert_dir(tmp_path / "bert")
+    capsys.readouterr()  # save_pretrained's progress bar
+    hint = "a text model (token ids): pass --seq-len N or --data sentences.txt"
+    for extra in ((), ("--input-size", "16")):
+        code, _, err = _main(capsys, "export", bert, "-o", tmp_path / "b.onnx", *extra)
+        assert code == 2 and hint in err and err.count("\n") == 1, err
+    code, out, err = _main(capsys, "export", bert, "-o", tmp_path / "b.onnx", "--seq-len", "16",
+                           "--r", "2")
+    assert code == 0, err
+    assert "dynamic: input_ids[0] (batch), attention_mask[0] (batch), input_ids[1] (sequence)" in out
+    model = onnx.load(str(tmp_path / "b.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input}
+    assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    code, out, err = _main(capsys, "export", bert, "-o", tmp_path / "d.pt2", "--data",
+                           bert / "s.txt", "--flops-budget", "0.7")
+    assert code == 0 and "FLOP ratio" in out and f"wrote {tmp_path / 'd.pt2'}" in out, err
+    assert len(torch.export.load(str(tmp_path / "d.pt2")).graph_signature.user_inputs) == 2
+    code, out, err = _main(capsys, "report", bert, "--seq-len", "16", "--r", "2", "--format",
+                           "json")
+    assert code == 0 and json.loads(out)["input_shape"] == [[2, 16], [2, 16]], err
+    code, out, err = _main(capsys, "bench", bert, "--data", bert / "s.txt", "--calib", "2",
+                           "--r", "2", "--batch-size", "4", "--runs", "1", "--warmup", "0",
+                           "--device", "cpu")
+    assert code == 0 and "batch 4" in out, err
+    code, _, err = _main(capsys, "report", f"timm:{NAME}", "--input-size", SIZE_ARG,
+                         "--seq-len", "8")
+    assert code == 2 and "--seq-len is for text models" in err
+
+
+def test_r_beyond_what_blocks_merge_says_what_was_used(static_pt2, capsys):
+    d, model = static_pt2
+    code, out, err = _main(capsys, "report", d / "static.pt2", "--r", "500")
+    assert code == 0, err
+    plan = tome_fx.optimize(model, r=500, example_inputs=torch.randn(2, 3, 32, 32)).tome
+    assert plan.r == [8, 0]  # 16 patches: block 0 merges 8; block 1 computes the class token only
+    assert out.splitlines()[0].endswith("r = 500 (capped per block: 8 0)")
+    assert "--r 500 capped in block(s) 0: a block merges at most half its unprotected tokens" in out

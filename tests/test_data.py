@@ -226,3 +226,58 @@ def test_text_classifier_is_scored_by_agreement(tmp_path):
         same = fast(**x).logits.argmax(-1) == pred
     assert len(set(pred.tolist())) > 1  # the original does not predict one class for all
     assert row.agreement == pytest.approx(100 * float(same.double().mean()))
+
+
+def test_interleaved_rounds_rotate_the_order():
+    from tome_fx.timing import interleaved
+
+    order = []
+    fns = [lambda x, i=i: order.append(i) for i in range(3)]
+    times = interleaved(fns, (torch.zeros(1),), warmup=1, runs=3, clock=iter(range(100)).__next__)
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]  # round i starts with function i mod 3
+    assert times == [[1, 1, 1]] * 3
+
+
+def test_sweep_times_each_row_in_the_same_rounds_as_the_original(monkeypatch):
+    """On a machine getting busier (a clock whose every call lasts longer than the one before),
+    an original timed once, first, looks fast and every row slow. Timed in the same rounds as
+    each row, original and rewritten see the same load: equal modules, speed-up near 1."""
+    import importlib
+
+    from tome_fx import timing
+
+    sweep_module = importlib.import_module("tome_fx.sweep")  # tome_fx.sweep is the function
+
+    ticks = iter(range(10 ** 6))
+    paired = []
+
+    def compare(original, rewritten, inputs, warmup, runs, bar=None):
+        paired.append(original)
+        return timing.compare(original, rewritten, inputs, warmup, runs, bar,
+                              clock=lambda: next(ticks) ** 2)
+
+    monkeypatch.setattr(sweep_module, "compare", compare)
+    vit = timm.create_model(NAME, img_size=32, patch_size=8, depth=2, pretrained=False).eval()
+    data = tome_fx.Data.from_tensors(torch.randn(4, 3, 32, 32))
+    res = tome_fx.sweep(vit, data, budgets=(1, 0.8, 0.6), strategies=("constant",),
+                        calibration=0, batch_size=4, warmup=1, runs=6, quiet=True)
+    assert len(paired) == 2 and all(p is vit for p in paired)
+    # an even number of rounds: each module goes first in half of them (timed alone, one
+    # after the other, the second would look 3x slower on this clock)
+    assert [r.speedup for r in res.rows] == pytest.approx([1.0] * 3, abs=0.02)
+
+
+def test_mean_std_must_match_the_channels(images, tmp_path, capsys):
+    root, _, _ = images
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4)).eval()
+    torch.save(model, tmp_path / "m.pt")
+    src = ("sweep", tmp_path / "m.pt", "--trust-pickle", "--input-size", "3,32,32", "--data",
+           root / "arrays.npz", "--budgets", "1")
+    for flag, values in (("--mean", "0.5,0.5"), ("--std", "0.2,0.2,0.2,0.2")):
+        other = "--std" if flag == "--mean" else "--mean"
+        code, _, err = _main(capsys, *src, flag, values, other, "0.5,0.5,0.5")
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"tome-fx: error: {flag} has ") and "3-channel images" in err
+    code, _, err = _main(capsys, "sweep", f"timm:{NAME}", "--input-size", SIZE, "--data",
+                         root / "arrays.npz", "--mean", "0.5,0.5", "--budgets", "1")
+    assert code == 2 and "--mean has 2 values" in err and "3-channel" in err, err

@@ -204,6 +204,11 @@ def test_token_dimension_is_dynamic_where_the_module_allows_it(tmp_path):
     result = tome_fx.export(fast, tmp_path / "t.onnx", verbose=False)
     assert result.dynamic == ("x[0]", "x[1]") and "x[1]=31" in result.max_diff
     session = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    # the file's dimensions are named (torch.export's own symbols would be s95, s85)
+    assert result.axes == ("batch", "sequence") and str(result).endswith(
+        "dynamic: x[0] (batch), x[1] (sequence)")
+    assert session.get_inputs()[0].shape[:2] == ["batch", "sequence"]
+    assert session.get_outputs()[0].shape[0] == "batch"
     for n in (28, 40):
         x = torch.randn(3, n, 16)
         got = [torch.from_numpy(o) for o in session.run(None, {"x": x.numpy()})]
@@ -275,7 +280,7 @@ def test_cli_export(tmp_path, capsys):
     printed = capsys.readouterr().out
     line = next(s for s in printed.splitlines() if s.startswith(f"wrote {out}"))
     diffs = [float(d) for d in re.findall(r"([-+.e0-9]+) at batch \d+", line)]
-    assert len(diffs) == 2 and max(diffs) <= TOL and line.endswith("dynamic: x[0]")
+    assert len(diffs) == 2 and max(diffs) <= TOL and line.endswith("dynamic: x[0] (batch)")
     assert cli.main([*args, "-o", str(tmp_path / "m.tflite")]) == 2
     err = capsys.readouterr().err
     assert err == ("tome-fx: error: cannot tell the export format from "

@@ -20,6 +20,7 @@ from .cost.tomato import rewrite_tomato
 from .data import Data, load_data
 from .exporting import Exported
 from .exporting import export as export_module
+from .graph.batches import fit_batch, static_batch
 from .methods import ToMato, ToMe
 from .methods.tomato import check_args as check_tomato_args
 from .passes.size_bias import prop_attn_form
@@ -67,11 +68,15 @@ def rewrite(model: nn.Module, schedule_fn, example_inputs=None, prop_attn: bool 
 def calibration_inputs(calibration: Any, example_inputs: Any, model=None) -> tuple[Any, Any]:
     """(``calibration`` as inputs, the example inputs): a ``Data`` is all of it as one batch, a
     path is ``load_data(path, model)``, inputs stay as they are, None stays None; the example
-    inputs are the calibration inputs where none are given."""
+    inputs are the calibration inputs where none are given (as many as an ExportedProgram fixed
+    at one batch takes)."""
     if isinstance(calibration, (str, os.PathLike)):
         calibration = load_data(calibration, model)
     if isinstance(calibration, Data):
         calibration = calibration.inputs()
+    fixed = static_batch(model) if example_inputs is None and calibration is not None else None
+    if fixed:  # captured at its one batch; calibration runs in chunks of it (cost.calibrate)
+        return calibration, fit_batch(calibration, fixed)
     return calibration, calibration if example_inputs is None else example_inputs
 
 

@@ -99,11 +99,11 @@ def load_data(path, model=None, *, mean=None, std=None, input_size=None, model_d
     if not os.path.exists(path):
         raise DataError(f"no such data file or folder: {path}")
     text = os.path.isfile(path) and path.endswith(TEXT_SUFFIXES)
-    takes_text = _takes_text(model)
-    if text and not takes_text:
+    wants_text = takes_text(model)
+    if text and not wants_text:
         raise DataError(f"{path} is a text file (one sentence per line), but the model takes "
                         f"images: give it images (a folder or a .npz)")
-    if not text and takes_text:
+    if not text and wants_text:
         raise DataError(f"the model takes text (a HuggingFace text model): give it a .txt file "
                         f"of one sentence per line, not {path}")
     if text:
@@ -133,7 +133,7 @@ def load_data(path, model=None, *, mean=None, std=None, input_size=None, model_d
     return Data(path, "images", images=torch.stack(out), labels=labels, classes=classes)
 
 
-def _takes_text(model) -> bool:
+def takes_text(model) -> bool:
     """A HuggingFace text model: a vocabulary and no image size in its config."""
     config = getattr(model, "config", None)
     return (getattr(config, "vocab_size", None) is not None
@@ -161,6 +161,8 @@ def image_transform(model=None, *, mean=None, std=None, input_size=None,
         if "input_size" not in given and isinstance(built, (tuple, list)) and len(built) == 2:
             # built at another size than its pretrained config says (timm img_size=)
             given["input_size"] = (_timm_config(model)["input_size"][0], *built)
+        size = given.get("input_size") or _timm_config(model).get("input_size", (3,))
+        _check_channels(given, size[0])
         cfg = resolve_data_config(given, model=model)
         return create_transform(**cfg), cfg["input_size"][0]
     if "mean" not in given or "std" not in given or "input_size" not in given:
@@ -168,9 +170,18 @@ def image_transform(model=None, *, mean=None, std=None, input_size=None,
         raise DataError(f"the model carries no preprocessing config (no timm pretrained_cfg or "
                         f"HuggingFace image processor): say how its images were normalised with "
                         f"{', '.join(missing)}")
+    _check_channels(given, given["input_size"][0])
     # resize to the input size, no crop: exactly ToTensor + Normalize at the model's size
     return (create_transform(input_size=given["input_size"], mean=given["mean"], std=given["std"],
                              crop_pct=1.0, interpolation="bicubic"), given["input_size"][0])
+
+
+def _check_channels(given: dict, channels: int) -> None:
+    for key in ("mean", "std"):
+        values = given.get(key)
+        if values is not None and len(values) not in (1, channels):
+            raise DataError(f"--{key} has {len(values)} values ({key}=), but the model takes "
+                            f"{channels}-channel images: give one value per channel")
 
 
 def _timm_config(model):

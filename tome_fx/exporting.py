@@ -15,6 +15,7 @@ the module in eval mode under ``no_grad``; ONNX is ``torch.onnx.export(program, 
   dimension is ``Dim.AUTO``: dynamic where the module allows it (a token count that only meets
   per-token ops), static where it does not (a position table fixes the image size). Where that
   fails, batch only; where the module pins the batch, nothing (the result's notes say so).
+  The ONNX file names them ``batch``, ``sequence``, ``height``, ``width`` (``graph.dims``).
 * **Data-dependent token counts** (ToMato threshold mode, ToMato count mode with a padding
   mask) have no exported form: ``ExportError`` names the kernel line. ToMe with a padding mask
   lowers ``r`` when a block has too few same-group pairs: an unbacked size bounded by the
@@ -40,6 +41,7 @@ from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path
 
 from .capture import default_inputs, is_exported_program, normalize_inputs
 from .errors import ExportError, MissingExtraError, one_line
+from .graph.dims import axis_names, free_dims
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
@@ -60,14 +62,16 @@ class Exported:
     max_diff: dict  # checked inputs ("batch 2", "x[1]=31") -> largest |file - module| output
     tolerance: float
     notes: tuple[str, ...] = ()
+    axes: tuple[str, ...] = ()  # the name of each ``dynamic`` dimension: "batch", "sequence"
 
     def __str__(self) -> str:
         runner = "onnxruntime" if self.format == "onnx" else "torch.export.load"
         diffs = ", ".join(f"{d:.2g} at {label}" for label, d in self.max_diff.items())
         size = os.path.getsize(self.path) / 1e6 if os.path.exists(self.path) else 0.0
+        dims = [f"{d} ({a})" for d, a in zip(self.dynamic, self.axes)] or self.dynamic
         line = (f"wrote {self.path} ({self.format}, {size:.1f} MB): {runner} vs the module, max "
                 f"|diff| {diffs} (tolerance {self.tolerance:g}); dynamic: "
-                f"{', '.join(self.dynamic) or 'nothing'}")
+                f"{', '.join(dims) or 'nothing'}")
         return "\n".join([line, *(f"note: {n}" for n in self.notes)])
 
 
@@ -239,8 +243,11 @@ def _write(ep, path: str, fmt: str, inputs: list[str], outputs: list[str], tenso
         return
     weights = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
     with _quiet():
-        torch.onnx.export(ep, tensors, path, input_names=inputs, output_names=outputs,
-                          dynamo=True, external_data=weights > ONNX_INLINE_LIMIT, verbose=False)
+        program = torch.onnx.export(ep, tensors, input_names=inputs, output_names=outputs,
+                                    dynamo=True, verbose=False)
+        names = axis_names(ep, inputs, tensors)  # symbols (s95) -> batch, sequence, ...
+        program.rename_axes({str(symbol): name for symbol, name in names.items()})
+        program.save(path, external_data=weights > ONNX_INLINE_LIMIT)
 
 
 def _runner(path: str, fmt: str, names: list[str]):
@@ -336,23 +343,11 @@ def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, t
     raise ExportError(f"cannot export {type(module).__name__} to {fmt}: {errors[0]}")
 
 
-def _symbols(ep, names: list[str]) -> dict:
-    """Free size symbol of the program's inputs -> [(input index, dimension), ...]."""
-    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"
-                    and n.name in set(ep.graph_signature.user_inputs)]
-    found: dict = {}
-    for i, node in enumerate(placeholders[:len(names)]):
-        for d, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
-            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                found.setdefault(size.node.expr, []).append((i, d))
-    return found
-
-
 def _variants(ep, names: list[str], tensors: tuple):
     """(label, inputs) to check the file on: the example inputs; one more sample where the
     batch is dynamic; one token fewer along each other dynamic dimension."""
     out = [(f"batch {tensors[0].shape[0]}", tensors)]
-    for symbol, where in _symbols(ep, names).items():
+    for symbol, where in free_dims(ep, len(names)).items():
         i, d = where[0]
         size, low = tensors[i].shape[d], ep.range_constraints[symbol].lower
         if d == 0:
@@ -375,8 +370,10 @@ def _export(module, path, fmt, args, kwargs, tolerance, verbose) -> Exported:
         expected = flat(*tensors)
     names, out_names = _input_names(module, len(args), kwargs), _output_names(expected)
     ep, notes = _write_program(flat, module, path, fmt, names, out_names, tensors)
-    dynamic = tuple(f"{names[i]}[{d}]" for where in _symbols(ep, names).values()
-                    for i, d in where)
+    named = axis_names(ep, names, tensors)
+    found = [(f"{names[i]}[{d}]", named[symbol])
+             for symbol, where in free_dims(ep, len(names)).items() for i, d in where]
+    dynamic, axes = tuple(f for f, _ in found), tuple(a for _, a in found)
     run = _runner(path, fmt, names)
     diffs = {}
     for label, inputs in _variants(ep, names, tensors):
@@ -385,7 +382,8 @@ def _export(module, path, fmt, args, kwargs, tolerance, verbose) -> Exported:
         diffs[label] = _max_diff(run(inputs), want, f"{path} at {label}")
     out_dtype = next((t.dtype for t in _tensors(expected) if t.is_floating_point()), torch.float32)
     tol = tolerance if tolerance is not None else TOLERANCE.get(out_dtype, 1e-4)
-    result = Exported(path, fmt, tuple(names), tuple(out_names), dynamic, diffs, tol, tuple(notes))
+    result = Exported(path, fmt, tuple(names), tuple(out_names), dynamic, diffs, tol, tuple(notes),
+                      axes)
     worst = max(diffs.values())
     if not worst <= tol:
         raise ExportError(f"{path}: the {fmt} file's outputs differ from the module's by "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 from dataclasses import dataclass
 from math import comb
 from typing import Any
@@ -29,8 +30,9 @@ from . import api
 from .capture import is_exported_program
 from .data import Data, DataError, load_data
 from .errors import MissingExtraError
+from .graph.batches import InBatches, batched, fit_batch, static_batch
 from .timing import batch_size as batch_of
-from .timing import call, progress, throughput
+from .timing import call, compare, progress, throughput
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 STRATEGIES = ("auto", "constant")
@@ -310,46 +312,59 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
     out of the evaluation) to plan on; a ``Data`` or path is a separate calibration set; 0 or
     None plans without data (``auto``'s data-free rule). ``strategies``: names for
     ``optimize(strategy=...)``, or ``{label: optimize kwargs}``. ``measure``: throughput of
-    each module on the first evaluation batch (warm-up, then the median of ``runs``).
+    each module on the first evaluation batch, timed in the same rounds as the original
+    (``timing.compare``: warm-up, then the median of ``runs``); the original's row has the
+    median of its rates over those pairings.
     ``quiet``: no progress bars (default: bars only on a terminal; ``bar_stream``, stderr).
     ``original``: the module that runs the original (default ``model``; for an
-    ``ExportedProgram``, its ``.module()``). Other keyword arguments go to ``optimize``."""
+    ``ExportedProgram``, its ``.module()``). A program saved with a static batch, and what is
+    captured from it, run ``batch_size`` items as calls of that batch (``graph.batches``).
+    Other keyword arguments go to ``optimize``."""
     if original is None:
         original = model.module() if is_exported_program(model) else model
     if isinstance(data, (str, os.PathLike)):
         data = load_data(data, original)
+    fixed = static_batch(model)
+    run_original = batched(original) if fixed is None else InBatches(original, fixed)
     budgets = sorted({float(api.check_budget(b)) for b in budgets} | {1.0}, reverse=True)
     variants = _variants(strategies)
     data, calib, how = _calibration(data, calibration, original)
     plan_inputs = calib.inputs() if calib is not None else data.inputs(0, min(len(data), 2))
     plan_kw = {"calibration": plan_inputs} if calib is not None else {"example_inputs": plan_inputs}
+    if fixed is not None:  # captured at its one batch; calibration runs in chunks of it
+        plan_kw["example_inputs"] = fit_batch(plan_inputs, fixed)
     first = data.inputs(0, batch_size)
     steps = -(-len(data) // batch_size)
     bar = progress(steps * (1 + len(variants) * (len(budgets) - 1)), "sweep", quiet, bar_stream)
-    ref, logits = outputs(original, data, batch_size, bar)
+    ref, logits = outputs(run_original, data, batch_size, bar)
     check_labels(data, ref, logits)
     near = None if is_classifier(ref, data, logits) or len(ref) < 2 else _nearest(ref)
-    base_speed = throughput(original, first, warmup, runs) if measure else None
-    rows, seen = [], {}
+    rows, seen, base_speeds = [], {}, []
 
-    def row(label, budget, ratio, r, emb, speed):
+    def row(label, budget, ratio, r, emb, speed=None, speedup=None):
         kw = {k: v for k, v in scores(ref, emb, data, near, logits).items() if k in _ROW_SCORES}
-        return Row(label, budget, ratio, r, items_per_s=speed,
-                   speedup=None if speed is None else speed / base_speed, **kw)
+        return Row(label, budget, ratio, r, items_per_s=speed, speedup=speedup, **kw)
 
-    rows.append(row("original", 1.0, 1.0, None, ref, base_speed))
     for budget in budgets[1:]:
         for label, kw in variants.items():
             bar.set_description(f"{label} at {budget:g}")
             fast = api.optimize(model, flops_budget=budget, **plan_kw, **optimize_kwargs, **kw)
             plan = fast.tome
+            fast = batched(fast)
             key = (tuple(plan.r), repr(sorted((k, v) for k, v in kw.items() if k != "strategy")))
             if key not in seen:  # same schedule, same rewrite: same outputs
                 seen[key] = outputs(fast, data, batch_size, bar)[0]
             else:
                 bar.update(steps)
-            speed = throughput(fast, first, warmup, runs) if measure else None
-            rows.append(row(label, budget, plan.ratio, tuple(plan.r), seen[key], speed))
+            speed = compare(run_original, fast, first, warmup, runs) if measure else {}
+            base_speeds += [speed["original"]] if speed else []
+            rows.append(row(label, budget, plan.ratio, tuple(plan.r), seen[key],
+                            speed.get("rewritten"), speed.get("speedup")))
+    base = None
+    if measure:
+        base = (statistics.median(base_speeds) if base_speeds
+                else throughput(run_original, first, warmup, runs))
+    rows.insert(0, row("original", 1.0, 1.0, None, ref, base, None if base is None else 1.0))
     bar.close()
     return SweepResult(name or type(original).__name__, data.source, len(data), how, tuple(rows),
                        _pairs(rows, len(data)), batch_of(first) if measure else None)

@@ -1,10 +1,11 @@
 """Throughput measurement: warm-up, CUDA synchronisation, median of timed runs; progress bars.
 
-``throughput(fn, inputs)`` is what the command line, ``tome_fx.sweep`` and the benchmark
-scripts use::
+``throughput(fn, inputs)`` times one module; ``compare(original, rewritten, inputs)`` times
+two in the same rounds (the order alternating), as ``tome-fx bench`` and ``tome_fx.sweep`` do::
 
-    from tome_fx.timing import throughput
+    from tome_fx.timing import compare, throughput
     ips = throughput(model, (x,), warmup=3, runs=10)   # images (batch items) per second
+    compare(model, fast, (x,))                         # {"original", "rewritten", "speedup"}
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def call(fn: Callable, inputs):
     return fn(**inputs) if isinstance(inputs, dict) else fn(*inputs)
 
 
-def timings(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> list[float]:
-    """Seconds per call of ``fn(*inputs)`` (``fn(**inputs)`` for a dict) for ``runs`` calls after
-    ``warmup`` untimed calls.
+def interleaved(fns: Sequence[Callable], inputs, warmup: int = 3, runs: int = 10, bar=None,
+                clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds per call of each of ``fns`` on the same ``inputs`` (``call``): ``warmup``
+    untimed rounds, then ``runs`` timed ones. Each round calls every function once, the order
+    rotating from round to round, so a change of machine load hits all of them alike.
 
     Runs under ``torch.no_grad``; on CUDA each call is synchronised before the clock stops.
     ``bar`` (optional, a tqdm bar) is advanced once per call, warm-up included.
@@ -54,18 +57,25 @@ def timings(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> 
     if runs < 1 or warmup < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     devices = _devices(inputs)
-    out = []
+    out: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
         for i in range(warmup + runs):
-            _sync(devices)
-            t0 = time.perf_counter()
-            call(fn, inputs)
-            _sync(devices)
-            if i >= warmup:
-                out.append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update()
+            k = i % len(fns)
+            for j in [*range(k, len(fns)), *range(k)]:
+                _sync(devices)
+                t0 = clock()
+                call(fns[j], inputs)
+                _sync(devices)
+                if i >= warmup:
+                    out[j].append(clock() - t0)
+                if bar is not None:
+                    bar.update()
     return out
+
+
+def timings(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> list[float]:
+    """Seconds per call of ``fn`` alone (``interleaved`` with one function)."""
+    return interleaved([fn], inputs, warmup, runs, bar)[0]
 
 
 def batch_size(inputs) -> int:
@@ -79,3 +89,12 @@ def batch_size(inputs) -> int:
 def throughput(fn: Callable, inputs, warmup: int = 3, runs: int = 10, bar=None) -> float:
     """Batch items per second: batch size / median seconds per call (see ``timings``)."""
     return batch_size(inputs) / statistics.median(timings(fn, inputs, warmup, runs, bar))
+
+
+def compare(original: Callable, rewritten: Callable, inputs, warmup: int = 3, runs: int = 10,
+            bar=None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """``{"original": items/s, "rewritten": items/s, "speedup": rewritten / original}``, both
+    timed in the same rounds (``interleaved``), medians."""
+    times = interleaved([original, rewritten], inputs, warmup, runs, bar, clock)
+    speeds = [batch_size(inputs) / statistics.median(t) for t in times]
+    return {"original": speeds[0], "rewritten": speeds[1], "speedup": speeds[1] / speeds[0]}

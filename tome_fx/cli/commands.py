@@ -35,6 +35,8 @@ def _check(args):
     else:
         args.r_value = _parse_r(getattr(args, "r", None))
     args.size = parse_input_size(args.input_size)
+    if getattr(args, "seq_len", None) is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "runs", 1) < 1 or getattr(args, "warmup", 0) < 0:
@@ -63,16 +65,42 @@ def _device(name: str):
 
 
 def _measure(original, rewritten, inputs, args, label=""):
-    """Throughput of both modules: {"original": items/s, "rewritten": ..., "speedup": ...}."""
-    from ..timing import throughput
+    """Throughput of both modules, timed in the same rounds: {"original": items/s,
+    "rewritten": ..., "speedup": ...}."""
+    from ..timing import compare
     from .data import bar_factory
 
-    res = {}
-    for name, fn in (("original", original), ("rewritten", rewritten)):
-        with bar_factory(args, STDERR)(args.warmup + args.runs, f"{label}{name}") as bar:
-            res[name] = throughput(fn, inputs, args.warmup, args.runs, bar)
-    res["speedup"] = res["rewritten"] / res["original"]
-    return res
+    with bar_factory(args, STDERR)(2 * (args.warmup + args.runs), f"{label}timing") as bar:
+        return compare(original, rewritten, inputs, args.warmup, args.runs, bar)
+
+
+def _optimize(args, src, inputs, calibration=None):
+    """(``api.optimize`` of the source on ``inputs``, the inputs it was given): a program
+    fixed at one batch gets as many as it takes, ``calibration`` runs in chunks of it."""
+    from .. import api
+    from ..graph.batches import fit_batch, static_batch
+
+    fixed = static_batch(src.target)
+    if fixed is not None:
+        inputs = fit_batch(inputs, fixed)
+    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
+                        example_inputs=inputs, calibration=calibration)
+    return fast, inputs
+
+
+def _r_applied(args, plan) -> str:
+    """``r per block [...]``, saying so where ``--r`` asked more than a block can merge."""
+    from ..schedule import parse_r
+
+    line = f"r per block {list(plan.r)}"
+    if args.r_value is None or not plan.blocks:
+        return line
+    asked = parse_r(args.r_value, len(plan.blocks))
+    capped = [b.index for b, want in zip(plan.blocks, asked) if b.r < want and not b.dropped]
+    if capped:
+        line += (f" (--r {args.r} capped in block(s) {', '.join(map(str, capped))}: a block "
+                 f"merges at most half its unprotected tokens)")
+    return line
 
 
 def _data(args, src):
@@ -103,6 +131,7 @@ def report(args) -> int:
     from . import report as rep
     from .sources import example_inputs
 
+    from ..graph.batches import batched, fit_batch, static_batch
     from ..timing import batch_size as batch_of
     from .data import bar_factory
 
@@ -110,16 +139,22 @@ def report(args) -> int:
     src = _source(args)
     calib, evaluate = _data(args, src)
     inputs = (calib if calib is not None else evaluate.inputs(0, args.batch_size or 2)
-              if evaluate is not None else example_inputs(src, args.size, args.batch_size))
+              if evaluate is not None else example_inputs(src, args.size, args.batch_size,
+                                                          seq_len=args.seq_len))
+    fixed = static_batch(src.target)
+    if fixed is not None:  # a program fixed at one batch: plan on that many, calibrate in chunks
+        inputs = fit_batch(inputs, fixed)
     data, fast = rep.build(src.target, src.model, inputs, r=args.r_value,
                            flops_budget=args.flops_budget, strategy=args.strategy,
                            calibration=calib, evaluate=evaluate,
                            bar=bar_factory(args, STDERR))
     data["source"] = args.source
+    if data["request"]["r"] is not None:
+        data["request"]["applied"] = _r_applied(args, fast.tome)
     if args.bench:
         device = _device(args.device)
         moved = _to(inputs, device)
-        speeds = _measure(src.model.to(device), fast.to(device), moved, args)
+        speeds = _measure(batched(src.model.to(device)), batched(fast.to(device)), moved, args)
         data["bench"] = {"device": str(device), "dtype": "float32", "batch": batch_of(moved),
                          "warmup": args.warmup, "runs": args.runs, **speeds}
     if args.format == "json":
@@ -133,7 +168,7 @@ def bench(args) -> int:
     import torch
     from tabulate import tabulate
 
-    from .. import api
+    from ..graph.batches import batched, static_batch
     from ..timing import batch_size as batch_of
     from .sources import example_inputs
 
@@ -141,26 +176,27 @@ def bench(args) -> int:
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     src = _source(args)
+    fixed = static_batch(src.target)  # a .pt2 with a static batch runs as calls of that size
     recorded = src.example_inputs  # an ExportedProgram's: its batch may be fixed
-    batch = args.batch_size or (len(recorded[0]) if recorded else 32 if device.type == "cuda" else 8)
+    batch = args.batch_size or fixed or (len(recorded[0]) if recorded else
+                                         32 if device.type == "cuda" else 8)
     calib, evaluate = _data(args, src)
     if evaluate is not None:  # real inputs: plan on --calib of them, time a batch of the rest
-        plan_inputs = calib if calib is not None else evaluate.inputs(0, batch)
-        fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
-                            example_inputs=plan_inputs, calibration=calib)
-        inputs = _to(evaluate.inputs(0, batch), device, dtype)
-        size = tuple(next(iter(inputs.values() if isinstance(inputs, dict) else inputs)).shape[1:])
+        fast, _ = _optimize(args, src, calib if calib is not None else evaluate.inputs(0, batch),
+                            calib)
+        inputs = evaluate.inputs(0, batch)
     else:
-        plan_inputs = example_inputs(src, args.size, batch if recorded else min(batch, 2))
-        fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
-                            example_inputs=plan_inputs)
-        size = tuple(plan_inputs[0].shape[1:])
-        g = torch.Generator().manual_seed(0)
-        inputs = (torch.randn(batch, *size, generator=g).to(device=device, dtype=dtype),)
+        fast, _ = _optimize(args, src, example_inputs(src, args.size, batch if recorded else
+                                                      min(batch, 2), seq_len=args.seq_len))
+        inputs = example_inputs(src, args.size, batch, seq_len=args.seq_len)
+    inputs = _to(inputs, device, dtype)
+    first = next(iter(inputs.values() if isinstance(inputs, dict) else inputs))
+    size = tuple(first.shape[1:])
     batch = batch_of(inputs)
     plan = fast.tome
-    original = src.model.to(device=device, dtype=dtype).eval()
-    fast = fast.to(device=device, dtype=dtype).eval()
+    # the sources are in eval mode already; an ExportedProgram's module refuses .eval()
+    original = batched(src.model.to(device=device, dtype=dtype))
+    fast = batched(fast.to(device=device, dtype=dtype))
     modes = [("eager", original, fast)]
     if args.compile:
         modes.append(("compiled", torch.compile(original), torch.compile(fast)))
@@ -172,14 +208,17 @@ def bench(args) -> int:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": args.dtype, "batch": batch, "input_shape": [batch, *size],
-            "warmup": args.warmup, "runs": args.runs, "r": list(plan.r),
+            "static_batch": fixed, "warmup": args.warmup, "runs": args.runs, "r": list(plan.r),
             "flops_budget": args.flops_budget, "flop_ratio": plan.ratio,
             "torch": torch.__version__, "results": results}
     rows = [[r["mode"], f"{r['original']:.1f}", f"{r['rewritten']:.1f}", f"{r['speedup']:.2f}x"]
             for r in results]
+    calls = (f"; the program's batch is fixed at {fixed}: {-(-batch // fixed)} calls per batch"
+             if fixed is not None and fixed != batch else "")
     print(f"tome-fx bench: {args.source} on {info['device_name']} ({args.dtype}, batch {batch}, "
-          f"input {'x'.join(map(str, size))}, median of {args.runs} runs after {args.warmup} warm-up)")
-    print(f"r per block: {list(plan.r)}" + (f", FLOP ratio {plan.ratio:.4f}" if plan.ratio else ""))
+          f"input {'x'.join(map(str, size))}, median of {args.runs} rounds after {args.warmup} "
+          f"warm-up, original and rewritten alternating{calls})")
+    print(_r_applied(args, plan) + (f", FLOP ratio {plan.ratio:.4f}" if plan.ratio else ""))
     print(tabulate(rows, headers=["mode", "original /s", "rewritten /s", "speed-up"],
                    tablefmt="simple"))
     if args.json:
@@ -192,20 +231,20 @@ def bench(args) -> int:
 def visualize(args) -> int:
     import torch
 
-    from .. import api
-
     from . import visualize as vis
-    from .sources import declared_size
+    from .sources import declared_size, is_text
     from ..track import track_sources
 
     _check(args)
     src = _source(args)
+    if is_text(src):
+        raise ValueError(f"visualize draws merge groups over an image; {src.model_class} is a "
+                         f"text model")
     size = args.size or declared_size(src)
     mean, std = vis.normalization(src.model)
     x, image = vis.load_image(args.image, size, mean, std)
-    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
-                            example_inputs=(x,))
-    tracked = track_sources(fast, x)
+    fast, inputs = _optimize(args, src, (x,))
+    tracked = track_sources(fast, *inputs)  # the image first (repeated for a static batch)
     num = tracked.num_blocks
     layer = num - 1 if args.layer is None else args.layer
     if not -num <= layer < num:
@@ -224,25 +263,35 @@ def visualize(args) -> int:
     img.save(args.output, format="PNG")
     n_groups = len(set(groups.tolist()))
     print(f"wrote {args.output} ({img.width}x{img.height}): merge groups after block {layer}, "
-          f"{n_groups} groups of {patches} patches ({rows}x{cols} grid), r per block {list(fast.tome.r)}")
+          f"{n_groups} groups of {patches} patches ({rows}x{cols} grid), {_r_applied(args, fast.tome)}")
     return 0
 
 
 def export(args) -> int:
     from .. import api
     from ..exporting import export_format, require_onnx
+    from ..graph.batches import fit_batch
+    from . import data as cli_data
     from .sources import example_inputs
 
     _check(args)
     if export_format(args.output) == "onnx":  # fast one-line errors before loading the model
         require_onnx()
     src = _source(args)
-    inputs = example_inputs(src, args.size, args.batch_size)
-    fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
-                        example_inputs=inputs)
+    batch, calib = args.batch_size or 2, None
+    if args.data:  # nothing is evaluated: --calib N of them (all if fewer) choose the schedule
+        data = cli_data.load(args, src, STDERR)
+        if 0 < args.calib < len(data):
+            data = data.split(args.calib)[0]
+        pool = data.inputs()  # one batch: sentences padded to one length
+        calib = pool if args.calib else None
+        inputs = fit_batch(pool, min(batch, len(data)))
+    else:
+        inputs = example_inputs(src, args.size, args.batch_size, seq_len=args.seq_len)
+    fast, inputs = _optimize(args, src, inputs, calib)
     plan = fast.tome
     ratio = f", FLOP ratio {plan.ratio:.4f}" if plan.ratio else ""
-    print(f"{args.source}: r per block {list(plan.r)}{ratio}")
+    print(f"{args.source}: {_r_applied(args, plan)}{ratio}")
     api.export(fast, args.output, inputs)
     return 0
 

@@ -24,6 +24,7 @@ REPORT_EPILOG = """examples:
   tome-fx report model.pt --trust-pickle --r 8 --format markdown
   tome-fx report timm:deit_small_patch16_224 --checkpoint deit_s.pth --flops-budget 0.6 --bench
   tome-fx report exported.pt2 --format json > report.json
+  tome-fx report ./bert --seq-len 128 --flops-budget 0.5
   tome-fx report timm:deit_small_patch16_224 --checkpoint deit_s.pth --data val/ --flops-budget 0.5
 
 Without --data the fidelity line is on random inputs and the default strategy applies its
@@ -42,8 +43,9 @@ SWEEP_EPILOG = """examples:
 
 Per budget and strategy: FLOP ratio, top-1 (with labels), agreement with the original's
 predictions, output cosine, nearest-neighbour agreement (text and other embedding outputs),
-throughput on the first batch (on CPU; --no-throughput skips it). The default strategy is
-compared with constant r input by input (exact McNemar p)."""
+throughput on the first batch, each row timed in the same rounds as the original (on CPU;
+--no-throughput skips it). The default strategy is compared with constant r input by input
+(exact McNemar p). A .pt2 saved with a static batch runs as calls of that batch."""
 
 VISUALIZE_EPILOG = """examples:
   tome-fx visualize timm:vit_small_patch16_224 photo.jpg -o groups.png --r 16
@@ -53,6 +55,12 @@ VISUALIZE_EPILOG = """examples:
 EXPORT_EPILOG = """examples:
   tome-fx export timm:vit_small_patch16_224 --flops-budget 0.5 -o vit_s_half.onnx
   tome-fx export model.pt --trust-pickle --r 8 -o fast.pt2
+  tome-fx export ./bert --data sentences.txt --calib 64 --flops-budget 0.5 -o bert_half.onnx
+  tome-fx export ./bert --seq-len 128 --r 8 -o bert.pt2
+
+A text model (a HuggingFace directory with a tokenizer) takes --data FILE.txt (--calib N of its
+sentences choose the schedule, the first --batch-size of them are the example inputs) or
+--seq-len N (random token ids).
 
 The format follows the suffix (.onnx needs: pip install -e ".[export]"). The file is loaded and
 run on the example inputs and on one more batch size; the largest difference to the rewritten
@@ -90,6 +98,12 @@ def _common(p: argparse.ArgumentParser, default_batch: str, budget: bool = True)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _seq_len(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="a text model (HuggingFace directory): random token ids of N tokens "
+                        "(or give sentences with --data FILE.txt)")
+
+
 def _timing(p: argparse.ArgumentParser, runs: int) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to time (auto: CUDA when present)")
@@ -121,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="schedule shape for --flops-budget (default auto)")
     rep.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     rep.add_argument("--bench", action="store_true", help="also measure throughput of both models")
+    _seq_len(rep)
     _timing(rep, runs=5)
     add_data_options(rep)
 
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ben.add_argument("--compile", action="store_true", help="also time torch.compile'd versions")
     ben.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    _seq_len(ben)
     _timing(ben, runs=10)
     add_data_options(ben)
 
@@ -171,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "batch of the example inputs (default 2)")
     exp.add_argument("-o", "--output", required=True, metavar="FILE",
                      help="file to write: .onnx or .pt2 (the format follows the suffix)")
+    _seq_len(exp)
+    add_data_options(exp)
     return parser
 
 

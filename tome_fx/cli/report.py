@@ -15,6 +15,7 @@ from tabulate import tabulate
 
 from .. import cost
 from ..capture import capture
+from ..graph.batches import batched
 from ..methods import ToMe
 from ..api import check_calibration
 from ..pipeline import rewrite
@@ -87,11 +88,13 @@ def build(target: Any, model: nn.Module, inputs, *, r: Any = None,
     fast.tome, fast.tome_counts = plan, rw.counts
     before, outside_before = cm.breakdown_original()
     after, outside_after = cm.breakdown(plan.r)
+    run_model, run_fast = batched(model), batched(fast)  # a static batch: calls of that size
     if evaluate is not None:
-        measured = data_fidelity(model, fast, evaluate, bar=bar)
+        measured = data_fidelity(run_model, run_fast, evaluate, bar=bar)
     else:
         with torch.no_grad():
-            measured = {"inputs": "random", **fidelity(call(model, inputs), call(fast, inputs))}
+            measured = {"inputs": "random",
+                        **fidelity(call(run_model, inputs), call(run_fast, inputs))}
     params = count_params(model), count_params(fast)
     data = {
         "source": None,
@@ -147,12 +150,17 @@ def format_text(data: dict, fmt: str = "table") -> str:
     req = data["request"]
     what = (f"flops budget {req['flops_budget']:g} (strategy {req['strategy']})"
             if req["flops_budget"] is not None else f"r = {req['r']}")
+    capped = "capped" in (req.get("applied") or "")
+    if capped:
+        what += f" (capped per block: {' '.join(str(b['r']) for b in data['blocks'])})"
     bullet = "- " if md else ""
     lines = []
     title = (f"tome-fx report: {data['source']} ({data['model_class']}, captured with "
              f"{data['frontend']}), input {shape}, {what}")
     lines += [f"## {title}", ""] if md else [title, ""]
     lines += [tabulate(rows, headers=head, tablefmt=tablefmt, floatfmt=".1f"), ""]
+    if capped:
+        lines.append(f"{bullet}{req['applied']}")
     lines.append(f"{bullet}protected prefix tokens (never merged): {data['protected_tokens']}")
     if data["skipped"]:
         lines.append(f"{bullet}skipped sites:")

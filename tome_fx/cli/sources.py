@@ -231,19 +231,57 @@ def _huggingface(path: str) -> Source:
 
 # ---------------------------------------------------------------------------------------------
 
+TEXT_HINT = "a text model (token ids): pass --seq-len N or --data sentences.txt"
+
+
+def is_text(src: Source) -> bool:
+    """A HuggingFace text model: it takes token ids, not a tensor of a size."""
+    from ..data import takes_text
+
+    return takes_text(src.model)
+
+
 def declared_size(src: Source) -> tuple[int, ...]:
     """The (C, H, W) the source declares (timm cfg, a config's image_size, recorded inputs)."""
     if src.example_inputs:
         return tuple(src.example_inputs[0].shape[1:])
+    if is_text(src):
+        raise ValueError(f"{src.model_class} is {TEXT_HINT}")
     try:
         return tuple(default_inputs(src.model, batch=1)[0].shape[1:])
     except ValueError:
-        raise ValueError(f"{src.model_class} declares no input size; pass --input-size C,H,W") from None
+        raise ValueError(f"{src.model_class} declares no input size; pass --input-size C,H,W "
+                         f"(one input's shape without the batch)") from None
 
 
-def example_inputs(src: Source, input_size=None, batch: int | None = None, seed: int = SEED) -> tuple:
-    """Inputs for a run: an ExportedProgram's recorded ones when nothing overrides them, else
-    ``randn(batch, *input_size)`` drawn from ``torch.Generator().manual_seed(seed)``."""
+def token_ids(src: Source, seq_len: int | None, batch: int, seed: int = SEED) -> dict:
+    """Random ``input_ids`` (and an all-ones ``attention_mask``) of ``seq_len`` tokens for a
+    text model, drawn from ``torch.Generator().manual_seed(seed)``."""
+    if seq_len is None:
+        raise ValueError(f"{src.model_class} is {TEXT_HINT}")
+    config = src.model.config
+    longest = getattr(config, "max_position_embeddings", None)
+    if seq_len < 1 or (isinstance(longest, int) and seq_len > longest):
+        raise ValueError(f"--seq-len must be between 1 and {longest} (the model's positions), "
+                         f"got {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def example_inputs(src: Source, input_size=None, batch: int | None = None, seed: int = SEED,
+                   seq_len: int | None = None):
+    """Inputs for a run: an ExportedProgram's recorded ones when nothing overrides them; for a
+    text model ``token_ids``; else ``randn(batch, *input_size)`` drawn from
+    ``torch.Generator().manual_seed(seed)``."""
+    text = is_text(src)
+    if text and input_size is not None:
+        raise ValueError(f"--input-size is one tensor's shape, but {src.model_class} is {TEXT_HINT}")
+    if seq_len is not None and not text:
+        raise ValueError(f"--seq-len is for text models; {src.model_class} takes tensors: use "
+                         f"--input-size")
+    if text:
+        return token_ids(src, seq_len, batch or 2, seed)
     if src.example_inputs and input_size is None and (batch is None or batch == len(src.example_inputs[0])):
         return src.example_inputs
     size = tuple(input_size) if input_size is not None else declared_size(src)

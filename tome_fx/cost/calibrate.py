@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from ..graph.batches import in_batches, static_batch
 from .flops import run_flops
 from .model import BIG_R, CostModel
 
@@ -49,7 +50,8 @@ def _same_tensors(a: Any, b: Any) -> bool:
 class Calibration:
     """Runs the max-merge rewrite with a chosen r per block on the calibration inputs: ``inputs``
     as ``(args, kwargs)`` (real data, ``optimize(calibration=...)``), else the example inputs.
-    They must hold as many tokens as the example inputs; the batch may differ."""
+    They must hold as many tokens as the example inputs; the batch may differ (a graph fixed at
+    one batch, captured from a static ``.pt2``, runs them that many at a time)."""
 
     def __init__(self, cm: CostModel, inputs: tuple | None = None):
         self.cm = cm
@@ -62,7 +64,9 @@ class Calibration:
 
     def output(self, schedule: list[int]) -> Any:
         r_of = {node: schedule[i] for i, node in self.cm.merge_nodes.items()}
-        return run_flops(self.cm.graph_module, self.inputs, r_of, count=False).result
+        gm = self.cm.graph_module
+        run = lambda *a, **k: run_flops(gm, (a, k), r_of, count=False).result  # noqa: E731
+        return in_batches(run, *self.inputs, static_batch(gm))
 
     def drift(self, schedule: list[int]) -> float:
         return output_drift(self.reference, self.output(schedule))
