@@ -129,9 +129,6 @@ def _keys_from_kt(node: Node, shapes) -> tuple[Node, bool]:
     return node, True
 
 
-_MASKED_FILL = {torch.Tensor.masked_fill, torch.masked_fill, torch.ops.aten.masked_fill}
-
-
 def _check_mask(mask: Node, dep: set) -> None:
     """A mask must come from the model inputs to be a padding mask; whether it really is one
     (a per-token function of a [batch, tokens] input) is checked where it meets merged tokens."""
@@ -143,7 +140,7 @@ def _check_mask(mask: Node, dep: set) -> None:
 def _peel_mask(gm, logits: Node, shapes, dep: set) -> tuple[Node, Node | None, Node | None]:
     """``logits + mask`` or ``logits.masked_fill(mask, v)`` in front of a softmax:
     returns (scores, mask, the node applying it)."""
-    if gu.is_add(logits) or gu.is_call(logits, _MASKED_FILL, ("masked_fill",)):
+    if gu.is_add(logits) or gu.is_masked_fill(logits):
         a, b = logits.args[0], logits.args[1]
         if isinstance(a, Node) and isinstance(b, Node):
             for scores, mask in ((a, b), (b, a)) if gu.is_add(logits) else ((a, b),):
