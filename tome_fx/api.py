@@ -196,7 +196,9 @@ def optimize(
     as ``example_inputs`` takes them) on which the ``auto`` strategy compares schedules; they are
     the example inputs when ``example_inputs`` is not given. Without them ``auto`` applies the
     data-free rule (see ``tome_fx.plan``).
-    The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``.
+    The result is a ``torch.fx.GraphModule`` whose ``.tome`` attribute holds the ``Plan``, in
+    the mode ``model`` is in; its dropout follows ``.train()``/``.eval()`` (``capture.train``),
+    and it survives ``copy.deepcopy`` and ``torch.save`` (``graph.module.TomeModule``).
     ``compile``: True (or a dict of ``torch.compile`` options) returns it compiled with
     ``torch.compile(fullgraph=True)``; see ``tome_fx.compiling``.
     ``method="tomato"`` merges once instead (``sim_threshold``, ``similarity``, ``block``,
@@ -271,8 +273,9 @@ def _finish(result: Rewrite, compile: bool | dict, budget: float | None = None,
         warnings.warn(why, UserWarning, stacklevel=3)
     out = result.graph_module
     out.tome_counts = result.counts
-    if captured is not None:  # export's default example inputs
+    if captured is not None:  # export's default example inputs; the model's mode
         out.tome_inputs = (captured.args, captured.kwargs)
+        out.train(captured.training)
     if compile not in (False, None):
         out = compile_module(out, compile)  # .tome and .tome_counts stay reachable
     return out

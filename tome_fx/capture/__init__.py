@@ -1,9 +1,14 @@
 """Capture a model as a torch.fx GraphModule, once per ``optimize`` call.
 
-Symbolic tracing (``capture.fx``) in eval mode on a deep copy of the user's model first. When
-that fails (HuggingFace transformers v5 models), or the model is given as a
+Symbolic tracing (``capture.fx``) on a deep copy of the user's model first. When that fails
+(HuggingFace transformers v5 models), or the model is given as a
 ``torch.export.ExportedProgram``, the graph comes from torch.export instead (``capture.export``);
-``Captured.frontend`` says which. The user's model is never modified.
+``Captured.frontend`` says which. Either records the model in train mode, its dropout switched
+by ``.train()``/``.eval()`` (``capture.train``), or in eval mode where both modes compute the
+same, or where a train-mode graph cannot be the model's in both modes (a plan note and a
+warning on ``.train()`` say why). The model runs once
+on the example inputs first: inputs it cannot take are a one-line ``CaptureError`` naming why.
+torch prints nothing while capture tries (``capture.quiet``). The user's model is never modified.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import torch.nn as nn
 from ..errors import CaptureError, one_line
 from .export import capture_export, exported_inputs, is_exported_program
 from .fx import float_mask, trace, with_standins
-from .inputs import default_inputs, normalize_inputs
+from .inputs import default_inputs, normalize_inputs, run_example
+from .quiet import quiet
+from .train import probe_training, train_problem
 
 __all__ = ["Captured", "capture", "default_inputs", "normalize_inputs", "is_exported_program",
            "float_mask"]
@@ -34,6 +41,7 @@ class Captured:
     args: tuple  # example positional inputs (tensors) matching the graph placeholders
     kwargs: dict
     notes: list[str] = field(default_factory=list)
+    training: bool = False  # the mode the model was given in (the result is returned in it)
 
     def copy(self) -> "Captured":
         """A copy whose graph can be rewritten without touching this one."""
@@ -41,22 +49,47 @@ class Captured:
                                    notes=list(self.notes))
 
 
-def _export_without_cache(work: nn.Module, args, kwargs, name: str, notes: list[str]):
+def _export_without_cache(work: nn.Module, args, kwargs, name: str, notes: list[str],
+                          training: bool = False):
     """``capture_export``; a HuggingFace decoder whose output holds a key/value cache (not a
     tensor) is exported again with ``config.use_cache = False`` on the copy."""
     try:
-        return capture_export(work, args, kwargs, name, notes)
+        return capture_export(work, args, kwargs, name, notes, training)
     except CaptureError as exc:
         config = getattr(work, "config", None)
         if "Cache" not in str(exc) or not getattr(config, "use_cache", False):
             raise
         config.use_cache = False
         notes.append("captured with use_cache=False: the model's key/value cache is no tensor")
-        return capture_export(work, args, kwargs, name, notes)
+        return capture_export(work, args, kwargs, name, notes, training)
+
+
+def _both_modes(capture_in, why: str | None, differs: bool, reference, args: tuple,
+                kwargs: dict):
+    """(graph, notes, why): ``capture_in(training, notes)``'s train-mode graph if the training
+    forward differs from the eval forward, ``probe_training`` found no reason against it and
+    under ``.eval()`` the graph is the model's eval forward (``why`` None); else its eval-mode
+    graph and why not. Raises what the eval-mode capture raises."""
+    notes: list[str] = []
+    if why is None and differs:
+        try:
+            gm = capture_in(True, notes)
+            why = train_problem(gm, reference, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure in train mode: the eval-mode graph
+            why = f"it cannot be captured in train mode ({one_line(exc)})"
+        if why is None:
+            return gm, notes, None
+        notes = []
+    return capture_in(False, notes), notes, why
+
+
+def _copy(model: nn.Module, training: bool) -> nn.Module:
+    return copy.deepcopy(model).train(training)
 
 
 def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
-    """Capture a deep copy of ``model`` (in eval mode) as a GraphModule.
+    """Capture a deep copy of ``model`` as a GraphModule (in eval mode; see the module
+    docstring for train mode).
 
     torch.fx symbolic tracing first (``frontend="fx"``); if that fails, or ``model`` is a
     ``torch.export.ExportedProgram``, torch.export (``frontend="export"``).
@@ -66,7 +99,8 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
                         else exported_inputs(model))
         notes = ["captured from the given torch.export ExportedProgram"]
-        gm = capture_export(model, args, kwargs, "ExportedProgram", notes)
+        with quiet():
+            gm = capture_export(model, args, kwargs, "ExportedProgram", notes)
         return Captured(gm, "export", "ExportedProgram", args, kwargs, notes)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -74,16 +108,29 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         example_inputs = default_inputs(model)
     args, kwargs = normalize_inputs(example_inputs)
     name = type(model).__name__
-    notes: list[str] = []
-    work = with_standins(copy.deepcopy(model).eval(), notes)
-    try:
-        gm = trace(work, args, kwargs)
-    except Exception as exc:  # fx raises many kinds; report them as one line
-        reason = one_line(exc)
+    work = _copy(model, False)  # the eval-mode copy both frontends record, stand-ins swapped
+    reference = run_example(work, args, kwargs)
+    copy_in = lambda training: _copy(model, True) if training else work  # noqa: E731
+    with quiet():
+        probe = probe_training(_copy(model, True), reference, args, kwargs)
         try:
-            gm = _export_without_cache(work, args, kwargs, name, notes)
-        except CaptureError as exc2:
-            raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
-        notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")
-        return Captured(gm, "export", name, args, kwargs, notes)
-    return Captured(gm, "fx", name, args, kwargs, notes)
+            gm, notes, why = _both_modes(
+                lambda training, notes: trace(with_standins(copy_in(training), notes),
+                                              args, kwargs), *probe, reference, args, kwargs)
+            frontend = "fx"
+        except Exception as exc:  # fx raises many kinds; report them as one line
+            reason = one_line(exc)
+            try:
+                gm, notes, why = _both_modes(
+                    lambda training, notes: _export_without_cache(
+                        copy_in(training), args, kwargs, name, notes, training),
+                    *probe, reference, args, kwargs)
+            except CaptureError as exc2:
+                raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
+            notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")
+            frontend = "export"
+    if why:
+        gm.tome_eval_only = f"the training forward of {name} is not captured: {why}"
+        notes.append(f"train mode: {why}; under .train() the module computes the graph "
+                     "recorded in eval mode")
+    return Captured(gm, frontend, name, args, kwargs, notes, model.training)

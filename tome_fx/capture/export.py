@@ -8,10 +8,11 @@ ops, so the same block finder and passes run on it.
 
 What the returned GraphModule is:
 
-* ``ep.module()`` (parameters as ``get_attr``) turned into a plain ``fx.GraphModule``, so
-  ``.train()``/``.eval()`` work; it keeps export's pytree calling convention, so it takes the
-  inputs the model was exported with (positional or keyword, as in ``example_inputs``) and
-  returns the model's own output structure (a HuggingFace ``ModelOutput`` stays one).
+* ``ep.module()`` (parameters as ``get_attr``) turned into a ``TomeModule`` (a GraphModule
+  that pickles whole, export's guards included; ``.train()``/``.eval()`` work); it keeps
+  export's pytree calling convention, so it takes the inputs the model was exported with
+  (positional or keyword, as in ``example_inputs``) and returns the model's own output
+  structure (a HuggingFace ``ModelOutput`` stays one).
 * The batch dimension of every input tensor is exported as dynamic (``Dim.AUTO``), so one
   module serves every batch size. Export specialises a dimension whose example size is 1, so a
   batch of one is exported repeated to a batch of two. Where the model pins the batch size,
@@ -21,7 +22,9 @@ What the returned GraphModule is:
   instead of export's ``AssertionError: Guard failed``.
 * Token counts stay baked into view/reshape/expand arguments; the shape repair pass
   (``passes/shapes.py``) makes them follow merges.
-* Export records eval-mode behaviour: dropout is off whatever ``.train()`` says.
+* Export records one mode: capture exports the model in train mode with its dropout
+  switched by ``.train()``/``.eval()`` (``capture.train``), or in eval mode where that
+  graph is not the model's in both modes.
 * An SDPA mask computed from shapes and constants only that keeps every position (v5 builds an
   all-true mask for unmasked encoders) is removed; a real mask, or any term that reads a
   parameter or buffer, stays (and is the matcher's business).
@@ -29,17 +32,20 @@ What the returned GraphModule is:
 from __future__ import annotations
 
 import copy
-import math
 import inspect
+import math
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .. import graph as gu
-from ..errors import CaptureError, ShapeError, one_line
+from ..errors import CaptureError, one_line
+from ..graph.module import TomeModule
+from .guards import add_input_check, dynamic_sizes, export_spec, unlifted
+from .guards import input_check_hook  # noqa: F401 - where compiling finds it
+from .train import add_train_switches
 
 
 def is_exported_program(obj) -> bool:
@@ -55,7 +61,7 @@ def exported_inputs(ep) -> tuple:
     return tuple(example[0]), dict(example[1])
 
 
-def _interpolates(model: nn.Module, kwargs: dict) -> bool:
+def interpolates(model: nn.Module, kwargs: dict) -> bool:
     """Whether the model takes any image size: timm ``dynamic_img_size=True``, or HF called
     with ``interpolate_pos_encoding=True``."""
     return bool(kwargs.get("interpolate_pos_encoding") is True
@@ -69,7 +75,7 @@ def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict, every: bool):
     and ``[B, N, C]`` embeddings) and, for a model that interpolates its position embedding,
     an image's height and width."""
     auto = torch.export.Dim.AUTO
-    images = every and _interpolates(model, kwargs)
+    images = every and interpolates(model, kwargs)
 
     def spec(x):
         if isinstance(x, torch.Tensor):
@@ -111,13 +117,13 @@ def _repeated(args: tuple, kwargs: dict, batch: int):
                     if isinstance(t, torch.Tensor) and t.dim() > 0 else t, (args, kwargs))
 
 
-def export_program(model: nn.Module, args: tuple, kwargs: dict):
-    """torch.export (non-strict) of an eval-mode deep copy, the batch and the token dimensions
-    dynamic where the model allows (``_dynamic_dims``); failing that the batch only, failing
-    that static. A form is kept only if the program runs the given inputs (export's guards can
-    refuse a batch of one). A batch of one is exported repeated to two (export specialises a
-    dimension of size 1), unless the model pins it."""
-    work = copy.deepcopy(model).eval()
+def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool = False):
+    """torch.export (non-strict) of a deep copy in eval mode (``training``: train mode), the
+    batch and the token dimensions dynamic where the model allows (``_dynamic_dims``); failing
+    that the batch only, failing that static. A form is kept only if the program runs the given
+    inputs (export's guards can refuse a batch of one). A batch of one is exported repeated to
+    two (export specialises a dimension of size 1), unless the model pins it."""
+    work = copy.deepcopy(model).train(training)
     tries = []
     if _batch_of_one(args, kwargs):
         two = _repeated(args, kwargs, 2)
@@ -142,122 +148,25 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict):
     raise failure
 
 
-def _described(dims) -> str:
-    def one(d):
-        if isinstance(d, int):
-            return str(d)
-        _, lo, hi = d
-        return "any" if lo <= 1 and hi is None else f"{lo}..{'' if hi is None else hi}"
-    return "(" + ", ".join(one(d) for d in dims) + ")"
-
-
-@torch.fx.node.has_side_effect
-def check_inputs(spec: tuple, *inputs) -> None:
-    """Raise ``ShapeError`` (one line) if an input's shape is not one the graph was captured for.
-
-    ``spec``: per input ``(name, dims)``, ``dims`` a tuple of ints (fixed sizes) and
-    ``(symbol, low, high)`` (sizes free at run time within ``low..high``, ``high`` None for no
-    bound; one symbol in two places means equal sizes); None for a non-tensor input."""
-    seen: dict[str, tuple[str, int]] = {}
-    for (name, dims), x in zip(spec, inputs):
-        if dims is None or not isinstance(x, torch.Tensor):
-            continue
-        shape = tuple(x.shape)
-        what = f"input {name!r} has shape {shape} but the module was captured for {_described(dims)}"
-        fix = "optimize again with example inputs of the shape you will run"
-        if len(shape) != len(dims):
-            raise ShapeError(f"{what} ({len(dims)} dimensions); {fix}")
-        for d, (want, got) in enumerate(zip(dims, shape)):
-            if isinstance(want, int):
-                if want != got:
-                    raise ShapeError(f"{what}: dimension {d} is fixed at {want}; {fix}")
-                continue
-            symbol, lo, hi = want
-            if got < lo or (hi is not None and got > hi):
-                bound = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-                raise ShapeError(f"{what}: dimension {d} must be {bound}, got {got}")
-            other, size = seen.setdefault(symbol, (f"{name!r} dimension {d}", got))
-            if size != got:
-                raise ShapeError(f"{what}: its dimension {d} must equal {other} "
-                                 f"({size}), got {got}")
-
-
-def input_check_hook(gm: fx.GraphModule):
-    """A forward pre-hook doing ``gm``'s ``check_inputs`` in eager Python, or None if ``gm`` has
-    none. For ``torch.compile``: inside a compiled graph the check is traced, and a failing check
-    there is a compile error, not the ShapeError."""
-    node = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is check_inputs),
-                None)
-    if node is None:
-        return None
-    spec, signature = node.args[0], inspect.signature(gm.forward)
-
-    def hook(module, args, kwargs):
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:  # the call itself says what is wrong
-            return
-        check_inputs(spec, *(bound.arguments.get(name) for name, _ in spec))
-
-    return hook
-
-
-def _input_spec(gm: fx.GraphModule, ranges: dict) -> tuple:
-    """``check_inputs``' spec of ``gm``'s placeholders; ``ranges``: export's range constraints
-    (symbol -> the sizes the program accepts)."""
-    def dim(d):
-        if not isinstance(d, torch.SymInt) or d.node.expr.is_number:  # a size export fixed
-            return int(d)
-        expr = d.node.expr
-        valid = ranges.get(expr)
-        lo, hi = (valid.lower, valid.upper) if valid is not None else (0, None)
-        finite = lambda v: isinstance(v, (int, sympy.Integer))  # noqa: E731 - not int_oo
-        lo = int(lo) if finite(lo) else 0
-        # export's ranges start at 2 (it traces with sizes above 1), its program takes 1 too
-        return (str(expr), 1 if lo == 2 else lo, int(hi) if finite(hi) else None)
-
-    def dims(val):
-        return tuple(dim(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
-
-    return tuple((p.target, dims(p.meta.get("val")))
-                 for p in gm.graph.nodes if p.op == "placeholder")
-
-
-def add_input_check(gm: fx.GraphModule, ranges: dict) -> tuple:
-    """Insert ``check_inputs`` in front of export's guards (before the first computation);
-    returns its spec."""
-    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
-    if not placeholders:
-        return ()
-    spec = _input_spec(gm, ranges)
-    with gm.graph.inserting_after(placeholders[-1]):
-        gm.graph.call_function(check_inputs, (spec, *placeholders))
-    return spec
-
-
-def dynamic_sizes(spec: tuple) -> str | None:
-    """The plan's note on the sizes beyond the batch that the module takes at any value."""
-    free = [f"{name} dimension {d} ({lo}..{'' if hi is None else hi})"
-            for name, dims in spec for d, size in enumerate(dims or ())
-            if d > 0 and not isinstance(size, int) for _, lo, hi in [size]]
-    return f"dynamic sizes (any value in range): {', '.join(free)}" if free else None
-
-
-def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]):
-    """(GraphModule, notes) from torch.export; raises CaptureError with one line."""
+def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str],
+                   training: bool = False):
+    """The GraphModule of torch.export (of ``model`` in train mode with ``training``, dropout
+    switched by ``.train()``); raises CaptureError with one line."""
     try:
-        ep = model if is_exported_program(model) else export_program(model, args, kwargs)
-        module = copy.deepcopy(ep.module())  # parameters are not shared with ``ep``
+        ep = (model if is_exported_program(model)
+              else export_program(model, args, kwargs, training))
+        module = copy.deepcopy(unlifted(ep))  # parameters are not shared with ``ep``
     except Exception as exc:  # export raises many kinds; report them as one line
         raise CaptureError(f"torch.export failed on {name}: {one_line(exc)}") from exc
-    gm = fx.GraphModule(module, module.graph)  # plain GraphModule: .train()/.eval() allowed
+    gm = TomeModule(module, module.graph)  # .train()/.eval() allowed, unlike ep.module()
+    add_train_switches(gm)
     gm.eval()
     if not _dynamic_batch(gm.graph):
         batch = next((a.shape[0] for a in (*args, *kwargs.values())
                       if isinstance(a, torch.Tensor) and a.dim() > 0), None)
         notes.append(f"torch.export kept the batch size static ({batch}); call the result "
                      "with that batch size or optimize again for another")
-    free = dynamic_sizes(add_input_check(gm, dict(ep.range_constraints)))
+    free = dynamic_sizes(add_input_check(gm, export_spec(gm, dict(ep.range_constraints))))
     if free:
         notes.append(free)
     drop_assertions(gm)

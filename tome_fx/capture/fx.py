@@ -14,6 +14,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.module import TomeModule
+from .export import interpolates
+from .guards import add_input_check, example_spec
+from .inputs import declared_size
+from .train import add_train_switches
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,15 +247,22 @@ def _concrete_args(model: nn.Module, n_args: int, kwargs: dict) -> dict:
 
 
 def with_standins(model: nn.Module, notes: list[str]) -> nn.Module:
-    """``model`` (a copy the caller owns) with its opaque torch.nn modules swapped, in eval mode."""
+    """``model`` (a copy the caller owns) with its opaque torch.nn modules swapped."""
     root = _standin(model)
-    return (root if root is not model else swap_standins(model, notes)).eval()
+    return root if root is not model else swap_standins(model, notes)
 
 
 def trace(work: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    """Symbolic tracing of ``work`` (from ``with_standins``); raises what fx raises."""
-    gm = fx.symbolic_trace(work, concrete_args=_concrete_args(work, len(args), kwargs) or None)
+    """Symbolic tracing of ``work`` (from ``with_standins``, in the mode to record; its dropout
+    then follows ``.train()``, ``capture.train``), in eval mode, with a check of the inputs'
+    number of dimensions (and of the input size a model that does not interpolate declares)
+    first; raises what fx raises."""
+    traced = fx.symbolic_trace(work, concrete_args=_concrete_args(work, len(args), kwargs) or None)
+    gm = TomeModule(traced, traced.graph, type(traced).__name__)
     _drop_dead_values(gm)
+    fixed = None if interpolates(work, kwargs) else declared_size(work)
+    add_input_check(gm, example_spec(gm, args, kwargs, fixed))
+    add_train_switches(gm)
     gm.eval()
     return gm
 

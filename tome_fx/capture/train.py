@@ -1,0 +1,186 @@
+"""The training forward in the captured graph: dropout that follows ``.train()``/``.eval()``.
+
+A graph records one pass of the model's Python, so a choice the code makes by ``self.training``
+(``F.dropout(x, p, self.training)``, SDPA's ``dropout_p=p if self.training else 0``) is baked in.
+capture records the model in train mode, and every dropout probability becomes
+``train_switch(p, 0.0)`` (``TrainSwitch``, a submodule: ``.train()``/``.eval()`` reach it), so one
+graph, with one matching and one merge schedule, computes both modes. nn.Dropout modules left
+as modules follow the mode by themselves.
+
+First the model runs once in train mode (``probe_training``): a training forward that draws
+random numbers in Python (numpy, ``random``: a graph would freeze them, e.g. wav2vec2's
+SpecAugment mask) or beyond dropout (stochastic depth, LayerDrop) cannot be switched, and one
+that computes what eval mode computes needs no train-mode graph. A train-mode graph is kept only
+if under ``.eval()`` it computes the model's eval forward on the example inputs
+(``train_problem``); otherwise capture falls back to the eval-mode graph and says why.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import sys
+import traceback
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .. import graph as gu
+from ..errors import one_line
+
+aten = torch.ops.aten
+_DROPOUT = ((1, "p"), (2, "training", True))
+_ATEN_DROPOUT = ((1, "p"), (2, "train", True))
+_SDPA = ((4, "dropout_p"), None)
+# op -> ((position, name) of the probability, (position, name, default) of its train flag)
+SWITCHED = {
+    F.dropout: _DROPOUT, F.dropout1d: _DROPOUT, F.dropout2d: _DROPOUT, F.dropout3d: _DROPOUT,
+    F.alpha_dropout: ((1, "p"), (2, "training", False)),
+    F.feature_alpha_dropout: ((1, "p"), (2, "training", False)),
+    torch.dropout: _ATEN_DROPOUT, torch.alpha_dropout: _ATEN_DROPOUT,
+    torch.feature_dropout: _ATEN_DROPOUT, torch.feature_alpha_dropout: _ATEN_DROPOUT,
+    F.scaled_dot_product_attention: _SDPA,
+    aten.dropout.default: _ATEN_DROPOUT, aten.feature_dropout.default: _ATEN_DROPOUT,
+    aten.alpha_dropout.default: _ATEN_DROPOUT, aten.feature_alpha_dropout.default: _ATEN_DROPOUT,
+    aten.native_dropout.default: _ATEN_DROPOUT, aten.scaled_dot_product_attention.default: _SDPA,
+}
+_RANDOM = {"bernoulli", "normal", "uniform", "multinomial", "exponential", "cauchy", "geometric",
+           "log_normal", "poisson", "random"}  # and rand, randn, randint, randperm, ...
+SWITCH = "train_switch"
+
+
+class TrainSwitch(nn.Module):
+    """``if_train`` under ``.train()``, ``if_eval`` under ``.eval()``."""
+
+    def forward(self, if_train, if_eval):
+        return if_train if self.training else if_eval
+
+
+def add_train_switches(gm: fx.GraphModule) -> int:
+    """Route every active dropout probability (and its train flag) of ``gm`` through
+    ``train_switch``; returns how many ops now follow the mode."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        rule = SWITCHED.get(n.target) if n.op == "call_function" else None
+        if rule is None:
+            continue
+        (p_at, p_name), flag = rule
+        p = gu.arg(n, p_at, p_name, 0.0)
+        on = True if flag is None else gu.arg(n, flag[0], flag[1], flag[2])
+        if on is not True or isinstance(p, fx.Node) or not p:
+            continue
+        if SWITCH not in gm._modules:
+            gm.add_submodule(SWITCH, TrainSwitch())
+        with gm.graph.inserting_before(n):
+            gu.set_arg(n, p_at, p_name, gm.graph.call_module(SWITCH, (p, 0.0)))
+            if flag is not None and (len(n.args) > flag[0] or flag[1] in n.kwargs):
+                gu.set_arg(n, flag[0], flag[1], gm.graph.call_module(SWITCH, (True, False)))
+        count += 1
+    gm.recompile()
+    return count
+
+
+def _is_random(name: str, target) -> bool:
+    base = name.split(".")[0].strip("_")
+    return (base in _RANDOM or base.startswith("rand")) and target not in SWITCHED
+
+
+def _random_op(n: fx.Node) -> str | None:
+    if n.op not in ("call_function", "call_method"):
+        return None
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name if _is_random(name, n.target) else None
+
+
+class _RandomCalls(TorchFunctionMode):
+    """Records the first torch call that draws random numbers, dropout aside, and where in the
+    model's code (the innermost frame outside torch)."""
+
+    first: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.first is None and _is_random(name, func):
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if f"{os.sep}torch{os.sep}" not in f.filename]
+            where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
+                    f"{frames[-1].name}" if frames else ""
+            self.first = f"{name}{where}"
+        return func(*args, **(kwargs or {}))
+
+
+def probe_training(model: nn.Module, reference, args: tuple, kwargs: dict):
+    """Run ``model`` (a copy in train mode) on the example inputs: (why its training forward
+    cannot be captured, or None; whether it computes other values than ``reference``, the eval
+    forward). The caller's random generators are left as they were."""
+    try:
+        with torch.random.fork_rng(), torch.no_grad(), PythonRandom() as drawn, \
+                _RandomCalls() as calls:
+            out = model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the eval-mode graph is kept
+        return f"it fails in train mode ({type(exc).__name__}: {one_line(exc)})", True
+    why = []
+    if drawn.drew:
+        why.append("it draws random numbers in Python (numpy or random), which a graph would "
+                   "freeze")
+    if calls.first:
+        why.append(f"it draws random numbers beyond dropout ({calls.first})")
+    return "; ".join(why) or None, not _same(reference, out)
+
+
+def _same(a, b) -> bool:
+    want, have = _tensors(a), _tensors(b)
+    return len(want) == len(have) and all(
+        x.shape == y.shape and torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-4,
+                                              equal_nan=True) for x, y in zip(want, have))
+
+
+def train_problem(gm: fx.GraphModule, reference, args: tuple, kwargs: dict) -> str | None:
+    """Why ``gm`` (captured in train mode, switches added) is not the model's eval forward under
+    ``.eval()``: a random op beyond dropout, or other outputs than ``reference`` on the example
+    inputs; None if it is."""
+    for n in gm.graph.nodes:
+        op = _random_op(n)
+        if op:
+            where = n.meta.get("stack_trace", "").strip().splitlines()
+            return (f"it draws random numbers beyond dropout ({op}"
+                    f"{' at ' + where[-1].strip() if where else ''})")
+    gm.eval()
+    with torch.no_grad():
+        got = gm(*args, **kwargs)
+    if not _same(reference, got):
+        return "its train-mode graph computes other values than the model in eval mode"
+    return None
+
+
+def _tensors(out) -> list:
+    if hasattr(out, "to_tuple"):  # a HuggingFace ModelOutput
+        out = out.to_tuple()
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+class PythonRandom:
+    """Whether the code run inside drew numbers from Python's ``random`` or numpy's global
+    generator (``drew``); both are put back as they were."""
+
+    def __enter__(self):
+        self.states = self._states()
+        self.drew = False
+        return self
+
+    def __exit__(self, *exc):
+        self.drew = self._states()[1] != self.states[1]
+        random.setstate(self.states[0][0])
+        if self.states[0][1] is not None:
+            sys.modules["numpy"].random.set_state(self.states[0][1])
+        return False
+
+    @staticmethod
+    def _states():
+        numpy = sys.modules.get("numpy")
+        raw = (random.getstate(), numpy.random.get_state() if numpy is not None else None)
+        return raw, pickle.dumps(raw)
