@@ -13,6 +13,7 @@ from cases import timm_model
 from mask_models import PaddedEncoder
 
 
+@functools.lru_cache(maxsize=None)  # built once; tests copy before changing
 def _padded():
     model = PaddedEncoder(depth=2).eval()
     x, pad = torch.randn(3, 20, 32), torch.zeros(3, 20, dtype=torch.bool)
@@ -20,6 +21,7 @@ def _padded():
     return tome_fx.optimize(model, r=3, example_inputs=(x, pad)), (x, pad), {}
 
 
+@functools.lru_cache(maxsize=None)
 def _features():  # class token protected, tokens unmerged at the output
     model = timm_model("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=4,
                        num_classes=0, global_pool="")
@@ -27,6 +29,7 @@ def _features():  # class token protected, tokens unmerged at the output
     return tome_fx.optimize(model, r=8, example_inputs=x), (x,), {}
 
 
+@functools.lru_cache(maxsize=None)
 def _tomato():
     model = timm_model("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=4)
     x = torch.randn(2, 3, 32, 32)

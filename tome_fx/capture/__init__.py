@@ -3,12 +3,15 @@
 Symbolic tracing (``capture.fx``) on a deep copy of the user's model first. When that fails
 (HuggingFace transformers v5 models), or the model is given as a
 ``torch.export.ExportedProgram``, the graph comes from torch.export instead (``capture.export``);
-``Captured.frontend`` says which. Either records the model in train mode, its dropout switched
-by ``.train()``/``.eval()`` (``capture.train``), or in eval mode where both modes compute the
-same, or where a train-mode graph cannot be the model's in both modes (a plan note and a
-warning on ``.train()`` say why). The model runs once
-on the example inputs first: inputs it cannot take are a one-line ``CaptureError`` naming why.
-torch prints nothing while capture tries (``capture.quiet``). The user's model is never modified.
+``Captured.frontend`` says which.
+
+The copy first runs on the example inputs in train mode (``capture.train.probe_training``),
+and in eval mode where that fails or the forward depends on the mode. Inputs the model cannot
+take are a one-line ``CaptureError`` naming why (``capture.inputs.run_example``). A forward
+that depends on the mode through dropout is recorded in train mode, its dropout switched by
+``.train()``/``.eval()``; one that does not, or whose training forward a graph cannot hold, in
+eval mode (a plan note and a warning on ``.train()`` say why). torch prints nothing while
+capture tries (``capture.quiet``). The user's model is never modified.
 """
 from __future__ import annotations
 
@@ -64,14 +67,13 @@ def _export_without_cache(work: nn.Module, args, kwargs, name: str, notes: list[
         return capture_export(work, args, kwargs, name, notes, training)
 
 
-def _both_modes(capture_in, why: str | None, differs: bool, reference, args: tuple,
-                kwargs: dict):
-    """(graph, notes, why): ``capture_in(training, notes)``'s train-mode graph if the training
-    forward differs from the eval forward, ``probe_training`` found no reason against it and
-    under ``.eval()`` the graph is the model's eval forward (``why`` None); else its eval-mode
-    graph and why not. Raises what the eval-mode capture raises."""
-    notes: list[str] = []
-    if why is None and differs:
+def _both_modes(capture_in, probe, reference, args: tuple, kwargs: dict):
+    """(graph, notes, why): ``capture_in(training, notes)``'s train-mode graph where the forward
+    depends on the mode (``probe``), nothing rules it out and under ``.eval()`` it is the
+    model's eval forward (``why`` None); else its eval-mode graph, and why where the training
+    forward is not captured. Raises what the eval-mode capture raises."""
+    why, notes = probe.why, []
+    if why is None and probe.differs:
         try:
             gm = capture_in(True, notes)
             why = train_problem(gm, reference, args, kwargs)
@@ -81,10 +83,6 @@ def _both_modes(capture_in, why: str | None, differs: bool, reference, args: tup
             return gm, notes, None
         notes = []
     return capture_in(False, notes), notes, why
-
-
-def _copy(model: nn.Module, training: bool) -> nn.Module:
-    return copy.deepcopy(model).train(training)
 
 
 def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
@@ -108,23 +106,29 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         example_inputs = default_inputs(model)
     args, kwargs = normalize_inputs(example_inputs)
     name = type(model).__name__
-    work = _copy(model, False)  # the eval-mode copy both frontends record, stand-ins swapped
-    reference = run_example(work, args, kwargs)
-    copy_in = lambda training: _copy(model, True) if training else work  # noqa: E731
+    work = copy.deepcopy(model)  # the copy both frontends record (stand-ins swapped in it)
     with quiet():
-        probe = probe_training(_copy(model, True), reference, args, kwargs)
+        probe = probe_training(work, args, kwargs)
+    # the eval forward: the model's own error on inputs it cannot take, else what a train-mode
+    # graph must compute under .eval()
+    reference = run_example(work, args, kwargs) if probe.error or probe.differs else None
+
+    def in_mode(training: bool) -> nn.Module:
+        return work.train(training)
+
+    with quiet():
         try:
             gm, notes, why = _both_modes(
-                lambda training, notes: trace(with_standins(copy_in(training), notes),
-                                              args, kwargs), *probe, reference, args, kwargs)
+                lambda training, notes: trace(with_standins(in_mode(training), notes), args,
+                                              kwargs), probe, reference, args, kwargs)
             frontend = "fx"
         except Exception as exc:  # fx raises many kinds; report them as one line
             reason = one_line(exc)
             try:
                 gm, notes, why = _both_modes(
                     lambda training, notes: _export_without_cache(
-                        copy_in(training), args, kwargs, name, notes, training),
-                    *probe, reference, args, kwargs)
+                        in_mode(training), args, kwargs, name, notes, training),
+                    probe, reference, args, kwargs)
             except CaptureError as exc2:
                 raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
             notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")

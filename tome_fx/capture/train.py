@@ -10,8 +10,8 @@ as modules follow the mode by themselves.
 First the model runs once in train mode (``probe_training``): a training forward that draws
 random numbers in Python (numpy, ``random``: a graph would freeze them, e.g. wav2vec2's
 SpecAugment mask) or beyond dropout (stochastic depth, LayerDrop) cannot be switched, and one
-that computes what eval mode computes needs no train-mode graph. A train-mode graph is kept only
-if under ``.eval()`` it computes the model's eval forward on the example inputs
+with no dropout and no batch statistics needs no train-mode graph. A train-mode graph is kept
+only if under ``.eval()`` it computes the model's eval forward on the example inputs
 (``train_problem``); otherwise capture falls back to the eval-mode graph and says why.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pickle
 import random
 import sys
 import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -33,14 +34,14 @@ from .. import graph as gu
 from ..errors import one_line
 
 aten = torch.ops.aten
-_DROPOUT = ((1, "p"), (2, "training", True))
-_ATEN_DROPOUT = ((1, "p"), (2, "train", True))
-_SDPA = ((4, "dropout_p"), None)
-# op -> ((position, name) of the probability, (position, name, default) of its train flag)
+_DROPOUT = ((1, "p", 0.5), (2, "training", True))
+_ALPHA = ((1, "p", 0.5), (2, "training", False))
+_ATEN_DROPOUT = ((1, "p", 0.0), (2, "train", True))
+_SDPA = ((4, "dropout_p", 0.0), None)
+# op -> ((position, name, default) of the probability, the same of its train flag or None)
 SWITCHED = {
     F.dropout: _DROPOUT, F.dropout1d: _DROPOUT, F.dropout2d: _DROPOUT, F.dropout3d: _DROPOUT,
-    F.alpha_dropout: ((1, "p"), (2, "training", False)),
-    F.feature_alpha_dropout: ((1, "p"), (2, "training", False)),
+    F.alpha_dropout: _ALPHA, F.feature_alpha_dropout: _ALPHA,
     torch.dropout: _ATEN_DROPOUT, torch.alpha_dropout: _ATEN_DROPOUT,
     torch.feature_dropout: _ATEN_DROPOUT, torch.feature_alpha_dropout: _ATEN_DROPOUT,
     F.scaled_dot_product_attention: _SDPA,
@@ -68,20 +69,28 @@ def add_train_switches(gm: fx.GraphModule) -> int:
         rule = SWITCHED.get(n.target) if n.op == "call_function" else None
         if rule is None:
             continue
-        (p_at, p_name), flag = rule
-        p = gu.arg(n, p_at, p_name, 0.0)
-        on = True if flag is None else gu.arg(n, flag[0], flag[1], flag[2])
-        if on is not True or isinstance(p, fx.Node) or not p:
+        if not _drops(rule, lambda at, name, default: gu.arg(n, at, name, default)):
             continue
         if SWITCH not in gm._modules:
             gm.add_submodule(SWITCH, TrainSwitch())
+        (p_at, p_name, p_default), flag = rule
         with gm.graph.inserting_before(n):
+            p = gu.arg(n, p_at, p_name, p_default)
             gu.set_arg(n, p_at, p_name, gm.graph.call_module(SWITCH, (p, 0.0)))
             if flag is not None and (len(n.args) > flag[0] or flag[1] in n.kwargs):
                 gu.set_arg(n, flag[0], flag[1], gm.graph.call_module(SWITCH, (True, False)))
         count += 1
     gm.recompile()
     return count
+
+
+def _drops(rule, arg) -> bool:
+    """Whether a call of a ``SWITCHED`` op drops anything; ``arg(position, name, default)``
+    reads its arguments."""
+    (p_at, p_name, p_default), flag = rule
+    p = arg(p_at, p_name, p_default)
+    on = True if flag is None else arg(*flag)
+    return on is True and not isinstance(p, fx.Node) and bool(p)
 
 
 def _is_random(name: str, target) -> bool:
@@ -96,40 +105,69 @@ def _random_op(n: fx.Node) -> str | None:
     return name if _is_random(name, n.target) else None
 
 
-class _RandomCalls(TorchFunctionMode):
-    """Records the first torch call that draws random numbers, dropout aside, and where in the
-    model's code (the innermost frame outside torch)."""
+class _Recorder(TorchFunctionMode):
+    """What a forward does that depends on the mode: the first torch call drawing random numbers
+    beyond dropout (and where in the model's code), whether a dropout drops anything, whether
+    batch norm uses the batch's statistics."""
 
-    first: str | None = None
+    def __init__(self):
+        super().__init__()
+        self.random: str | None = None
+        self.dropout = self.batch_stats = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+
+        def arg(at, name, default):
+            return args[at] if len(args) > at else kwargs.get(name, default)
+
         name = getattr(func, "__name__", "")
-        if self.first is None and _is_random(name, func):
+        if func in SWITCHED:
+            self.dropout |= _drops(SWITCHED[func], arg)
+        elif func is F.batch_norm:
+            self.batch_stats |= arg(5, "training", False) is True
+        elif self.random is None and _is_random(name, func):
             frames = [f for f in traceback.extract_stack()[:-1]
                       if f"{os.sep}torch{os.sep}" not in f.filename]
-            where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
-                    f"{frames[-1].name}" if frames else ""
-            self.first = f"{name}{where}"
-        return func(*args, **(kwargs or {}))
+            where = frames[-1] if frames else None
+            self.random = name + (f" at {os.path.basename(where.filename)}:{where.lineno} in "
+                                  f"{where.name}" if where else "")
+        return func(*args, **kwargs)
 
 
-def probe_training(model: nn.Module, reference, args: tuple, kwargs: dict):
-    """Run ``model`` (a copy in train mode) on the example inputs: (why its training forward
-    cannot be captured, or None; whether it computes other values than ``reference``, the eval
-    forward). The caller's random generators are left as they were."""
+@dataclass
+class Probe:
+    """The model's forward in train mode, on the example inputs."""
+
+    why: str | None = None  # why no train-mode graph can be its training forward
+    differs: bool = False  # it depends on the mode: dropout, batch statistics
+    error: Exception | None = None  # what it raised
+
+
+def probe_training(model: nn.Module, args: tuple, kwargs: dict) -> Probe:
+    """Run ``model`` (capture's copy) in train mode on the example inputs; its buffers (batch
+    statistics) and the caller's random generators are put back as they were, and the model
+    is left in eval mode."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    model.train()
     try:
         with torch.random.fork_rng(), torch.no_grad(), PythonRandom() as drawn, \
-                _RandomCalls() as calls:
-            out = model(*args, **kwargs)
+                _Recorder() as seen:
+            model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - whatever fails, the eval-mode graph is kept
-        return f"it fails in train mode ({type(exc).__name__}: {one_line(exc)})", True
+        return Probe(f"it fails in train mode ({type(exc).__name__}: {one_line(exc)})", True, exc)
+    finally:
+        model.eval()
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)
     why = []
     if drawn.drew:
         why.append("it draws random numbers in Python (numpy or random), which a graph would "
                    "freeze")
-    if calls.first:
-        why.append(f"it draws random numbers beyond dropout ({calls.first})")
-    return "; ".join(why) or None, not _same(reference, out)
+    if seen.random:
+        why.append(f"it draws random numbers beyond dropout ({seen.random})")
+    return Probe("; ".join(why) or None, seen.dropout or seen.batch_stats)
 
 
 def _same(a, b) -> bool:
