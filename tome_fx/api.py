@@ -17,12 +17,14 @@ from .capture import Captured, capture, is_exported_program, normalize_inputs
 from .compiling import compile_module, compile_options
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
+from .cost.tomesd import rewrite_tomesd
 from .data import Data, load_data
 from .exporting import Exported
 from .exporting import export as export_module
 from .graph.batches import fit_batch, static_batch
 from .methods import ToMato, ToMe
 from .methods.tomato import check_args as check_tomato_args
+from .methods.tomesd import from_options as tomesd_method
 from .passes.size_bias import prop_attn_form
 from .passes.unmerge import check_mode
 from .pipeline import Rewrite
@@ -233,8 +235,16 @@ def optimize(
         captured = capture(model, example_inputs)
         result = rewrite_tomato(captured, found, flops_budget, prop_attn, drop_unread)
         return _finish(result, compile, flops_budget, captured)
+    if method == "tomesd":  # local merging in diffusion models (ToMeSD)
+        _check_model(model)
+        if r is not None:
+            raise ValueError("method='tomesd' takes ratio or flops_budget, not r")
+        found = tomesd_method(tomato, flops_budget is not None)
+        captured = capture(model, example_inputs)
+        return _finish(rewrite_tomesd(captured, found, flops_budget), compile, flops_budget,
+                       captured)
     if method != "tome":
-        raise ValueError(f"method must be 'tome' or 'tomato', got {method!r}")
+        raise ValueError(f"method must be 'tome', 'tomato' or 'tomesd', got {method!r}")
     if tomato:
         raise TypeError(f"unexpected arguments for method='tome': {', '.join(sorted(tomato))}")
     _check_args(model, r, flops_budget)
