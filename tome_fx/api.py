@@ -19,6 +19,8 @@ from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
 from .cost.tomesd import rewrite_tomesd
 from .data import Data, load_data
+from .diffusion import DiffusionModule, is_diffusers
+from .diffusion import default_inputs as diffusion_inputs
 from .exporting import Exported
 from .exporting import export as export_module
 from .graph.batches import fit_batch, static_batch
@@ -236,13 +238,7 @@ def optimize(
         result = rewrite_tomato(captured, found, flops_budget, prop_attn, drop_unread)
         return _finish(result, compile, flops_budget, captured)
     if method == "tomesd":  # local merging in diffusion models (ToMeSD)
-        _check_model(model)
-        if r is not None:
-            raise ValueError("method='tomesd' takes ratio or flops_budget, not r")
-        found = tomesd_method(tomato, flops_budget is not None)
-        captured = capture(model, example_inputs)
-        return _finish(rewrite_tomesd(captured, found, flops_budget), compile, flops_budget,
-                       captured)
+        return _optimize_tomesd(model, r, flops_budget, example_inputs, compile, tomato)
     if method != "tome":
         raise ValueError(f"method must be 'tome', 'tomato' or 'tomesd', got {method!r}")
     if tomato:
@@ -258,6 +254,31 @@ def optimize(
         result = run_pipeline(captured, ToMe(_schedule(r), unmerge=unmerge), prop_attn=prop_attn,
                               drop=drop_unread)
     return _finish(result, compile, flops_budget, captured)
+
+
+def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options) -> nn.Module:
+    """``optimize(method="tomesd")``: a diffusers model gets default inputs from its config and
+    comes back as a ``DiffusionModule`` a pipeline can call."""
+    _check_model(model)
+    if r is not None:
+        raise ValueError("method='tomesd' takes ratio or flops_budget, not r")
+    if flops_budget is not None:
+        check_budget(flops_budget)
+    found = tomesd_method(options, flops_budget is not None)
+    wrap = isinstance(model, nn.Module) and is_diffusers(model)
+    if example_inputs is None and wrap:
+        example_inputs = diffusion_inputs(model)
+    captured = capture(model, example_inputs)
+    result = rewrite_tomesd(captured, found, flops_budget)
+    if not result.counts["merges"] and not flops_budget and found.ratio:
+        warnings.warn(f"method='tomesd' merges nothing in {captured.model_class} "
+                      f"(every reason: print(module.tome))", UserWarning, stacklevel=3)
+    out = _finish(result, compile, flops_budget, captured)
+    if not wrap:
+        return out
+    module = DiffusionModule(out, model, captured.args, captured.kwargs)
+    module.tome, module.tome_counts, module.tome_inputs = out.tome, out.tome_counts, out.tome_inputs
+    return module
 
 
 def unmet_budget(plan: Plan, budget: float | None) -> str | None:

@@ -109,12 +109,13 @@ class Plan:
 
     def level_table(self, fmt: str = "simple") -> str:
         """ToMeSD's levels: grid, tokens, ratio, r, merged ops, their FLOPs before and after."""
-        rows = [[lv.downsample, f"{lv.grid[0]}x{lv.grid[1]}", lv.tokens, f"{lv.ratio:.3f}", lv.r,
+        rows = [[lv.downsample, f"{lv.grid[0]}x{lv.grid[1]}", lv.tokens, lv.ratio, lv.r,
                  lv.ops, None if lv.flops_original is None else lv.flops_original / 1e6,
                  None if lv.flops is None else lv.flops / 1e6] for lv in self.levels]
         head = ["downsample", "grid", "tokens", "ratio", "r", "merged ops", "MFLOPs before",
                 "MFLOPs after"]
-        return tabulate(rows, headers=head, tablefmt=fmt, floatfmt=".1f")
+        return tabulate(rows, headers=head, tablefmt=fmt,
+                        floatfmt=("g", "", "g", ".3f", "g", "g", ".1f", ".1f"))
 
     def __str__(self) -> str:
         lines = [self.table(), f"protected prefix tokens: {self.protected}",

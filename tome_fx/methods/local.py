@@ -56,7 +56,7 @@ class LocalBlock(Block):
         return self.hw[0] * self.hw[1]
 
 
-def _values(core: Core) -> Node | None:
+def values_of(core: Core) -> Node | None:
     """The attention's values (SDPA's third argument, or the right side of ``probs @ v``)."""
     if core.kind == "sdpa":
         return gu.arg(core.anchor, 2, "value", None)
@@ -198,7 +198,7 @@ def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], lis
         pixels = _pixels(grid, shapes)
         largest = max(largest or 0, tokens)
         ds = int(math.ceil(math.sqrt(pixels // tokens))) if pixels else 0  # 0: fixed below
-        targets = [t for t in (core.query, core.keys, _values(core)) if t is not None]
+        targets = [t for t in (core.query, core.keys, values_of(core)) if t is not None]
         chain = [("attn", core, add, add.args[0] if add.args[1] is stream else add.args[1],
                   stream, targets)]
         at = add

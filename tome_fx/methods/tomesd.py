@@ -21,7 +21,7 @@ from ..match import Refusal
 from ..passes.base import Context, inserted
 from ..passes.merge import MergeSite
 from ..plans import Plan
-from .local import OPS, LocalBlock, find_local, step_input
+from .local import OPS, LocalBlock, find_local, values_of, step_input
 
 NO_SITES = "no transformer block over a 2-D token grid"
 
@@ -87,7 +87,7 @@ class ToMeSD:
         if not blocks:
             why = "; ".join(sorted({r.reason for r in refusals})) or "no attention"
             raise ValueError(f"method='tomesd' needs {NO_SITES}: {why}")
-        m.blocks, m.refusals, m.prefix, m.cross = blocks, refusals, 0, []
+        m.blocks, m.refusals, m.cross = blocks, refusals, []
         refused = {}
         for b in blocks:
             h, w = b.hw
@@ -139,6 +139,8 @@ class ToMeSD:
                 back = inserted(graph.call_function(tomesd_unmerge, (b.op_out, match)),
                                 "local_unmerge", site=b.index)
             b.attn_add.replace_input_with(b.op_out, back)
+            if b.op == "attn":
+                _follow_joint_split(graph, b, x, ctx.shapes)
             sites.append(MergeSite(b.index, match, x, None))
         ctx.gm.recompile()
         return sites
@@ -172,6 +174,42 @@ class ToMeSD:
 
 def refusal_reasons(refusals: list[Refusal]) -> str:
     return "; ".join(f"{r.site}: {r.reason}" for r in refusals)
+
+
+def _follow_joint_split(graph, b: LocalBlock, x, shapes) -> None:
+    """MM-DiT joint attention runs on [image tokens, text tokens] and splits its output at the
+    image token count, which export bakes (``out[:, :N]``, ``out[:, N:]``): the split point
+    becomes the merged count, read from the merged tokens ``x``."""
+    n, seen, frontier = b.tokens, set(), [b.core.out]
+    count = None
+    for _ in range(8):  # a few layout ops after the attention
+        nxt = []
+        for node in frontier:
+            for u in list(node.users):
+                if u in seen:
+                    continue
+                seen.add(u)
+                s = shapes.get(node)
+                if (gu.packet(u) is torch.ops.aten.slice and gu.is_tensor_shape(s) and len(s) > 1
+                        and s[1] > n and gu.arg(u, 1, "dim", 0) == 1):
+                    start, end = gu.arg(u, 2, "start", None), gu.arg(u, 3, "end", None)
+                    if (start, end) == (0, n) or (start == n and isinstance(end, int)
+                                                  and end >= s[1]):
+                        if count is None:
+                            with graph.inserting_after(x):
+                                count = inserted(graph.call_function(
+                                    torch.ops.aten.sym_size.int, (x, 1)), "shape")
+                        gu.set_arg(u, 3 if start == 0 else 2, "end" if start == 0 else "start",
+                                   count)
+                        u.meta["tome"] = {"role": "joint_split", "inserted": True}
+                        continue
+                nxt.append(u)
+        frontier = nxt
+    if count is None:
+        return
+    for cat in (b.core.query, b.core.keys, values_of(b.core)):  # [image, text] along the tokens
+        if gu.is_call(cat, gu.CAT) and x in gu.ancestors_within(cat.args[0][0], 12):
+            cat.meta["tome"] = {"role": "joint_cat", "inserted": True}  # the split follows it
 
 
 OPTIONS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn",
