@@ -270,9 +270,6 @@ def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options) -
         example_inputs = diffusion_inputs(model)
     captured = capture(model, example_inputs)
     result = rewrite_tomesd(captured, found, flops_budget)
-    if not result.counts["merges"] and not flops_budget and found.ratio:
-        warnings.warn(f"method='tomesd' merges nothing in {captured.model_class} "
-                      f"(every reason: print(module.tome))", UserWarning, stacklevel=3)
     out = _finish(result, compile, flops_budget, captured)
     if not wrap:
         return out

@@ -16,6 +16,7 @@ from .errors import ShapeError
 
 BATCH = 2  # a prompt and its unconditional twin (classifier-free guidance)
 TEXT_TOKENS = 77  # CLIP's prompt length
+STEP_NAMES = ("timestep", "timesteps")
 
 
 def is_diffusers(model) -> bool:
@@ -32,12 +33,12 @@ def default_inputs(model: nn.Module) -> dict:
     cfg = model.config
     size = _first(cfg.get("sample_size")) or 64
     channels = cfg.get("in_channels", 4)
-    out: dict[str, Any] = {"timestep": torch.full((BATCH,), 500.0)}
+    names = inspect.signature(model.forward).parameters
     image = torch.randn(BATCH, channels, size, size)
+    out: dict[str, Any] = {"sample" if "sample" in names else "hidden_states": image,
+                           "timestep": torch.full((BATCH,), 500.0)}
     text = cfg.get("cross_attention_dim") or cfg.get("joint_attention_dim")
     text = _first(text) or cfg.get("caption_channels")
-    names = inspect.signature(model.forward).parameters
-    out["sample" if "sample" in names else "hidden_states"] = image
     if text and "encoder_hidden_states" in names:
         out["encoder_hidden_states"] = torch.randn(BATCH, TEXT_TOKENS, text)
     if cfg.get("addition_embed_type") == "text_time":  # SDXL
@@ -66,6 +67,9 @@ class DiffusionModule(nn.Module):
         object.__setattr__(self, "_positional", tuple(names[:len(args)]))
         object.__setattr__(self, "_keywords", tuple(kwargs))
         object.__setattr__(self, "_skeleton", _skeleton(model))
+        step = dict(zip(names, args)) | kwargs
+        object.__setattr__(self, "_step", next(((n, v) for n, v in step.items()
+                                                if n in STEP_NAMES and _is_batched(v)), None))
         object.__setattr__(self, "config", model.config)
 
     @property
@@ -94,6 +98,7 @@ class DiffusionModule(nn.Module):
                     and value is not None and value != {}:
                 raise ShapeError(f"{name}= was not in the example inputs the model was optimized "
                                  f"with; pass it in example_inputs to tome_fx.optimize")
+        self._batched_step(bound.arguments)
         missing = [n for n in self._positional + self._keywords if n not in bound.arguments]
         if missing:
             raise ShapeError(f"missing input {missing[0]!r}: the model was optimized with it")
@@ -102,6 +107,23 @@ class DiffusionModule(nn.Module):
         if bound.arguments.get("return_dict", True) is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
+
+
+    def _batched_step(self, arguments: dict) -> None:
+        """A scalar timestep (as SD pipelines pass it) becomes one per sample, in the example's
+        dtype, as the model itself broadcasts it."""
+        if self._step is None or self._step[0] not in arguments:
+            return
+        name, example = self._step
+        t = torch.as_tensor(arguments[name], device=example.device)
+        if t.dim() == 0:
+            batch = next(v.shape[0] for v in arguments.values()
+                         if isinstance(v, torch.Tensor) and v.dim() >= 3)
+            arguments[name] = t.to(example.dtype).expand(batch)
+
+
+def _is_batched(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 1
 
 
 def _skeleton(model: nn.Module) -> nn.Module | None:

@@ -5,15 +5,13 @@ original's plus, per merged op, the difference between its FLOPs at ``M = N - r`
 ``N`` (a polynomial of degree 2 in ``M``: linear layers and cross-attention are linear, the
 self-attention product quadratic), plus each transformer block's match (its source x
 destination cosine-score product; the same for any ``r > 0``). The polynomials are fitted on
-three runs of the model rewritten with every op merged (``r`` = 0, the most, half of it).
+two runs of the model rewritten with every op merged (``r`` = 0 and the most), node by node.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-
-import numpy as np
 
 from .. import graph as gu
 from ..capture import Captured
@@ -69,15 +67,17 @@ class LocalCost:
         return sorted({s.downsample for s in self.sites})
 
 
-def _fit(xs: list[int], ys: list[float]) -> tuple:
-    """(c, a, q) of the quadratic through three points; fewer distinct points: lower degree."""
-    pts = sorted(set(zip(xs, ys)))
-    if len({x for x, _ in pts}) < 3:
-        (x0, y0), (x1, y1) = pts[0], pts[-1]
-        a = 0.0 if x1 == x0 else (y1 - y0) / (x1 - x0)
-        return y0 - a * x0, a, 0.0
-    q, a, c = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 2)
-    return float(c), float(a), float(q)
+def _power(f0: float, f1: float, x0: int, x1: int) -> tuple:
+    """(c, a, q) of one node's FLOPs measured at ``x0`` and ``x1`` tokens: a constant, or
+    ``a*x`` or ``q*x**2`` (matrix products and attention are monomials in the token count)."""
+    if f0 == f1 or x0 == x1:
+        return f0, 0.0, 0.0
+    if f0 > 0 and f1 > 0:
+        p = round(math.log(f0 / f1) / math.log(x0 / x1))
+        if p in (1, 2) and f1 * x0 ** p == f0 * x1 ** p:
+            return (0.0, f0 / x0, 0.0) if p == 1 else (0.0, 0.0, f0 / x0 ** 2)
+    a = (f1 - f0) / (x1 - x0)  # neither: the line through both
+    return f0 - a * x0, a, 0.0
 
 
 def _spans(gm) -> dict[int, set]:
@@ -100,15 +100,15 @@ def build_cost(captured: Captured, rw: Rewrite, method: ToMeSD) -> LocalCost:
                               if t.group == s.group and t.index in matches) for s in sites}
     most = {group_of[s.group]: merge_count(s.tokens, *s.hw, method.sx, method.sy, 0.0, BIG)
             for s in sites}
-    runs = [run_flops(gm, inputs, {m: r * k // 2 for m, r in most.items()}) for k in (0, 2, 1)]
+    plain, merged = (run_flops(gm, inputs, {m: r * k for m, r in most.items()}) for k in (0, 1))
     poly, match = {}, {}
     for s in sites:
         m = group_of[s.group]
-        xs = [s.tokens - most[m] * k // 2 for k in (0, 2, 1)]
-        ys = [sum(f for n, f in run.flops.items() if n in spans[s.index]) for run in runs]
-        poly[s.index] = _fit(xs, ys)
-        match[s.group] = runs[1].flops.get(m, 0)
-    return LocalCost(sum(runs[0].flops.values()), sites, poly, match, method.sx, method.sy)
+        terms = [_power(plain.flops.get(n, 0), merged.flops.get(n, 0), s.tokens,
+                        s.tokens - most[m]) for n in spans[s.index]]
+        poly[s.index] = tuple(float(sum(t[i] for t in terms)) for i in range(3))
+        match[s.group] = merged.flops.get(m, 0)
+    return LocalCost(sum(plain.flops.values()), sites, poly, match, method.sx, method.sy)
 
 
 def _candidates(cost: LocalCost, levels: list[int], cap: float) -> list[float]:
@@ -164,18 +164,35 @@ def rewrite_tomesd(captured: Captured, method: ToMeSD, flops_budget: float | Non
     """The ToMeSD rewrite of ``captured`` at ``method``'s ratios, or at the per-level ratios that
     meet ``flops_budget`` (no proportional attention and nothing dropped: every op's output is
     unmerged). The plan lists the levels with their FLOPs."""
+    cost = None
     if flops_budget is not None:  # priced on every level, at the most each allows
         every = dataclasses.replace(method, ratio=RECOMMENDED, max_downsample=BIG)
-        full = rewrite(captured, every, prop_attn=False, drop=False)
-        levels = search_levels(build_cost(captured, full, method), flops_budget,
-                               method.max_downsample)
-        method = dataclasses.replace(method, ratio=levels)
+        cost = build_cost(captured, rewrite(captured, every, prop_attn=False, drop=False), method)
+        method = dataclasses.replace(method, ratio=search_levels(cost, flops_budget,
+                                                                 method.max_downsample))
     rw = rewrite(captured, method, prop_attn=False, drop=False)
-    cost = build_cost(captured, rw, method)
+    cost = cost or build_cost(captured, rw, method)
     sites = [b for b in rw.blocks if isinstance(b, LocalBlock) and b.op in method.ops]
     levels = method.levels(sites)
     rw.plan = dataclasses.replace(rw.plan, levels=level_plans(cost, sites, levels),
                                   flops=int(round(cost.flops(levels))),
                                   flops_original=int(round(cost.original)), budget=flops_budget)
     rw.graph_module.tome = rw.plan
+    asked = method.ratio.values() if isinstance(method.ratio, dict) else [method.ratio]
+    if not rw.counts["merges"] and any(asked):  # asked to merge: say why it cannot
+        raise ValueError(f"method='tomesd' merges nothing in {captured.model_class}: "
+                         f"{nothing_merged(rw.plan, method)}")
     return rw
+
+
+def nothing_merged(plan, method: ToMeSD) -> str:
+    """Why a ToMeSD plan that asks for merging merges nothing (one line, what to change)."""
+    window = [s.reason for s in plan.skipped if "window" in s.reason]
+    if window:
+        return window[0]
+    have = ", ".join(str(lv.downsample) for lv in plan.levels)
+    if not any(lv.ratio > 0 for lv in plan.levels):
+        return (f"its transformer blocks are at downsample {have}, above max_downsample="
+                f"{method.max_downsample}; pass max_downsample={plan.levels[0].downsample} or more")
+    first = plan.skipped[0] if plan.skipped else None
+    return f"{first.site}: {first.reason}" if first else "no op of the chosen kinds merges"

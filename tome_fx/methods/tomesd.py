@@ -23,7 +23,7 @@ from ..passes.merge import MergeSite
 from ..plans import Plan
 from .local import OPS, LocalBlock, find_local, values_of, step_input
 
-NO_SITES = "no transformer block over a 2-D token grid"
+NO_SITES = "a transformer block over a 2-D token grid"
 
 
 def check_ratio(ratio, name: str = "ratio") -> float:
