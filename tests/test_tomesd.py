@@ -286,3 +286,56 @@ def test_sd3_merges_image_tokens_only():
     assert relative(ours, reference) <= 1e-4
     zero = _rewrite(captured, ratio=0.0)
     assert relative(call(zero.graph_module, inputs), call(model, inputs)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# compile, export, command line
+# ---------------------------------------------------------------------------------------------
+
+def test_compile_one_graph_and_pt2(dit_model, tmp_path):
+    """Seeded random destinations included: one dynamo graph, no break, the same outputs; the
+    .pt2 archive loads and computes the same."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, inputs, _ = dit_model
+    fast = tome_fx.optimize(model, method="tomesd", ratio=0.5, seed=3)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(fast.graph, backend=counter, fullgraph=True)
+    assert relative(call(compiled, inputs), call(fast, inputs)) == 0
+    assert counter.frame_count == 1
+    done = tome_fx.export(fast, tmp_path / "dit.pt2", verbose=False)
+    assert done.max_diff <= 1e-5
+
+
+def test_unet_compiles_to_one_graph(unet15, merged15):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(merged15.graph_module, backend=counter, fullgraph=True)
+    assert relative(call(compiled, unet15[1]), call(merged15.graph_module, unet15[1])) == 0
+    assert counter.frame_count == 1
+
+
+def test_cli_diffusers_directories(tmp_path, capsys):
+    """A pipeline folder (model_index.json + unet/) in report, a model folder in bench."""
+    import json
+
+    from tome_fx.cli.main import main
+
+    sd15().save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    assert main(["report", str(tmp_path / "pipe"), "--ratio", "0.5", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model_class"] == "UNet2DConditionModel" and report["method"] == "tomesd"
+    assert report["levels"][0]["ratio"] == 0.5 and report["levels"][0]["r"] == 128
+    assert report["fidelity"]["relative_error"] > 0
+    dit().save_pretrained(tmp_path / "dit")
+    assert main(["bench", str(tmp_path / "dit"), "--flops-budget", "0.8", "--runs", "1",
+                 "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "DiTTransformer2DModel, tomesd" in out and "FLOP ratio 0.79" in out
+    assert main(["report", str(tmp_path / "dit"), "--ratio", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "tome-fx: error: ratio must be in [0, 1), got 1.5"

@@ -335,5 +335,7 @@ def export(module: nn.Module, path, example_inputs: Any = None, format: str | No
     other dimension the module allows (a token count that only meets per-token ops); a token
     count that depends on the input's values (ToMato threshold mode) is an ``ExportError``.
     See ``tome_fx.exporting``."""
+    if isinstance(module, DiffusionModule):  # a diffusers result: its rewritten graph
+        module = module.graph
     return export_module(module, path, example_inputs, format, tolerance=tolerance,
                          verbose=verbose)

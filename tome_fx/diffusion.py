@@ -27,29 +27,35 @@ def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-def default_inputs(model: nn.Module) -> dict:
-    """Example inputs of a diffusers UNet or diffusion transformer at its configured sample
-    size: a batch of two latents, a timestep, and what the config says it conditions on."""
+def default_inputs(model: nn.Module, batch: int = BATCH, size: tuple | None = None,
+                   generator: torch.Generator | None = None) -> dict:
+    """Example inputs of a diffusers UNet or diffusion transformer: ``batch`` latents (default
+    two: a prompt and its unconditional twin) of ``size`` (C, H, W; default the configured
+    sample size), a timestep, and what the config says it conditions on, random from
+    ``generator``."""
     cfg = model.config
-    size = _first(cfg.get("sample_size")) or 64
-    channels = cfg.get("in_channels", 4)
+    side = _first(cfg.get("sample_size")) or 64
+    size = tuple(size) if size is not None else (cfg.get("in_channels", 4), side, side)
     names = inspect.signature(model.forward).parameters
-    image = torch.randn(BATCH, channels, size, size)
-    out: dict[str, Any] = {"sample" if "sample" in names else "hidden_states": image,
-                           "timestep": torch.full((BATCH,), 500.0)}
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    out: dict[str, Any] = {"sample" if "sample" in names else "hidden_states": randn(batch, *size),
+                           "timestep": torch.full((batch,), 500.0)}
     text = cfg.get("cross_attention_dim") or cfg.get("joint_attention_dim")
     text = _first(text) or cfg.get("caption_channels")
     if text and "encoder_hidden_states" in names:
-        out["encoder_hidden_states"] = torch.randn(BATCH, TEXT_TOKENS, text)
+        out["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, text)
     if cfg.get("addition_embed_type") == "text_time":  # SDXL
         time_dim = cfg.get("addition_time_embed_dim")
         pooled = cfg.get("projection_class_embeddings_input_dim") - 6 * time_dim
-        out["added_cond_kwargs"] = {"text_embeds": torch.randn(BATCH, pooled),
-                                    "time_ids": torch.randn(BATCH, 6)}
+        out["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled),
+                                    "time_ids": randn(batch, 6)}
     if cfg.get("pooled_projection_dim") and "pooled_projections" in names:  # SD3
-        out["pooled_projections"] = torch.randn(BATCH, cfg.get("pooled_projection_dim"))
+        out["pooled_projections"] = randn(batch, cfg.get("pooled_projection_dim"))
     if cfg.get("num_embeds_ada_norm") and "class_labels" in names:  # DiT
-        out["class_labels"] = torch.zeros(BATCH, dtype=torch.long)
+        out["class_labels"] = torch.zeros(batch, dtype=torch.long)
     return out
 
 
