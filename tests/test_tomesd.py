@@ -305,7 +305,7 @@ def test_compile_one_graph_and_pt2(dit_model, tmp_path):
     assert relative(call(compiled, inputs), call(fast, inputs)) == 0
     assert counter.frame_count == 1
     done = tome_fx.export(fast, tmp_path / "dit.pt2", verbose=False)
-    assert done.max_diff <= 1e-5
+    assert max(done.max_diff.values()) <= 1e-5
 
 
 def test_unet_compiles_to_one_graph(unet15, merged15):
