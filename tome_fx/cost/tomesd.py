@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .. import graph as gu
 from ..capture import Captured
-from ..kernels.tomesd import merge_count
+from ..kernels.tomesd import removed_count
 from ..methods.local import LocalBlock
 from ..methods.tomesd import ToMeSD
 from ..pipeline import Rewrite, rewrite
@@ -40,7 +40,7 @@ class LocalCost:
 
     def r(self, site: LocalBlock, ratio: float) -> int:
         h, w = site.hw
-        return merge_count(site.tokens, h, w, self.sx, self.sy, ratio)
+        return removed_count(site.tokens, h, w, self.sx, self.sy, ratio)
 
     def op_flops(self, site: LocalBlock, tokens: int) -> float:
         c, a, q = self.poly[site.index]
@@ -98,7 +98,7 @@ def build_cost(captured: Captured, rw: Rewrite, method: ToMeSD) -> LocalCost:
     sites = [b for b in rw.blocks if isinstance(b, LocalBlock) and b.index in spans]
     group_of = {s.group: next(matches[t.index] for t in sites
                               if t.group == s.group and t.index in matches) for s in sites}
-    most = {group_of[s.group]: merge_count(s.tokens, *s.hw, method.sx, method.sy, 0.0, BIG)
+    most = {group_of[s.group]: removed_count(s.tokens, *s.hw, method.sx, method.sy, 0.0, BIG)
             for s in sites}
     plain, merged = (run_flops(gm, inputs, {m: r * k for m, r in most.items()}) for k in (0, 1))
     poly, match = {}, {}

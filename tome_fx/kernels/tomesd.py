@@ -19,7 +19,7 @@ import torch
 _MASK = (1 << 31) - 1  # 31-bit hash arithmetic: products stay inside int64
 
 
-def merge_count(tokens: int, h: int, w: int, sx: int, sy: int, ratio: float, r=None) -> int:
+def removed_count(tokens: int, h: int, w: int, sx: int, sy: int, ratio: float, r=None) -> int:
     """Tokens a match removes: ``int(tokens * ratio)`` (or ``r``), at most the sources."""
     want = int(tokens * ratio) if r is None else r
     return max(0, min(want, tokens - (h // sy) * (w // sx)))
@@ -72,7 +72,7 @@ def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
     ``step``): a new pattern per denoising step, the same one for the same step (a prompt and
     its unconditional twin in separate calls, or a rerun), and no random state is touched."""
     batch, tokens = metric.shape[0], metric.shape[1]
-    r = merge_count(tokens, h, w, sx, sy, ratio, r)
+    r = removed_count(tokens, h, w, sx, sy, ratio, r)
     if r <= 0:
         return None
     hs, ws = h // sy, w // sx

@@ -11,6 +11,7 @@ the same here.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -223,11 +224,7 @@ def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], lis
                                         "with the stream's tokens to merge"))
                 continue
             sites.append(_site(len(sites), op, c, g, stream, s, a, out, merge_at, grid, hw, ds))
-    if largest:  # no image input: downsample relative to the finest grid
-        sites = [s if s.downsample else _replace_ds(s, largest) for s in sites]
+    if largest:  # no image input: the level relative to the finest grid
+        sites = [s if s.downsample else dataclasses.replace(
+            s, downsample=int(math.ceil(math.sqrt(largest // s.tokens)))) for s in sites]
     return sites, refusals
-
-
-def _replace_ds(site: LocalBlock, largest: int) -> LocalBlock:
-    from dataclasses import replace
-    return replace(site, downsample=int(math.ceil(math.sqrt(largest // site.tokens))))

@@ -17,11 +17,10 @@ import torch
 
 from .. import graph as gu
 from ..kernels.tomesd import tomesd_match, tomesd_merge, tomesd_unmerge
-from ..match import Refusal
 from ..passes.base import Context, inserted
 from ..passes.merge import MergeSite
 from ..plans import Plan
-from .local import OPS, LocalBlock, find_local, values_of, step_input
+from .local import OPS, LocalBlock, find_local, step_input, values_of
 
 NO_SITES = "a transformer block over a 2-D token grid"
 
@@ -172,10 +171,6 @@ class ToMeSD:
         return dataclasses.replace(plan, blocks=rows, method="tomesd")
 
 
-def refusal_reasons(refusals: list[Refusal]) -> str:
-    return "; ".join(f"{r.site}: {r.reason}" for r in refusals)
-
-
 def _follow_joint_split(graph, b: LocalBlock, x, shapes) -> None:
     """MM-DiT joint attention runs on [image tokens, text tokens] and splits its output at the
     image token count, which export bakes (``out[:, :N]``, ``out[:, N:]``): the split point
@@ -233,6 +228,6 @@ def from_options(options: dict, budget: bool) -> ToMeSD:
     use_rand, seed = options.get("use_rand", True), options.get("seed")
     check_args(ratio, max_ds, sx, sy, use_rand, seed, flags)
     if seed is None:  # a fresh pattern per module, reproducible under torch.manual_seed
-        seed = int(torch.randint(0, 1 << 31, ()))
+        seed = int(torch.randint(0, 1 << 31, ())) if use_rand else 0
     ops = tuple(op for op in OPS if flags[f"merge_{op}"])
     return ToMeSD(0.0 if ratio is None else ratio, max_ds, ops, sx, sy, use_rand, seed)
