@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tome_fx
+from tome_fx import graph as gu
 from diffusion_models import (HookedToMeSD, call, dit, relative, sd3, sd15, sdxl, square,
                               tomesd)
 from flops import counted_flops
@@ -114,10 +115,13 @@ def test_unet_plan_per_level(merged15):
     assert re.search(r"ratio 0.91\d\d", text)
 
 
-def test_unet_ratio_zero(unet15):
+def test_unet_ratio_zero(unet15, merged15):
+    """Every match of the rewritten graph at r = 0 is the original; so is ratio 0 (no merge)."""
     model, inputs, captured = unet15
+    with gu.merges_at(merged15.graph_module, 0):
+        assert relative(call(merged15.graph_module, inputs), call(model, inputs)) <= 1e-5
     rw = _rewrite(captured, ratio=0.0)
-    assert rw.counts["merges"] == 0
+    assert rw.counts["merges"] == 0 and rw.plan.flops is None
     assert relative(call(rw.graph_module, inputs), call(model, inputs)) <= 1e-5
 
 

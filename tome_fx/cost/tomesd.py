@@ -145,16 +145,17 @@ def search_levels(cost: LocalCost, budget: float, top: int | None = None) -> dic
                      f"flops_budget >= {math.ceil(least * 1e4) / 1e4}")
 
 
-def level_plans(cost: LocalCost, sites: list[LocalBlock], levels: dict) -> tuple[LevelPlan, ...]:
-    """One row per level of ``sites``: FLOPs where ``cost`` prices its ops, else None."""
-    per = cost.by_level(levels)
+def level_plans(sites: list[LocalBlock], levels: dict, merged: set, method: ToMeSD,
+                cost: LocalCost | None) -> tuple[LevelPlan, ...]:
+    """One row per level of ``sites``; FLOPs where ``cost`` prices the level's ops, else None."""
+    per = cost.by_level(levels) if cost is not None else {}
     out = []
     for ds in sorted({s.downsample for s in sites}):
-        site = next(s for s in sites if s.downsample == ds)
+        here = [s for s in sites if s.downsample == ds]
         ratio = levels.get(ds, 0.0)
-        ops = sum(1 for s in cost.sites if s.downsample == ds and cost.r(s, ratio) > 0)
+        r = removed_count(here[0].tokens, *here[0].hw, method.sx, method.sy, ratio)
         before, after = per.get(ds, (None, None))
-        out.append(LevelPlan(ds, site.hw, ratio, cost.r(site, ratio), ops,
+        out.append(LevelPlan(ds, here[0].hw, ratio, r, sum(s.index in merged for s in here),
                              None if before is None else int(round(before)),
                              None if after is None else int(round(after))))
     return tuple(out)
@@ -163,7 +164,8 @@ def level_plans(cost: LocalCost, sites: list[LocalBlock], levels: dict) -> tuple
 def rewrite_tomesd(captured: Captured, method: ToMeSD, flops_budget: float | None = None) -> Rewrite:
     """The ToMeSD rewrite of ``captured`` at ``method``'s ratios, or at the per-level ratios that
     meet ``flops_budget`` (no proportional attention and nothing dropped: every op's output is
-    unmerged). The plan lists the levels with their FLOPs."""
+    unmerged). The plan lists the levels with their FLOPs. A ratio that merges nothing is a
+    ValueError saying why."""
     cost = None
     if flops_budget is not None:  # priced on every level, at the most each allows
         every = dataclasses.replace(method, ratio=RECOMMENDED, max_downsample=BIG)
@@ -171,15 +173,18 @@ def rewrite_tomesd(captured: Captured, method: ToMeSD, flops_budget: float | Non
         method = dataclasses.replace(method, ratio=search_levels(cost, flops_budget,
                                                                  method.max_downsample))
     rw = rewrite(captured, method, prop_attn=False, drop=False)
-    cost = cost or build_cost(captured, rw, method)
     sites = [b for b in rw.blocks if isinstance(b, LocalBlock) and b.op in method.ops]
     levels = method.levels(sites)
-    rw.plan = dataclasses.replace(rw.plan, levels=level_plans(cost, sites, levels),
-                                  flops=int(round(cost.flops(levels))),
-                                  flops_original=int(round(cost.original)), budget=flops_budget)
+    merged = {row.index for row in rw.plan.blocks if row.r > 0}
+    if merged:
+        cost = cost or build_cost(captured, rw, method)
+        rw.plan = dataclasses.replace(rw.plan, flops=int(round(cost.flops(levels))),
+                                      flops_original=int(round(cost.original)))
+    rw.plan = dataclasses.replace(rw.plan, budget=flops_budget, levels=level_plans(
+        sites, levels, merged, method, cost if merged else None))
     rw.graph_module.tome = rw.plan
     asked = method.ratio.values() if isinstance(method.ratio, dict) else [method.ratio]
-    if not rw.counts["merges"] and any(asked):  # asked to merge: say why it cannot
+    if not merged and any(asked):  # asked to merge: say why it cannot
         raise ValueError(f"method='tomesd' merges nothing in {captured.model_class}: "
                          f"{nothing_merged(rw.plan, method)}")
     return rw
