@@ -77,6 +77,25 @@ def test_seeded_random_destinations():
     assert sorted(order.tolist()) == list(range(35))
 
 
+class _DictInput(torch.nn.Module):
+    """Takes a dict of tensors (as SDXL's ``added_cond_kwargs``); fx cannot trace its branch."""
+
+    def forward(self, x, cond):
+        if x.shape[-1] > 1:
+            x = x * 2
+        return x + cond["a"] * cond["b"]
+
+
+def test_nested_inputs_run_in_the_captured_graph():
+    """Export flattens a dict input into several placeholders; runs of the captured graph (shape
+    recording, checks) give each its value instead of None."""
+    x, cond = torch.randn(2, 3, 4), {"a": torch.randn(2, 3, 4), "b": torch.randn(2, 3, 4)}
+    captured = capture(_DictInput(), {"x": x, "cond": cond})
+    assert captured.frontend == "export"
+    shapes, out = gu.record_shapes(captured.graph_module, captured.args, captured.kwargs)
+    torch.testing.assert_close(out, _DictInput()(x, cond))
+
+
 # ---------------------------------------------------------------------------------------------
 # SD1.5-shaped UNet: the authors' function
 # ---------------------------------------------------------------------------------------------

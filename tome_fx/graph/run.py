@@ -52,7 +52,7 @@ def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     if spec is not None:
         try:
             return list(fx_pytree.tree_flatten_spec((args, kwargs), spec))
-        except Exception:  # not the structure it was captured with: by name below
+        except (KeyError, TypeError, ValueError, RuntimeError):  # another structure: by name
             pass
     out = list(args)
     for p in [n for n in gm.graph.nodes if n.op == "placeholder"][len(args):]:
