@@ -37,12 +37,15 @@ def default_inputs(model: nn.Module, batch: int = BATCH, size: tuple | None = No
     side = _first(cfg.get("sample_size")) or 64
     size = tuple(size) if size is not None else (cfg.get("in_channels", 4), side, side)
     names = inspect.signature(model.forward).parameters
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator)
+    def randn(*shape):  # drawn on the CPU (repeatable), then where the model is
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
     out: dict[str, Any] = {"sample" if "sample" in names else "hidden_states": randn(batch, *size),
-                           "timestep": torch.full((batch,), 500.0)}
+                           "timestep": torch.full((batch,), 500.0, device=device)}
     text = cfg.get("cross_attention_dim") or cfg.get("joint_attention_dim")
     text = _first(text) or cfg.get("caption_channels")
     if text and "encoder_hidden_states" in names:
@@ -55,7 +58,7 @@ def default_inputs(model: nn.Module, batch: int = BATCH, size: tuple | None = No
     if cfg.get("pooled_projection_dim") and "pooled_projections" in names:  # SD3
         out["pooled_projections"] = randn(batch, cfg.get("pooled_projection_dim"))
     if cfg.get("num_embeds_ada_norm") and "class_labels" in names:  # DiT
-        out["class_labels"] = torch.zeros(batch, dtype=torch.long)
+        out["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
     return out
 
 
@@ -121,11 +124,10 @@ class DiffusionModule(nn.Module):
         if self._step is None or self._step[0] not in arguments:
             return
         name, example = self._step
-        t = torch.as_tensor(arguments[name], device=example.device)
+        image = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() >= 3)
+        t = torch.as_tensor(arguments[name], device=image.device)
         if t.dim() == 0:
-            batch = next(v.shape[0] for v in arguments.values()
-                         if isinstance(v, torch.Tensor) and v.dim() >= 3)
-            arguments[name] = t.to(example.dtype).expand(batch)
+            arguments[name] = t.to(example.dtype).expand(image.shape[0])
 
 
 def _is_batched(value) -> bool:
