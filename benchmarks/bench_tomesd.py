@@ -11,6 +11,7 @@ wall time beside it.
 
     taskset -c 1 python benchmarks/bench_tomesd.py            # ratio 0.5, 64x64 latent
     taskset -c 1 python benchmarks/bench_tomesd.py --ratio 0.3 --latent 32 --no-compile
+    python benchmarks/bench_tomesd.py --breaks-only     # graph breaks with use_rand=True
 
 Writes ``<out>/tomesd_speed_<tag>.json`` and ``.md``.
 """
@@ -61,6 +62,23 @@ def inductor_counter():
     return CompileCounterWithBackend(compile_fx)
 
 
+def graph_breaks(model, inputs, ratio: float) -> dict:
+    """Dynamo graph breaks with random destinations (``use_rand=True``, the authors' default):
+    the authors' patch forks a torch.Generator, tome_fx hashes a seed (no inductor run)."""
+    patched = copy.deepcopy(model)
+    tomesd.apply_patch(patched, ratio=ratio, use_rand=True)
+    fast = tome_fx.optimize(model, method="tomesd", ratio=ratio, use_rand=True, seed=0,
+                            example_inputs=inputs)
+    rest = {k: v for k, v in inputs.items() if k != "sample"}
+    out = {}
+    for name, module in (("tomesd", patched), ("tome_fx", fast.graph)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            found = torch._dynamo.explain(module)(inputs["sample"], **rest)
+        out[name] = {"graphs": found.graph_count, "breaks": found.graph_break_count}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.5)
@@ -72,12 +90,20 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="cpu1")
+    ap.add_argument("--breaks-only", action="store_true",
+                    help="only count dynamo graph breaks with use_rand=True (no timing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
 
     model = unet(args.latent)
     inputs = default_inputs(model, args.batch, generator=torch.Generator().manual_seed(0))
+    if args.breaks_only:
+        found = graph_breaks(model, inputs, args.ratio)
+        out = Path(args.out) / f"tomesd_graph_breaks_{args.tag}.json"
+        out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), **found}, indent=2))
+        print(json.dumps(found, indent=2))
+        return
     rest = {k: v for k, v in inputs.items() if k != "sample"}
     t0 = time.perf_counter()
     fast = tome_fx.optimize(model, method="tomesd", ratio=args.ratio, use_rand=False,
@@ -133,6 +159,7 @@ def main() -> None:
             "latent": args.latent, "batch": args.batch, "runs": args.runs, "threads": args.threads,
             "torch": torch.__version__, "diffusers": diffusers.__version__,
             "cpu": platform.processor() or platform.machine(), "load_start": load0,
+            "cpus_allowed": sorted(os.sched_getaffinity(0)),
             "load_end": os.getloadavg()[0], "optimize_s": optimize_s,
             "plan_flop_ratio": fast.tome.ratio, "rows": rows}
     out = Path(args.out)

@@ -79,6 +79,7 @@ def main() -> None:
     example["encoder_hidden_states"] = text
     seen, final = trajectory(model, scheduler, latent, text, args.steps)
     timesteps = [int(t) for t in scheduler.timesteps]
+    reference = [guided(model, x, t, text) for x, t in zip(seen, scheduler.timesteps)]
     results = []
     for use_rand in (False, True):
         for ratio in ratios:
@@ -87,8 +88,8 @@ def main() -> None:
             patched = copy.deepcopy(model)
             tomesd.apply_patch(patched, ratio=ratio, use_rand=use_rand)
             for name, variant in (("tome_fx", fast), ("tomesd", patched)):
-                errors = [relative(guided(variant, x, t, text), guided(model, x, t, text))
-                          for x, t in zip(seen, scheduler.timesteps)]
+                errors = [relative(guided(variant, x, t, text), e0)
+                          for x, t, e0 in zip(seen, scheduler.timesteps, reference)]
                 own = trajectory(variant, scheduler, latent, text, args.steps)[1]
                 results.append({"use_rand": use_rand, "ratio": ratio, "method": name,
                                 "per_step": errors, "final_latent": relative(own, final)})
