@@ -45,6 +45,14 @@ def dit(size=16, layers=2):
         norm_num_groups=32).eval()
 
 
+def pixart(size=16, layers=2):
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=layers, cross_attention_dim=32, sample_size=size, patch_size=2,
+        caption_channels=32, norm_num_groups=32, num_embeds_ada_norm=1000).eval()
+
+
 def sd3(size=16, layers=2):
     torch.manual_seed(0)
     return diffusers.SD3Transformer2DModel(
@@ -71,20 +79,23 @@ def relative(a, b) -> float:
 
 class HookedToMeSD:
     """ToMeSD on every transformer block of a diffusers model, as the authors define it: the match
-    from the block's input (``bipartite_soft_matching_random2d``, top-left destinations), the
-    self-attention (image tokens only in joint attention) run on merged tokens and unmerged.
+    from the block's input (``bipartite_soft_matching_random2d``, top-left destinations), each op
+    of ``ops`` (``attn1``/``attn`` the self-attention, image tokens only in joint attention;
+    ``attn2`` the cross-attention; ``ff`` the MLP) run on merged tokens and unmerged.
     ``grid(tokens) -> (h, w)`` gives the block's token grid."""
 
-    def __init__(self, model, ratio, grid, blocks=("BasicTransformerBlock", "JointTransformerBlock")):
+    def __init__(self, model, ratio, grid, ops=("attn1", "attn"),
+                 blocks=("BasicTransformerBlock", "JointTransformerBlock")):
         self.model, self.handles, self.ratio, self.grid = model, [], ratio, grid
         for m in model.modules():
             if type(m).__name__ in blocks:
                 self.handles.append(m.register_forward_pre_hook(self._match, with_kwargs=True))
-                self.handles.append(m.attn1.register_forward_pre_hook(self._merge, with_kwargs=True)
-                                    if hasattr(m, "attn1") else
-                                    m.attn.register_forward_pre_hook(self._merge, with_kwargs=True))
-                attn = m.attn1 if hasattr(m, "attn1") else m.attn
-                self.handles.append(attn.register_forward_hook(self._unmerge))
+                for name in ops:
+                    op = getattr(m, name, None)
+                    if op is not None:
+                        self.handles.append(op.register_forward_pre_hook(self._merge,
+                                                                         with_kwargs=True))
+                        self.handles.append(op.register_forward_hook(self._unmerge))
         self.fns = None
 
     def _match(self, module, args, kwargs):
@@ -101,10 +112,6 @@ class HookedToMeSD:
         if isinstance(out, tuple):  # joint attention: (image, text); text passes unchanged
             return (self.fns[1](out[0]), *out[1:])
         return self.fns[1](out)
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def square(tokens):

@@ -12,8 +12,8 @@ import torch
 
 import tome_fx
 from tome_fx import graph as gu
-from diffusion_models import (HookedToMeSD, call, dit, relative, sd3, sd15, sdxl, square,
-                              tomesd)
+from diffusion_models import (HookedToMeSD, call, dit, pixart, relative, sd3, sd15, sdxl,
+                              square, tomesd)
 from flops import counted_flops
 from models import TinyTransformer
 from tome_fx.capture import capture
@@ -159,6 +159,8 @@ def test_unet_ratio_zero(unet15, merged15):
     (dict(ratio=0.5, flops_budget=0.5), "pass either ratio or flops_budget, not both"),
     (dict(), "method='tomesd' needs ratio=... or flops_budget=..."),
     (dict(ratio=0.5, r=8), "method='tomesd' takes ratio or flops_budget, not r"),
+    (dict(ratio=0.5, prop_attn="fold"), "method='tomesd' takes no prop_attn"),
+    (dict(flops_budget=0.5, strategy="constant"), "method='tomesd' takes no strategy"),
 ])
 def test_bad_options(options, message):
     """Checked before anything is captured: one line naming the option."""
@@ -293,6 +295,18 @@ def test_dit_budget_and_ratio_zero(dit_model):
     assert 0.79 <= ratio <= 0.8
     zero = _rewrite(captured, ratio=0.0)
     assert relative(call(zero.graph_module, inputs), call(model, inputs)) <= 1e-5
+
+
+def test_pixart_every_op():
+    """PixArt: cross-attention straight on the stream (no norm before it) and adaLN-single; the
+    three ops merged, against the authors' merge around each."""
+    model = pixart()
+    inputs = default_inputs(model)
+    rw = _rewrite(capture(model, inputs), ratio=0.5, merge_crossattn=True, merge_mlp=True)
+    assert rw.counts["merges"] == 6
+    reference = call(HookedToMeSD(copy.deepcopy(model), 0.5, square,
+                                  ops=("attn1", "attn2", "ff")).model, inputs)
+    assert relative(call(rw.graph_module, inputs), reference) <= 1e-4
 
 
 def test_sd3_merges_image_tokens_only():

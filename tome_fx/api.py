@@ -238,7 +238,10 @@ def optimize(
         result = rewrite_tomato(captured, found, flops_budget, prop_attn, drop_unread)
         return _finish(result, compile, flops_budget, captured)
     if method == "tomesd":  # local merging in diffusion models (ToMeSD)
-        return _optimize_tomesd(model, r, flops_budget, example_inputs, compile, tomato)
+        ignored = {"prop_attn": prop_attn in ("bias", "fold"), "strategy": strategy != "auto",
+                   "calibration": calibration is not None}
+        return _optimize_tomesd(model, r, flops_budget, example_inputs, compile, tomato,
+                                [k for k, v in ignored.items() if v])
     if method != "tome":
         raise ValueError(f"method must be 'tome', 'tomato' or 'tomesd', got {method!r}")
     if tomato:
@@ -256,12 +259,17 @@ def optimize(
     return _finish(result, compile, flops_budget, captured)
 
 
-def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options) -> nn.Module:
+def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options,
+                     unused) -> nn.Module:
     """``optimize(method="tomesd")``: a diffusers model gets default inputs from its config and
-    comes back as a ``DiffusionModule`` a pipeline can call."""
+    comes back as a ``DiffusionModule`` a pipeline can call. ``unused``: ToMe's arguments the
+    call set, which ToMeSD has no use for (an error, not silently ignored)."""
     _check_model(model)
     if r is not None:
         raise ValueError("method='tomesd' takes ratio or flops_budget, not r")
+    if unused:
+        raise ValueError(f"method='tomesd' takes no {unused[0]}: it merges locally, without "
+                         "proportional attention, and a budget picks its levels and ratios")
     if flops_budget is not None:
         check_budget(flops_budget)
     found = tomesd_method(options, flops_budget is not None)
