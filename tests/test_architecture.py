@@ -22,7 +22,7 @@ LAYERS = [
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
     ("compiling", "track", "exporting"),  # compile, token sources, ONNX/.pt2 of results
-    ("timing", "data"),  # throughput and progress bars; real inputs, preprocessed
+    ("timing", "data", "diffusion"),  # throughput, progress bars; real inputs; diffusers models
     ("api",),  # optimize / explain / plan / compile
     ("sweep",),  # accuracy vs compute on real data
     ("cli",),  # tome-fx
