@@ -139,3 +139,47 @@ def test_compiled_module_pickles():
     assert str(copied.tome) == str(fast.tome)
     with torch.no_grad():
         assert torch.equal(copied(x), fast(x))
+
+
+def test_loaded_padded_batch_merges_each_sample_as_alone():
+    """The padding kernels (``key_padding``, per-sample merge plans) come back whole: in the
+    loaded module a padded sentence's output is its output alone."""
+    fast, _, inputs = _bert()
+    assert "key_padding" in fast.code
+    loaded = _saved(fast)
+    real = int(inputs["attention_mask"][1].sum())
+    alone = {k: v[1:2, :real] for k, v in inputs.items()}
+    with torch.no_grad():
+        got = loaded(**inputs).last_hidden_state[1, :real]
+        want = loaded(**alone).last_hidden_state[0]
+    assert ((got - want).norm() / want.norm()).item() <= 1e-4
+
+
+def test_tomesd_module_round_trip():
+    """A diffusers model rewritten by ToMeSD (random destinations, keyed by the timestep)."""
+    pytest.importorskip("diffusers")
+    from diffusion_models import dit
+    from tome_fx.diffusion import default_inputs
+
+    model = dit()
+    inputs = default_inputs(model)
+    fast = tome_fx.optimize(model, method="tomesd", ratio=0.5, use_rand=True)
+    assert fast.tome_counts["merges"] > 0
+    with torch.no_grad():
+        want = fast(**inputs).sample
+        for copied in (_saved(fast), copy.deepcopy(fast)):
+            assert torch.equal(copied(**inputs).sample, want)
+            assert str(copied.tome) == str(fast.tome) and copied.tome_counts == fast.tome_counts
+            assert _tags(copied.graph) == _tags(fast.graph)
+
+
+def test_every_graph_call_is_saved_by_name():
+    """Every function a rewritten graph calls (kernels, checks, ATen ops) is pickled by its
+    qualified name, which finds the same function again."""
+    from tome_fx.graph.module import _Named, _resolve, _target
+
+    for make in CASES.values():
+        for n in make()[0].graph.nodes:
+            if n.op == "call_function":
+                named = _target(n.target)
+                assert isinstance(named, _Named) and _resolve(named.name) is n.target, n.target

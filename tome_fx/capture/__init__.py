@@ -8,7 +8,8 @@ Symbolic tracing (``capture.fx``) on a deep copy of the user's model first. When
 The copy first runs on the example inputs in train mode (``capture.train.probe_training``),
 and in eval mode where that fails or the forward depends on the mode. Inputs the model cannot
 take are a one-line ``CaptureError`` naming why (``capture.inputs.run_example``). A forward
-that depends on the mode through dropout is recorded in train mode, its dropout switched by
+that depends on the mode through dropout or HuggingFace's SpecAugment (which the copy draws
+through an op, ``capture.specaug``) is recorded in train mode, both switched by
 ``.train()``/``.eval()``; one that does not, or whose training forward a graph cannot hold, in
 eval mode (a plan note and a warning on ``.train()`` say why). torch prints nothing while
 capture tries (``capture.quiet``). The user's model is never modified.
@@ -28,6 +29,7 @@ from .export import capture_export, exported_inputs, is_exported_program
 from .fx import float_mask, trace, with_standins
 from .inputs import default_inputs, normalize_inputs, run_example
 from .quiet import quiet
+from .specaug import swap_spec_augment
 from .train import probe_training, train_problem
 
 __all__ = ["Captured", "capture", "default_inputs", "normalize_inputs", "is_exported_program",
@@ -107,6 +109,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     args, kwargs = normalize_inputs(example_inputs)
     name = type(model).__name__
     work = copy.deepcopy(model)  # the copy both frontends record (stand-ins swapped in it)
+    swap_spec_augment(work)
     with quiet():
         probe = probe_training(work, args, kwargs)
     # the eval forward: the model's own error on inputs it cannot take, else what a train-mode

@@ -5,11 +5,12 @@ A graph records one pass of the model's Python, so a choice the code makes by ``
 capture records the model in train mode, and every dropout probability becomes
 ``train_switch(p, 0.0)`` (``TrainSwitch``, a submodule: ``.train()``/``.eval()`` reach it), so one
 graph, with one matching and one merge schedule, computes both modes. nn.Dropout modules left
-as modules follow the mode by themselves.
+as modules follow the mode by themselves. HuggingFace's SpecAugment draws its masks through
+``capture.specaug.spec_augment_mask``, whose ``training`` flag is switched the same way.
 
 First the model runs once in train mode (``probe_training``): a training forward that draws
-random numbers in Python (numpy, ``random``: a graph would freeze them, e.g. wav2vec2's
-SpecAugment mask) or beyond dropout (stochastic depth, LayerDrop) cannot be switched, and one
+random numbers in Python (numpy, ``random``: a graph would freeze them; SpecAugment's draws
+aside) or beyond dropout (stochastic depth, LayerDrop) cannot be switched, and one
 with no dropout and no batch statistics needs no train-mode graph. A train-mode graph is kept
 only if under ``.eval()`` it computes the model's eval forward on the example inputs
 (``train_problem``); otherwise capture falls back to the eval-mode graph and says why.
@@ -32,12 +33,14 @@ from torch.utils._pytree import tree_leaves
 
 from .. import graph as gu
 from ..errors import one_line
+from .specaug import CALLED_THROUGH, DRAWS, EMBED, spec_augment_mask
 
 aten = torch.ops.aten
 _DROPOUT = ((1, "p", 0.5), (2, "training", True))
 _ALPHA = ((1, "p", 0.5), (2, "training", False))
 _ATEN_DROPOUT = ((1, "p", 0.0), (2, "train", True))
 _SDPA = ((4, "dropout_p", 0.0), None)
+_SPEC_AUGMENT = ((3, "prob", 0.0), (6, "training", False))
 # op -> ((position, name, default) of the probability, the same of its train flag or None)
 SWITCHED = {
     F.dropout: _DROPOUT, F.dropout1d: _DROPOUT, F.dropout2d: _DROPOUT, F.dropout3d: _DROPOUT,
@@ -48,6 +51,7 @@ SWITCHED = {
     aten.dropout.default: _ATEN_DROPOUT, aten.feature_dropout.default: _ATEN_DROPOUT,
     aten.alpha_dropout.default: _ATEN_DROPOUT, aten.feature_alpha_dropout.default: _ATEN_DROPOUT,
     aten.native_dropout.default: _ATEN_DROPOUT, aten.scaled_dot_product_attention.default: _SDPA,
+    spec_augment_mask: _SPEC_AUGMENT, **{op: _SPEC_AUGMENT for op in DRAWS},
 }
 _RANDOM = {"bernoulli", "normal", "uniform", "multinomial", "exponential", "cauchy", "geometric",
            "log_normal", "poisson", "random"}  # and rand, randn, randint, randperm, ...
@@ -64,8 +68,10 @@ class TrainSwitch(nn.Module):
 def add_train_switches(gm: fx.GraphModule) -> int:
     """Route every active dropout probability (and its train flag) of ``gm`` through
     ``train_switch``; returns how many ops now follow the mode."""
-    count = 0
+    count, time_masks = 0, False
     for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in CALLED_THROUGH:
+            n.target = CALLED_THROUGH[n.target]
         rule = SWITCHED.get(n.target) if n.op == "call_function" else None
         if rule is None:
             continue
@@ -80,8 +86,23 @@ def add_train_switches(gm: fx.GraphModule) -> int:
             if flag is not None and (len(n.args) > flag[0] or flag[1] in n.kwargs):
                 gu.set_arg(n, flag[0], flag[1], gm.graph.call_module(SWITCH, (True, False)))
         count += 1
+        time_masks |= n.target is spec_augment_mask and gu.arg(n, 2, "dim", None) == 1
+    if time_masks:
+        _detach_in_eval(gm)
     gm.recompile()
     return count
+
+
+def _detach_in_eval(gm: fx.GraphModule) -> None:
+    """SpecAugment's embedding, which only its drawn time mask reads, detached under
+    ``.eval()``: no gradient there, as in the model (not merely a zero one)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and n.target.rsplit(".", 1)[-1] == EMBED:
+            with gm.graph.inserting_after(n):
+                detached = gm.graph.call_method("detach", (n,))
+            with gm.graph.inserting_after(detached):
+                switched = gm.graph.call_module(SWITCH, (n, detached))
+            n.replace_all_uses_with(switched, lambda user: user not in (detached, switched))
 
 
 def _drops(rule, arg) -> bool:
@@ -108,10 +129,12 @@ def _random_op(n: fx.Node) -> str | None:
 class _Recorder(TorchFunctionMode):
     """What a forward does that depends on the mode: the first torch call drawing random numbers
     beyond dropout (and where in the model's code), whether a dropout drops anything, whether
-    batch norm uses the batch's statistics."""
+    batch norm uses the batch's statistics. SpecAugment's draws (``DRAWS``) are its own: they
+    are left out of what ``python`` sees drawn."""
 
-    def __init__(self):
+    def __init__(self, python: "PythonRandom"):
         super().__init__()
+        self.python = python
         self.random: str | None = None
         self.dropout = self.batch_stats = False
 
@@ -124,6 +147,8 @@ class _Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if func in SWITCHED:
             self.dropout |= _drops(SWITCHED[func], arg)
+            if func in DRAWS:
+                return self.python.own(func, args, kwargs)
         elif func is F.batch_norm:
             self.batch_stats |= arg(5, "training", False) is True
         elif self.random is None and _is_random(name, func):
@@ -152,7 +177,7 @@ def probe_training(model: nn.Module, args: tuple, kwargs: dict) -> Probe:
     model.train()
     try:
         with torch.random.fork_rng(), torch.no_grad(), PythonRandom() as drawn, \
-                _Recorder() as seen:
+                _Recorder(drawn) as seen:
             model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - whatever fails, the eval-mode graph is kept
         return Probe(f"it fails in train mode ({type(exc).__name__}: {one_line(exc)})", True, exc)
@@ -203,15 +228,24 @@ def _tensors(out) -> list:
 
 class PythonRandom:
     """Whether the code run inside drew numbers from Python's ``random`` or numpy's global
-    generator (``drew``); both are put back as they were."""
+    generator (``drew``), calls run by ``own`` aside; both are put back as they were."""
 
     def __enter__(self):
         self.states = self._states()
         self.drew = False
+        self._last = self.states[1]  # the state after the last ``own`` call
         return self
 
+    def own(self, func, args, kwargs):
+        """``func(*args, **kwargs)``, whose draws are not counted."""
+        self.drew |= self._states()[1] != self._last
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._last = self._states()[1]
+
     def __exit__(self, *exc):
-        self.drew = self._states()[1] != self.states[1]
+        self.drew |= self._states()[1] != self._last
         random.setstate(self.states[0][0])
         if self.states[0][1] is not None:
             sys.modules["numpy"].random.set_state(self.states[0][1])
