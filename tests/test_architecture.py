@@ -22,9 +22,9 @@ LAYERS = [
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
     ("compiling", "track", "exporting"),  # compile, token sources, ONNX/.pt2 of results
-    ("timing", "data"),  # throughput and progress bars; real inputs, preprocessed
+    ("timing", "data", "distributed"),  # throughput, bars; real inputs; torchrun processes
     ("api",),  # optimize / explain / plan / compile
-    ("sweep",),  # accuracy vs compute on real data
+    ("results", "sweep"),  # accuracy vs compute on real data; its table, JSON and plot
     ("cli",),  # tome-fx
     ("__init__", "__main__"),  # the package's front door
 ]
