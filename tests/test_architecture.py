@@ -22,7 +22,8 @@ LAYERS = [
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
     ("compiling", "track", "exporting"),  # compile, token sources, ONNX/.pt2 of results
-    ("timing", "data", "distributed"),  # throughput, bars; real inputs; torchrun processes
+    ("timing", "data", "diffusion", "distributed"),  # throughput, bars; real inputs;
+    # diffusers models; the processes torchrun starts
     ("api",),  # optimize / explain / plan / compile
     ("results", "sweep"),  # accuracy vs compute on real data; its table, JSON and plot
     ("cli",),  # tome-fx

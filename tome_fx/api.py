@@ -17,12 +17,16 @@ from .capture import Captured, capture, is_exported_program, normalize_inputs
 from .compiling import compile_module, compile_options
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
+from .cost.tomesd import rewrite_tomesd
 from .data import Data, load_data
+from .diffusion import DiffusionModule, is_diffusers
+from .diffusion import default_inputs as diffusion_inputs
 from .exporting import Exported
 from .exporting import export as export_module
 from .graph.batches import fit_batch, static_batch
 from .methods import ToMato, ToMe
 from .methods.tomato import check_args as check_tomato_args
+from .methods.tomesd import from_options as tomesd_method
 from .passes.size_bias import prop_attn_form
 from .passes.unmerge import check_mode
 from .pipeline import Rewrite
@@ -252,8 +256,13 @@ def optimize(
         captured = capture(model, example_inputs)
         result = rewrite_tomato(captured, found, flops_budget, prop_attn, drop_unread)
         return _finish(result, compile, flops_budget, captured)
+    if method == "tomesd":  # local merging in diffusion models (ToMeSD)
+        ignored = {"prop_attn": prop_attn in ("bias", "fold"), "strategy": strategy != "auto",
+                   "calibration": calibration is not None}
+        return _optimize_tomesd(model, r, flops_budget, example_inputs, compile, tomato,
+                                [k for k, v in ignored.items() if v])
     if method != "tome":
-        raise ValueError(f"method must be 'tome' or 'tomato', got {method!r}")
+        raise ValueError(f"method must be 'tome', 'tomato' or 'tomesd', got {method!r}")
     if tomato:
         raise TypeError(f"unexpected arguments for method='tome': {', '.join(sorted(tomato))}")
     if planned is not None:  # the schedule is given: no r and no search
@@ -278,6 +287,33 @@ def optimize(
         result = run_pipeline(captured, ToMe(_schedule(r), unmerge=unmerge), prop_attn=prop_attn,
                               drop=drop_unread)
     return _finish(result, compile, flops_budget, captured)
+
+
+def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options,
+                     unused) -> nn.Module:
+    """``optimize(method="tomesd")``: a diffusers model gets default inputs from its config and
+    comes back as a ``DiffusionModule`` a pipeline can call. ``unused``: ToMe's arguments the
+    call set, which ToMeSD has no use for (an error, not silently ignored)."""
+    _check_model(model)
+    if r is not None:
+        raise ValueError("method='tomesd' takes ratio or flops_budget, not r")
+    if unused:
+        raise ValueError(f"method='tomesd' takes no {unused[0]}: it merges locally, without "
+                         "proportional attention, and a budget picks its levels and ratios")
+    if flops_budget is not None:
+        check_budget(flops_budget)
+    found = tomesd_method(options, flops_budget is not None)
+    wrap = isinstance(model, nn.Module) and is_diffusers(model)
+    if example_inputs is None and wrap:
+        example_inputs = diffusion_inputs(model)
+    captured = capture(model, example_inputs)
+    result = rewrite_tomesd(captured, found, flops_budget)
+    out = _finish(result, compile, flops_budget, captured)
+    if not wrap:
+        return out
+    module = DiffusionModule(out, model, captured.args, captured.kwargs)
+    module.tome, module.tome_counts, module.tome_inputs = out.tome, out.tome_counts, out.tome_inputs
+    return module
 
 
 def unmet_budget(plan: Plan, budget: float | None) -> str | None:
@@ -337,5 +373,7 @@ def export(module: nn.Module, path, example_inputs: Any = None, format: str | No
     other dimension the module allows (a token count that only meets per-token ops); a token
     count that depends on the input's values (ToMato threshold mode) is an ``ExportError``.
     See ``tome_fx.exporting``."""
+    if isinstance(module, DiffusionModule):  # a diffusers result: its rewritten graph
+        module = module.graph
     return export_module(module, path, example_inputs, format, tolerance=tolerance,
                          verbose=verbose)

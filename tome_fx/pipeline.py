@@ -167,7 +167,10 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
             continue
         order = {n: i for i, n in enumerate(ctx.gm.graph.nodes)}
         node, reason = min(unsafe, key=lambda nr: order.get(nr[0], 0))
-        upstream = [s.block for s in ctx.sites if order[s.merge] < order.get(node, len(order))]
+        blame = getattr(method, "blame", None)  # local merges: the sites around the node
+        upstream = blame(ctx, node) if blame else []
+        upstream = upstream or [s.block for s in ctx.sites
+                                if order[s.merge] < order.get(node, len(order))]
         for i in upstream or [s.block for s in ctx.sites]:  # unsafe nodes follow some merge
             disabled[i] = f"merged tokens would reach {node.name}: {reason}"
     gm, sites = ctx.gm, ctx.sites

@@ -22,6 +22,23 @@ class BlockPlan:
 
 
 @dataclass(frozen=True)
+class LevelPlan:
+    """ToMeSD: one resolution level of the model (its transformer blocks share a token grid)."""
+
+    downsample: int  # ceil(sqrt(input pixels // tokens)), as the authors' code
+    grid: tuple  # (h, w)
+    ratio: float
+    r: int  # tokens removed in each merged op: int(tokens * ratio), at most the sources
+    ops: int  # merged ops at this level
+    flops_original: int | None = None  # FLOPs of the level's transformer blocks' ops
+    flops: int | None = None  # the same ops merged, their matches included
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
 class Skipped:
     site: str
     reason: str
@@ -52,6 +69,7 @@ class Plan:
     # ToMe from a flops_budget: each block merges the same share of its tokens at any token
     # count (``r`` are the counts at the example inputs; ``kernels.tome.merge_count``)
     scales: bool = False
+    levels: tuple[LevelPlan, ...] = ()  # ToMeSD (method "tomesd"): per resolution level
 
     @property
     def r(self) -> list[int]:
@@ -89,6 +107,16 @@ class Plan:
             head.append("MFLOPs")
         return tabulate(rows, headers=head, tablefmt=fmt, floatfmt=".1f")
 
+    def level_table(self, fmt: str = "simple") -> str:
+        """ToMeSD's levels: grid, tokens, ratio, r, merged ops, their FLOPs before and after."""
+        rows = [[lv.downsample, f"{lv.grid[0]}x{lv.grid[1]}", lv.tokens, lv.ratio, lv.r,
+                 lv.ops, None if lv.flops_original is None else lv.flops_original / 1e6,
+                 None if lv.flops is None else lv.flops / 1e6] for lv in self.levels]
+        head = ["downsample", "grid", "tokens", "ratio", "r", "merged ops", "MFLOPs before",
+                "MFLOPs after"]
+        return tabulate(rows, headers=head, tablefmt=fmt,
+                        floatfmt=("g", "", "g", ".3f", "g", "g", ".1f", ".1f"))
+
     def __str__(self) -> str:
         lines = [self.table(), f"protected prefix tokens: {self.protected}",
                  f"captured with: {FRONTENDS.get(self.frontend, self.frontend)}"]
@@ -101,7 +129,9 @@ class Plan:
         if self.scales:
             lines.append("the schedule scales with the token count: each block merges its share "
                          "(r / tokens) of the tokens it gets; r is the count at the example inputs")
-        if self.method != "tome":
+        if self.method == "tomesd":
+            lines.insert(1, self.level_table())
+        elif self.method != "tome":
             how = (f"threshold {self.sim_threshold:g}" if self.sim_threshold is not None
                    else "exact token count per image")
             lines.append(f"method: {self.method} at block {self.merge_block}, {self.similarity} "

@@ -197,7 +197,8 @@ def _classify_all(ctx: Context, flow: Flow, shapes_a, shapes_b, dep, failed) -> 
                                        "merged tokens have no single position"))
             flow.positional.add(n)
     for core in ctx.matches.cores:  # a cross-attention takes merged tokens as keys, never queries
-        if core.cross and tdims.get(core.query):
+        local = core.anchor.meta.get("tome", {}).get("local")  # unmerged after it (ToMeSD)
+        if core.cross and tdims.get(core.query) and not local:
             flow.unsafe.append((core.anchor, f"the queries of cross-attention {core.anchor.name} "
                                              "carry merged tokens"))
     size_of: dict[Node, Node] = {s.x: s.size for s in ctx.sites}

@@ -48,8 +48,13 @@ def _check(args):
 
 
 def _source(args):
+    import os
+
+    from . import diffusion
     from .sources import load
 
+    if os.path.isdir(args.source) and diffusion.is_directory(args.source):
+        return diffusion.load(args.source)
     return load(args.source, trust_pickle=args.trust_pickle, checkpoint=args.checkpoint,
                 input_size=args.size)
 
@@ -133,10 +138,13 @@ def report(args) -> int:
 
     from ..graph.batches import batched, fit_batch, static_batch
     from ..timing import batch_size as batch_of
+    from . import diffusion
     from .data import bar_factory
 
     _check(args)
     src = _source(args)
+    if diffusion.uses_tomesd(args, src):  # ToMeSD on a diffusion model (cli/diffusion.py)
+        return diffusion.report(args, src, _measure, _device, _to)
     calib, evaluate = _data(args, src)
     inputs = (calib if calib is not None else evaluate.inputs(0, args.batch_size or 2)
               if evaluate is not None else example_inputs(src, args.size, args.batch_size,
@@ -170,12 +178,15 @@ def bench(args) -> int:
 
     from ..graph.batches import batched, static_batch
     from ..timing import batch_size as batch_of
+    from . import diffusion
     from .sources import example_inputs
 
     _check(args)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     src = _source(args)
+    if diffusion.uses_tomesd(args, src):  # ToMeSD on a diffusion model (cli/diffusion.py)
+        return diffusion.bench(args, src, _measure, _device)
     fixed = static_batch(src.target)  # a .pt2 with a static batch runs as calls of that size
     recorded = src.example_inputs  # an ExportedProgram's: its batch may be fixed
     batch = args.batch_size or fixed or (len(recorded[0]) if recorded else

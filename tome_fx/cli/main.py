@@ -14,10 +14,12 @@ import warnings
 from . import commands
 from .commands import bench, export, report, sweep, visualize
 from .data import add_options as add_data_options
+from .diffusion import add_options as add_diffusion_options
 
 SOURCE_HELP = ("model: timm:NAME (random weights unless --checkpoint), a .pt/.pth file saved with "
                "torch.save(model) (needs --trust-pickle), a .pt2 archive from torch.export.save, "
-               "or a local HuggingFace model directory")
+               "a local HuggingFace model directory, or a diffusers pipeline or model directory "
+               "(report and bench; ToMeSD)")
 
 REPORT_EPILOG = """examples:
   tome-fx report timm:vit_small_patch16_224 --flops-budget 0.5
@@ -26,6 +28,7 @@ REPORT_EPILOG = """examples:
   tome-fx report exported.pt2 --format json > report.json
   tome-fx report ./bert --seq-len 128 --flops-budget 0.5
   tome-fx report timm:deit_small_patch16_224 --checkpoint deit_s.pth --data val/ --flops-budget 0.5
+  tome-fx report ./stable-diffusion-v1-5 --ratio 0.5      (a diffusers folder: ToMeSD)
 
 Without --data the fidelity line is on random inputs and the default strategy applies its
 data-free rule; --data PATH gives real inputs: --calib N of them choose the schedule, the rest
@@ -34,7 +37,8 @@ measure fidelity (and accuracy, with labels)."""
 BENCH_EPILOG = """examples:
   tome-fx bench timm:vit_base_patch16_224 --flops-budget 0.5 --batch-size 64 --dtype float16 --compile
   tome-fx bench model.pt --trust-pickle --r 8 --device cpu --runs 5 --json bench.json
-  tome-fx bench ./minilm --data sentences.txt --flops-budget 0.5 --batch-size 32"""
+  tome-fx bench ./minilm --data sentences.txt --flops-budget 0.5 --batch-size 32
+  tome-fx bench ./sdxl/unet --flops-budget 0.7 --input-size 4,64,64 --compile   (ToMeSD)"""
 
 SWEEP_EPILOG = """examples:
   tome-fx sweep timm:deit_small_patch16_224 --checkpoint deit_s.pth --data val/ --plot sweep.png
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _seq_len(rep)
     _timing(rep, runs=5)
     add_data_options(rep)
+    add_diffusion_options(rep)
 
     ben = _subcommand(sub, "bench", bench, "throughput of original vs rewritten (eager, compiled)",
                       "Measure throughput (batch items per second) of the original and\n"
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _seq_len(ben)
     _timing(ben, runs=10)
     add_data_options(ben)
+    add_diffusion_options(ben)
 
     swp = _subcommand(sub, "sweep", sweep, "accuracy vs FLOPs and throughput on your data",
                       "Rewrite the model at every budget with every strategy and measure\n"

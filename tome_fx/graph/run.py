@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch.utils._pytree import tree_map
 
 from .nodes import is_call
@@ -45,7 +46,14 @@ class ValueRecorder(fx.Interpreter):
 
 def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     """The value of every placeholder, in order: ``args`` first, then ``kwargs`` by name, then
-    the placeholder's default."""
+    the placeholder's default. A graph with export's calling convention flattens nested inputs
+    (a dict of tensors, diffusers' ``added_cond_kwargs``) as its forward does."""
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
+    if spec is not None:
+        try:
+            return list(fx_pytree.tree_flatten_spec((args, kwargs), spec))
+        except (KeyError, TypeError, ValueError, RuntimeError):  # another structure: by name
+            pass
     out = list(args)
     for p in [n for n in gm.graph.nodes if n.op == "placeholder"][len(args):]:
         out.append(kwargs[p.target] if p.target in kwargs else p.args[0] if p.args else None)

@@ -1,0 +1,119 @@
+"""Small diffusers models with the structure of the real ones (random weights, shrunk channels
+and layers), and a reference ToMeSD on the transformer blocks written with the authors' own merge
+function (``tomesd.merge.bipartite_soft_matching_random2d``) through forward hooks, for the
+models the authors' patch does not reach (DiT and SD3 blocks in current diffusers)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+tomesd = pytest.importorskip("tomesd")
+
+
+def sd15(size=16):
+    """SD1.5's UNet shape: 4 levels (the last without attention), cross-attention to text."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64, 64), down_block_types=("CrossAttnDownBlock2D",) * 3
+        + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32).eval()
+
+
+def sdxl(size=32, layers=(1, 2, 3)):
+    """SDXL's UNet shape: no attention at the first level, several transformer layers per block
+    after it, linear projections, text-and-time added conditioning."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, transformer_layers_per_block=layers, attention_head_dim=2,
+        norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8).eval()
+
+
+def dit(size=16, layers=2):
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=layers, sample_size=size, patch_size=2, num_embeds_ada_norm=1000,
+        norm_num_groups=32).eval()
+
+
+def pixart(size=16, layers=2):
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=layers, cross_attention_dim=32, sample_size=size, patch_size=2,
+        caption_channels=32, norm_num_groups=32, num_embeds_ada_norm=1000).eval()
+
+
+def sd3(size=16, layers=2):
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=size, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32).eval()
+
+
+def call(model, inputs, first_positional=False):
+    """``model`` on inputs as ``example_inputs`` takes them (the authors' patch reads the image
+    size from the first positional input: ``first_positional``); the output's sample."""
+    if first_positional:
+        first, *rest = inputs.items()
+        model = (lambda m: lambda **kw: m(first[1], **kw))(model)
+        inputs = dict(rest)
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def relative(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+class HookedToMeSD:
+    """ToMeSD on every transformer block of a diffusers model, as the authors define it: the match
+    from the block's input (``bipartite_soft_matching_random2d``, top-left destinations), each op
+    of ``ops`` (``attn1``/``attn`` the self-attention, image tokens only in joint attention;
+    ``attn2`` the cross-attention; ``ff`` the MLP) run on merged tokens and unmerged.
+    ``grid(tokens) -> (h, w)`` gives the block's token grid."""
+
+    def __init__(self, model, ratio, grid, ops=("attn1", "attn"),
+                 blocks=("BasicTransformerBlock", "JointTransformerBlock")):
+        self.model, self.handles, self.ratio, self.grid = model, [], ratio, grid
+        for m in model.modules():
+            if type(m).__name__ in blocks:
+                self.handles.append(m.register_forward_pre_hook(self._match, with_kwargs=True))
+                for name in ops:
+                    op = getattr(m, name, None)
+                    if op is not None:
+                        self.handles.append(op.register_forward_pre_hook(self._merge,
+                                                                         with_kwargs=True))
+                        self.handles.append(op.register_forward_hook(self._unmerge))
+        self.fns = None
+
+    def _match(self, module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        h, w = self.grid(x.shape[1])
+        self.fns = tomesd.merge.bipartite_soft_matching_random2d(
+            x, w, h, 2, 2, int(x.shape[1] * self.ratio), no_rand=True)
+
+    def _merge(self, module, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        return (self.fns[0](x), *args[1:]), kwargs
+
+    def _unmerge(self, module, args, out):
+        if isinstance(out, tuple):  # joint attention: (image, text); text passes unchanged
+            return (self.fns[1](out[0]), *out[1:])
+        return self.fns[1](out)
+
+
+def square(tokens):
+    side = int(math.isqrt(tokens))
+    return side, side

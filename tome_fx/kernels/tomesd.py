@@ -1,0 +1,115 @@
+"""ToMeSD's local merging (Bolya & Hoffman, "Token Merging for Fast Stable Diffusion", 2023).
+
+The tokens are an ``h x w`` grid (row-major). The grid is cut into ``sy x sx`` windows; one
+token per window is a destination (the top-left one, or a random one with ``use_rand``), every
+other token is a source. The ``r`` sources most similar (cosine, on ``metric``) to their best
+destination are averaged into it. ``tomesd_match`` computes that once per transformer block;
+``tomesd_merge`` applies it to the input of an op (attention, cross-attention or MLP) and
+``tomesd_unmerge`` copies each merged token of the op's output back to every position it holds.
+
+A match is ``(where, count)``: ``where[b, i]`` is the merged position of token ``i`` (unmerged
+sources first, in descending similarity as in the authors' code, then the destinations in window
+order) and ``count[b, j]`` how many tokens merged position ``j`` holds; ``None`` when nothing
+merges. Merging is a scatter-add over ``where`` divided by ``count``, unmerging one gather.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK = (1 << 31) - 1  # 31-bit hash arithmetic: products stay inside int64
+
+
+def removed_count(tokens: int, h: int, w: int, sx: int, sy: int, ratio: float, r=None) -> int:
+    """Tokens a match removes: ``int(tokens * ratio)`` (or ``r``), at most the sources."""
+    want = int(tokens * ratio) if r is None else r
+    return max(0, min(want, tokens - (h // sy) * (w // sx)))
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash (xorshift-multiply rounds)."""
+    for mult in (0x2C1B3C6D, 0x297A2D39):
+        x = ((x ^ (x >> 15)) * mult) & _MASK
+    return x ^ (x >> 15)
+
+
+def _hashed(seed: int, salt: int, step, n: int, device) -> torch.Tensor:
+    """``n`` pseudo-random non-negative ints from (seed, salt, the value of ``step``)."""
+    key = torch.tensor((seed * 0x9E3779B1 + salt * 0x85EBCA77) & _MASK, device=device)
+    if step is not None:  # a denoising step gives a new pattern; the same step the same one
+        bits = step.reshape(-1)[:1].to(torch.float32).view(torch.int32).to(torch.int64)
+        key = _mix((key + (bits & _MASK)) & _MASK)
+    return _mix((key + torch.arange(n, device=device) * 0x61C88647) & _MASK)
+
+
+def _offsets(hs: int, ws: int, sx: int, sy: int, use_rand: bool, seed: int, salt: int, step,
+             device) -> torch.Tensor:
+    """Which cell of each window is its destination (0 = top-left), ``[hs, ws]``."""
+    if not use_rand:
+        return torch.zeros(hs, ws, dtype=torch.int64, device=device)
+    return (_hashed(seed, salt, step, hs * ws, device) % (sy * sx)).view(hs, ws)
+
+
+def split_grid(h: int, w: int, sx: int, sy: int, off: torch.Tensor) -> torch.Tensor:
+    """Positions ``[dst..., src...]`` of the ``h x w`` grid: one destination per full
+    ``sy x sx`` window (window row-major), then the sources in row-major order (rows and columns
+    past the last full window are sources)."""
+    hs, ws = h // sy, w // sx
+    rows = torch.arange(hs, device=off.device)[:, None] * sy + off // sx
+    cols = torch.arange(ws, device=off.device)[None, :] * sx + off % sx
+    dst = (rows * w + cols).reshape(-1)
+    flag = torch.zeros(h * w, dtype=torch.int64, device=off.device)
+    flag = flag.scatter(0, dst, torch.ones_like(dst))
+    src = torch.argsort(flag, stable=True)[:h * w - hs * ws]
+    return torch.cat([dst, src])
+
+
+def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
+                 ratio: float = 0.5, r: int | None = None, use_rand: bool = False,
+                 seed: int = 0, salt: int = 0, step: torch.Tensor | None = None):
+    """The match of ``metric`` ``[B, h*w, C]`` (the block's input tokens), or None when no
+    token merges. ``r`` overrides ``ratio`` (tokens removed, clamped to the sources). With
+    ``use_rand`` each window's destination is a hash of (``seed``, ``salt``, the value of
+    ``step``): a new pattern per denoising step, the same one for the same step (a prompt and
+    its unconditional twin in separate calls, or a rerun), and no random state is touched."""
+    batch, tokens = metric.shape[0], metric.shape[1]
+    r = removed_count(tokens, h, w, sx, sy, ratio, r)
+    if r <= 0:
+        return None
+    hs, ws = h // sy, w // sx
+    n_dst = hs * ws
+    off = _offsets(hs, ws, sx, sy, use_rand, seed, salt, step, metric.device)
+    order = split_grid(h, w, sx, sy, off)
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        dst, src = m[:, order[:n_dst]], m[:, order[n_dst:]]
+        best, target = (src @ dst.transpose(-1, -2)).max(dim=-1)
+        ranked = best.argsort(dim=-1, descending=True)  # [B, n_src]: merged first
+    n_unm = tokens - n_dst - r
+    # merged position of each source in ranked order: a destination, or its unmerged rank
+    kept = torch.arange(n_unm, device=metric.device).expand(batch, n_unm)
+    joined = n_unm + target.gather(1, ranked[:, :r])
+    src_where = torch.empty_like(ranked).scatter(1, ranked, torch.cat([joined, kept], 1))
+    dst_where = (n_unm + torch.arange(n_dst, device=metric.device)).expand(batch, n_dst)
+    where = torch.empty(batch, tokens, dtype=torch.int64, device=metric.device).scatter(
+        1, order.expand(batch, tokens), torch.cat([dst_where, src_where], 1))
+    count = torch.zeros(batch, tokens - r, dtype=metric.dtype, device=metric.device)
+    count = count.scatter_add(1, where, torch.ones_like(where, dtype=metric.dtype))
+    return where, count
+
+
+def tomesd_merge(x: torch.Tensor, match) -> torch.Tensor:
+    """``x`` ``[B, N, C]`` with each merged group averaged: ``[B, N - r, C]``."""
+    if match is None:
+        return x
+    where, count = match
+    index = where.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    total = x.new_zeros(x.shape[0], count.shape[1], x.shape[-1]).scatter_add(1, index, x)
+    return total / count.unsqueeze(-1).to(x.dtype)
+
+
+def tomesd_unmerge(y: torch.Tensor, match) -> torch.Tensor:
+    """``y`` ``[B, N - r, C]`` back to ``[B, N, C]``: every token gets its group's row."""
+    if match is None:
+        return y
+    where = match[0]
+    return y.gather(1, where.unsqueeze(-1).expand(-1, -1, y.shape[-1]))

@@ -1,0 +1,230 @@
+"""Where ToMeSD merges: the ops of a transformer block over a 2-D token grid.
+
+A transformer block of a diffusion model is a chain of residual branches on one token stream:
+self-attention, optionally cross-attention (keys and values from the text), then the MLP. Each
+is ``x + op(norm(x))``. A ``LocalBlock`` is one such branch: the merge goes on the op's input
+(the first value after ``x`` that every path into the op passes: the norm, or the modulated
+norm of adaLN blocks) and the unmerge on its output, before the residual add. The branch
+chain is found from the graph, anchored on each self-attention core (``match``), so no model
+class is named: diffusers UNets, DiT/PixArt and the image side of MM-DiT joint attention look
+the same here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .. import graph as gu
+from ..match import Block, Core, Refusal, site_name
+
+Node = fx.Node
+OPS = ("attn", "crossattn", "mlp")
+NO_GRID = ("the tokens do not form a 2-D grid (no [B, C, h, w] tensor with h*w = tokens "
+           "feeds them): text or other sequence tokens stay unmerged")
+STEP_INPUTS = ("timestep", "timesteps", "t")  # a new random pattern per denoising step
+
+
+@dataclass(frozen=True)
+class LocalBlock(Block):
+    """One op of a transformer block, merged on its input and unmerged before its residual add.
+
+    As a ``Block`` (for the pipeline's plan and checks): ``stream_in`` is the residual stream
+    ``x``, ``merge_at`` the op's input, ``attn_add``/``mlp_add`` the residual add; ``core`` is
+    the op's attention core (for the MLP, its transformer block's self-attention)."""
+
+    op: str = "attn"  # one of OPS
+    group: int = 0  # transformer block: one match per group, on its input tokens
+    metric: Node | None = None  # the group's input tokens, which the match is computed on
+    grid: Node | None = None  # [B, C, h, w] whose h x w grid the tokens are (row-major)
+    hw: tuple = (0, 0)
+    downsample: int = 1  # ceil(sqrt(input pixels // tokens)), as the authors' code
+    op_out: Node | None = None  # the op's output, unmerged before the residual add
+
+    @property
+    def name(self) -> str:
+        node = self.core.anchor if self.op != "mlp" else self.op_out
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        if self.op == "mlp" and ".ff" in path:
+            path = path[:path.index(".ff") + 3]
+        return f"{path or node.name} ({self.op})"
+
+    @property
+    def tokens(self) -> int:
+        return self.hw[0] * self.hw[1]
+
+
+def values_of(core: Core) -> Node | None:
+    """The attention's values (SDPA's third argument, or the right side of ``probs @ v``)."""
+    if core.kind == "sdpa":
+        return gu.arg(core.anchor, 2, "value", None)
+    return core.out.args[1] if len(core.out.args) > 1 else None
+
+
+def _paths(start: Node, ends) -> set[Node]:
+    """Nodes on def-use paths from ``start`` to any of ``ends`` (``start`` excluded)."""
+    up, todo = set(), [e for e in ends]
+    seen = set(todo)
+    while todo:  # ancestors of the ends, not walking past start
+        n = todo.pop()
+        up.add(n)
+        for i in n.all_input_nodes:
+            if i not in seen and i is not start:
+                seen.add(i)
+                todo.append(i)
+    return gu.descendants([start], lambda u, _: u in up) & up
+
+
+def _reaches(start: Node, target: Node, region: set, without: Node) -> bool:
+    return target in gu.descendants([start], lambda u, _: u in region and u is not without)
+
+
+def _op_input(start: Node, targets: list, shapes) -> Node | None:
+    """The first node after ``start`` that every path from it to ``targets`` passes, with the
+    stream's [batch, tokens] leading shape; None if there is none."""
+    region = _paths(start, targets)
+    lead = shapes[start][:2]
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    for n in sorted(region, key=order.__getitem__):
+        s = shapes.get(n)
+        if not (gu.is_tensor_shape(s) and len(s) == 3 and s[:2] == lead):
+            continue
+        if not any(_reaches(start, t, region, n) for t in targets):
+            return n
+    return None
+
+
+def _stream(s) -> bool:
+    return gu.is_tensor_shape(s) and len(s) == 3
+
+
+def _residual_adds(core: Core, shapes) -> list[tuple[Node, Node]]:
+    """(add, stream) pairs after the attention: ``add = stream + f(attention)`` with the stream a
+    [B, N, C] input of the attention's queries. MM-DiT joint attention has two (image, text)."""
+    feeds = gu.ancestors_within(core.query, 60)
+    found, desc, frontier = [], {core.out}, [core.out]
+    for _ in range(30):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in desc:
+                    continue
+                desc.add(u)
+                if gu.is_add(u):
+                    others = [a for a in u.args[:2] if isinstance(a, Node) and a not in desc]
+                    if (len(others) == 1 and others[0] in feeds and _stream(shapes.get(others[0]))
+                            and shapes.get(others[0]) == shapes.get(u)):
+                        found.append((u, others[0]))
+                        continue
+                nxt.append(u)
+        frontier = nxt
+    return found
+
+
+def _next_branch(add: Node) -> tuple[Node, Node, set] | None:
+    """The next residual branch on the stream ``add``: (its add, the op output, its nodes)."""
+    for u in add.users:
+        if gu.is_add(u) and add in u.args[:2]:
+            other = u.args[1] if u.args[0] is add else u.args[0]
+            if isinstance(other, Node):
+                region = _paths(add, [other])
+                if region:
+                    return u, other, region
+    return None
+
+
+def find_grid(stream: Node, tokens: int, shapes) -> Node | None:
+    """The nearest [B, C, h, w] ancestor of ``stream`` with ``h*w == tokens``."""
+    seen, frontier = {stream}, [stream]
+    for _ in range(2000):
+        if not frontier:
+            return None
+        nxt = []
+        for n in frontier:
+            s = shapes.get(n)
+            if gu.is_tensor_shape(s) and len(s) == 4 and s[2] * s[3] == tokens:
+                return n
+            for i in n.all_input_nodes:
+                if i not in seen:
+                    seen.add(i)
+                    nxt.append(i)
+        frontier = nxt
+    return None
+
+
+def _pixels(grid: Node, shapes) -> int | None:
+    """Spatial size of the [B, C, H, W] model input the grid comes from (the latent)."""
+    found = [p for p in gu.ancestors_within(grid, 100_000) if p.op == "placeholder"]
+    sizes = [shapes[p][2] * shapes[p][3] for p in found
+             if gu.is_tensor_shape(shapes.get(p)) and len(shapes[p]) == 4]
+    return max(sizes) if sizes else None
+
+
+def step_input(gm: fx.GraphModule, shapes) -> Node | None:
+    """The timestep input, if the model has one (its value picks the random pattern)."""
+    for p in gm.graph.nodes:
+        if p.op == "placeholder" and p.name in STEP_INPUTS and gu.is_tensor_shape(shapes.get(p)):
+            return p
+    return None
+
+
+def _site(index, op, core, group, metric, stream, add, out, merge_at, grid, hw, ds):
+    return LocalBlock(index, core, stream, add, merge_at, add, "pre", 1, op=op, group=group,
+                      metric=metric, grid=grid, hw=hw, downsample=ds, op_out=out)
+
+
+def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], list[Refusal]]:
+    """Every op ToMeSD can merge around, grouped by transformer block, and the refusals."""
+    sites: list[LocalBlock] = []
+    refusals: list[Refusal] = []
+    groups: list[tuple] = []  # (self-attention core, add, stream)
+    for core in cores:
+        for add, stream in _residual_adds(core, shapes):
+            keys_from = gu.ancestors_within(core.keys, 60)
+            if stream in keys_from:  # self-attention (or joint attention) on this stream
+                groups.append((core, add, stream))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups.sort(key=lambda g: order[g[2]])
+    largest = None
+    for g, (core, add, stream) in enumerate(groups):
+        tokens = shapes[stream][1]
+        grid = find_grid(stream, tokens, shapes)
+        if grid is None:
+            refusals.append(Refusal(site_name(core.anchor), NO_GRID))
+            continue
+        hw = tuple(shapes[grid][2:4])
+        pixels = _pixels(grid, shapes)
+        largest = max(largest or 0, tokens)
+        ds = int(math.ceil(math.sqrt(pixels // tokens))) if pixels else 0  # 0: fixed below
+        targets = [t for t in (core.query, core.keys, values_of(core)) if t is not None]
+        chain = [("attn", core, add, add.args[0] if add.args[1] is stream else add.args[1],
+                  stream, targets)]
+        at = add
+        while True:
+            nxt = _next_branch(at)
+            if nxt is None:
+                break
+            branch_add, out, region = nxt
+            inner = [c for c in cores if c.anchor in region]
+            if inner and all(c.keys not in region for c in inner) and len(inner) == 1:
+                chain.append(("crossattn", inner[0], branch_add, out, at, [inner[0].query]))
+            elif not inner and any(gu.is_linear(gm, n) for n in region):
+                chain.append(("mlp", core, branch_add, out, at, [out]))
+                break
+            else:
+                break
+            at = branch_add
+        for op, c, a, out, s, targets in chain:
+            merge_at = _op_input(s, targets, shapes)
+            if merge_at is None or merge_at is out:
+                refusals.append(Refusal(site_name(c.anchor), f"no single input of the {op} "
+                                        "with the stream's tokens to merge"))
+                continue
+            sites.append(_site(len(sites), op, c, g, stream, s, a, out, merge_at, grid, hw, ds))
+    if largest:  # no image input: the level relative to the finest grid
+        sites = [s if s.downsample else dataclasses.replace(
+            s, downsample=int(math.ceil(math.sqrt(largest // s.tokens)))) for s in sites]
+    return sites, refusals
