@@ -22,9 +22,10 @@ LAYERS = [
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
     ("compiling", "track", "exporting"),  # compile, token sources, ONNX/.pt2 of results
-    ("timing", "data", "diffusion"),  # throughput, progress bars; real inputs; diffusers models
+    ("timing", "data", "diffusion", "distributed"),  # throughput, bars; real inputs;
+    # diffusers models; the processes torchrun starts
     ("api",),  # optimize / explain / plan / compile
-    ("sweep",),  # accuracy vs compute on real data
+    ("results", "sweep"),  # accuracy vs compute on real data; its table, JSON and plot
     ("cli",),  # tome-fx
     ("__init__", "__main__"),  # the package's front door
 ]

@@ -168,8 +168,20 @@ def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool 
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
     chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
                                 calibration)
-    chosen = dataclasses.replace(chosen, scales=True)
-    result = run_pipeline(captured, ToMe(_padded(chosen.r), scales=True, unmerge=unmerge),
+    return rewrite_planned(captured, dataclasses.replace(chosen, scales=True), prop_attn, drop,
+                           unmerge)
+
+
+def rewrite_planned(captured: Captured, chosen: Plan, prop_attn: bool | str = True,
+                    drop: bool = True, unmerge: str | bool = "auto") -> Rewrite:
+    """The ToMe rewrite with ``chosen``'s r per block, no search: where it merges as planned,
+    the module's ``.tome`` is ``chosen``. A plan from a budget (``tome_fx.plan``, or the
+    ``.tome`` of ``optimize(flops_budget=...)``) scales with the token count, as there."""
+    if chosen.method != "tome":
+        raise ValueError(f"planned= takes a ToMe plan, got a {chosen.method} one")
+    scales = chosen.scales or chosen.budget is not None
+    chosen = dataclasses.replace(chosen, scales=scales)
+    result = run_pipeline(captured, ToMe(_padded(chosen.r), scales=scales, unmerge=unmerge),
                           prop_attn=prop_attn, drop=drop)
     if result.plan.r == chosen.r:
         result.plan = chosen
@@ -190,6 +202,7 @@ def optimize(
     drop_unread: bool = True,
     unmerge: str | bool = "auto",
     calibration: Any = None,
+    planned: Plan | None = None,
     **tomato: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
@@ -217,12 +230,18 @@ def optimize(
     ``prop_attn``: proportional attention, True (the bias form for now), False, ``"bias"``
     (``log(size)`` as SDPA's ``attn_mask``) or ``"fold"`` (no mask: one more q/k channel, so
     fused mask-free kernels stay available); see ``passes.size_bias``.
+    ``planned``: a ``Plan`` (``tome_fx.plan``, or another module's ``.tome``) to apply as it is,
+    without searching: every process of a distributed job builds the module one process
+    planned (``calibration`` then only serves as example inputs; give the same example inputs
+    as there, their token count sets the scaling).
     A ``flops_budget`` that cannot be met because no block can merge is a ``UserWarning``.
     """
     compile_options(compile)  # TypeError before the (slow) rewrite
     prop_attn_form(prop_attn)  # ValueError likewise
     check_mode(unmerge)
     calibration, example_inputs = calibration_inputs(calibration, example_inputs, model)
+    if planned is not None and method != "tome":
+        raise ValueError(f"planned= takes a ToMe plan (method='tome'), not method={method!r}")
     if method == "tomato":
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -248,6 +267,17 @@ def optimize(
         raise ValueError(f"method must be 'tome', 'tomato' or 'tomesd', got {method!r}")
     if tomato:
         raise TypeError(f"unexpected arguments for method='tome': {', '.join(sorted(tomato))}")
+    if planned is not None:  # the schedule is given: no r and no search
+        _check_model(model)
+        if r is not None:
+            raise ValueError("pass either r or planned, not both")
+        if not isinstance(planned, Plan):
+            raise TypeError(f"planned must be a tome_fx.Plan, got {type(planned).__name__}")
+        if flops_budget is not None:
+            check_budget(flops_budget)
+        captured = capture(model, example_inputs)
+        result = rewrite_planned(captured, planned, prop_attn, drop_unread, unmerge)
+        return _finish(result, compile, flops_budget, captured)
     _check_args(model, r, flops_budget)
     if r is not None:
         parse_r(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type/range errors early

@@ -62,13 +62,8 @@ class Data:
 
     def split(self, n: int, seed: int = 0) -> tuple["Data", "Data"]:
         """(a seeded random ``n`` items, the rest in their order): calibration and evaluation."""
-        if not 0 < n < len(self):
-            raise DataError(f"cannot take {n} calibration inputs from {self.source}: it has "
-                            f"{len(self)} and some must be left to evaluate")
-        picked = torch.from_numpy(np.random.default_rng(seed).permutation(len(self))[:n])
-        rest = torch.ones(len(self), dtype=torch.bool)
-        rest[picked] = False
-        return self.subset(picked.sort().values), self.subset(rest.nonzero().flatten())
+        picked, rest = split_index(len(self), n, seed, self.source)
+        return self.subset(picked), self.subset(rest)
 
     def inputs(self, start: int = 0, stop: int | None = None):
         """Model inputs of items ``start:stop``: ``(images,)`` or the tokenizer's dict (padded
@@ -83,6 +78,59 @@ class Data:
             yield self.inputs(i, i + size), slice(i, min(i + size, len(self)))
 
 
+def split_index(total: int, n: int, seed: int = 0, source: str = "the data"):
+    """(``n`` seeded random positions of ``total``, sorted; the others): ``Data.split``."""
+    if not 0 < n < total:
+        raise DataError(f"cannot take {n} calibration inputs from {source}: it has "
+                        f"{total} and some must be left to evaluate")
+    picked = torch.from_numpy(np.random.default_rng(seed).permutation(total)[:n])
+    rest = torch.ones(total, dtype=torch.bool)
+    rest[picked] = False
+    return picked.sort().values, rest.nonzero().flatten()
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The items of a data path, found but not decoded (``open_data``): ``len``, ``split`` and
+    ``subset`` as ``Data`` has them, ``load()`` decodes the items kept (a process of a
+    distributed sweep decodes only its share)."""
+
+    source: str
+    kind: str
+    items: tuple  # per item what ``decode`` takes (an image file, an array), or a sentence
+    decode: Callable | None = None  # item -> preprocessed [C, H, W] tensor
+    labels: torch.Tensor | None = None
+    classes: tuple[str, ...] | None = None
+    tokenizer: Callable | None = None
+    bar: Callable | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, index) -> "Listing":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return dataclasses.replace(self, items=tuple(self.items[i] for i in index.tolist()),
+                                   labels=None if self.labels is None else self.labels[index])
+
+    def split(self, n: int, seed: int = 0) -> tuple["Listing", "Listing"]:
+        picked, rest = split_index(len(self), n, seed, self.source)
+        return self.subset(picked), self.subset(rest)
+
+    def load(self) -> Data:
+        if self.kind == "text":
+            return Data(self.source, "text", texts=self.items, tokenizer=self.tokenizer)
+        progress = self.bar(len(self), "load images") if self.bar else None
+        out = []
+        for item in self.items:
+            out.append(self.decode(item))
+            if progress is not None:
+                progress.update()
+        if progress is not None:
+            progress.close()
+        return Data(self.source, "images", images=torch.stack(out), labels=self.labels,
+                    classes=self.classes)
+
+
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +143,14 @@ def load_data(path, model=None, *, mean=None, std=None, input_size=None, model_d
     model (tokenised with ``tokenizer``, a transformers tokenizer, or the one in ``model_dir``).
     ``mean``/``std``/``input_size`` (C, H, W) override or stand in for the model's config. ``limit`` keeps the first N items; ``bar(total, desc)``
     makes a progress bar (tqdm) for decoding."""
+    return open_data(path, model, mean=mean, std=std, input_size=input_size, model_dir=model_dir,
+                     tokenizer=tokenizer, limit=limit, bar=bar).load()
+
+
+def open_data(path, model=None, *, mean=None, std=None, input_size=None, model_dir=None,
+              tokenizer=None, limit: int | None = None, bar: Callable | None = None) -> Listing:
+    """``load_data``'s ``Listing``: the items found, their labels, how to decode them; the
+    same checks and errors, except those of an item's contents (raised when it is decoded)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"no such data file or folder: {path}")
@@ -111,26 +167,16 @@ def load_data(path, model=None, *, mean=None, std=None, input_size=None, model_d
     transform, channels = image_transform(model, mean=mean, std=std, input_size=input_size,
                                           model_dir=model_dir)
     if os.path.isdir(path):
-        files, labels, classes = _folder(path)
-        pictures = (_open(f, channels) for f in files[:limit])
-        count = len(files[:limit])
+        items, labels, classes = _folder(path)
+        decode = lambda file: transform(_open(file, channels))  # noqa: E731
     elif path.endswith(".npz"):
-        arrays, labels, classes = _npz(path, channels)
-        pictures = (_picture(a) for a in arrays[:limit])
-        count = len(arrays[:limit])
+        items, labels, classes = _npz(path, channels)
+        decode = lambda array: transform(_picture(array))  # noqa: E731
     else:
         raise DataError(f"unsupported data {path}: expected a folder of images, a .npz with "
                         f"'images', or a .txt file of sentences")
-    progress = bar(count, "load images") if bar else None
-    out = []
-    for picture in pictures:
-        out.append(transform(picture))
-        if progress is not None:
-            progress.update()
-    if progress is not None:
-        progress.close()
     labels = None if labels is None else torch.as_tensor(labels[:limit], dtype=torch.long)
-    return Data(path, "images", images=torch.stack(out), labels=labels, classes=classes)
+    return Listing(path, "images", tuple(items[:limit]), decode, labels, classes, bar=bar)
 
 
 def takes_text(model) -> bool:
@@ -252,7 +298,7 @@ def _picture(array: np.ndarray):
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def _text(path: str, tokenizer, limit) -> Data:
+def _text(path: str, tokenizer, limit) -> Listing:
     try:
         with open(path, encoding="utf-8") as f:
             texts = tuple(line.strip() for line in f if line.strip())
@@ -277,4 +323,4 @@ def _text(path: str, tokenizer, limit) -> Data:
                   return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    return Data(path, "text", texts=texts[:limit], tokenizer=tokenize)
+    return Listing(path, "text", texts[:limit], tokenizer=tokenize)

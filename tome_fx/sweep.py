@@ -13,159 +13,25 @@ image (exact McNemar test).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import itertools
 import os
 import statistics
-from dataclasses import dataclass
-from math import comb
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
 
 from . import api
 from .capture import is_exported_program
-from .data import Data, DataError, load_data
-from .errors import MissingExtraError
+from .data import Data, DataError, Listing, open_data
+from .distributed import TIMEOUT, Group, session
 from .graph.batches import InBatches, batched, fit_batch, static_batch
+from .results import DEFAULT, Pair, Row, SweepResult, bits, mcnemar, pairs  # noqa: F401
 from .timing import batch_size as batch_of
-from .timing import call, compare, progress, throughput
+from .timing import call, compare, progress, throughput, to_device
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 STRATEGIES = ("auto", "constant")
-DEFAULT = "auto"  # optimize's default strategy: its rows are compared with constant r
-
-
-@dataclass(frozen=True)
-class Row:
-    strategy: str
-    budget: float
-    ratio: float  # FLOPs of the plan over the original's, at the calibration inputs
-    r: tuple[int, ...] | None
-    cosine: float  # mean per-input cosine similarity of outputs (pooled embeddings)
-    top1: float | None = None  # % with labels
-    agreement: float | None = None  # % of inputs whose top-1 class is unchanged
-    nn_agreement: float | None = None  # % whose nearest other input is unchanged (embeddings)
-    items_per_s: float | None = None
-    speedup: float | None = None
-    right: str | None = None  # which inputs it gets right (packed bits, hex), for the pairing
-
-
-@dataclass(frozen=True)
-class Pair:
-    budget: float
-    only_default: int  # inputs only the default strategy gets right
-    only_constant: int
-    difference: float  # points
-    p: float  # two-sided exact McNemar p-value
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    model: str
-    data: str
-    evaluated: int
-    calibration: str
-    rows: tuple[Row, ...]
-    pairs: tuple[Pair, ...]
-    throughput_batch: int | None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SweepResult":
-        """The result ``to_dict`` (or ``--json``) wrote."""
-        rows = tuple(Row(**{**r, "r": None if r["r"] is None else tuple(r["r"])})
-                     for r in d["rows"])
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in fields}, "rows": rows,
-                      "pairs": tuple(Pair(**p) for p in d["pairs"])})
-
-    def ordered(self) -> list[Row]:
-        """Rows by strategy (first seen first), budgets from high to low: the original first."""
-        names = list(dict.fromkeys(r.strategy for r in self.rows))
-        return sorted(self.rows, key=lambda r: (r.budget < 1.0 or r.strategy != "original",
-                                                names.index(r.strategy), -r.budget))
-
-    def table(self, fmt: str = "github") -> str:
-        has = lambda key: any(getattr(r, key) is not None for r in self.rows)  # noqa: E731
-        cols = [("strategy", "strategy", "{}"), ("budget", "budget", "{:g}"),
-                ("ratio", "FLOP ratio", "{:.3f}"), ("r", "schedule r", None)]
-        cols += [(k, h, f) for k, h, f in (
-            ("top1", "top-1 %", "{:.2f}"), ("agreement", "same prediction %", "{:.2f}"),
-            ("cosine", "output cosine", "{:.4f}"), ("nn_agreement", "same nearest neighbour %",
-                                                    "{:.2f}"),
-            ("items_per_s", "items/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x")) if has(k)]
-        body = []
-        for row in self.ordered():
-            cells = []
-            for key, _, fmt_ in cols:
-                v = getattr(row, key)
-                if key == "r":
-                    cells.append("—" if v is None else " ".join(map(str, v)))
-                else:
-                    cells.append("—" if v is None else fmt_.format(v))
-            body.append(cells)
-        return tabulate(body, headers=[h for _, h, _ in cols], tablefmt=fmt, disable_numparse=True)
-
-    def paired_table(self, fmt: str = "github") -> str:
-        body = [[f"{p.budget:g}", p.only_default, p.only_constant, f"{p.difference:+.2f}",
-                 f"{p.p:.2f}"] for p in self.pairs]
-        head = ["budget", f"only {DEFAULT} right", "only constant right", "difference (points)",
-                "McNemar p"]
-        return tabulate(body, headers=head, tablefmt=fmt, disable_numparse=True)
-
-    def __str__(self) -> str:
-        text = (f"tome-fx sweep: {self.model} on {self.evaluated} inputs of {self.data} "
-                f"(calibration: {self.calibration})\n\n{self.table('simple')}")
-        if self.pairs:
-            text += f"\n\n{DEFAULT} vs constant, input by input:\n\n{self.paired_table('simple')}"
-        return text
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-
-    def plot(self, path) -> None:
-        """PNG: accuracy (top-1, else agreement, else cosine) against the FLOP ratio and, when
-        measured, against throughput; one line per strategy."""
-        try:
-            import matplotlib
-        except ImportError:
-            raise MissingExtraError("plotting needs matplotlib: pip install matplotlib") from None
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        key, label = next((k, lab) for k, lab in (
-            ("top1", "top-1 accuracy (%)"), ("agreement", "same prediction as original (%)"),
-            ("nn_agreement", "same nearest neighbour (%)"), ("cosine", "output cosine"))
-            if any(getattr(r, k) is not None for r in self.rows))
-        speed = any(r.items_per_s is not None for r in self.rows)
-        fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(11 if speed else 6, 4.2),
-                                 squeeze=False)
-        original = next((r for r in self.rows if r.budget >= 1.0), None)
-        for name in dict.fromkeys(r.strategy for r in self.rows if r.budget < 1.0):
-            pts = [r for r in self.rows if r.strategy == name or r is original]
-            for ax, x in zip(axes[0], ("ratio", "items_per_s")):
-                xy = sorted((getattr(r, x), getattr(r, key)) for r in pts)
-                ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", ms=3, label=name)
-        axes[0][0].set_xlabel("FLOP ratio (rewritten / original)")
-        axes[0][0].invert_xaxis()
-        if speed:
-            axes[0][1].set_xlabel("throughput (items/s)")
-        for ax in axes[0]:
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{self.model}: {self.evaluated} inputs of {self.data}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-
 
 # ---------------------------------------------------------------------------------------------
 
@@ -189,20 +55,23 @@ def pooled(out: Any, inputs: Any) -> torch.Tensor:
     y = main_output(out).float()
     if y.dim() == 3:
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        m = torch.ones(y.shape[:2]) if mask is None else mask.to(y.dtype)
+        m = torch.ones(y.shape[:2], device=y.device) if mask is None else mask.to(y)
         return (y * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)
     return y.reshape(len(y), -1)
 
 
 @torch.no_grad()
-def outputs(module, data: Data, batch_size: int, bar=None) -> tuple[torch.Tensor, bool]:
-    """(``pooled`` outputs of ``module`` over ``data``, in order, [N, D]; whether they are
-    ``.logits`` of one score vector per input: a HuggingFace classifier, text ones included)."""
+def outputs(module, data: Data, batch_size: int, bar=None,
+            device: torch.device | None = None) -> tuple[torch.Tensor, bool]:
+    """(``pooled`` outputs of ``module`` over ``data``, in order, [N, D], on the CPU; whether
+    they are ``.logits`` of one score vector per input: a HuggingFace classifier, text ones
+    included). ``device``: where the inputs go (the module's)."""
     out, logits = [], False
     for inputs, _ in data.batches(batch_size):
+        inputs = inputs if device is None else to_device(inputs, device)
         y = call(module, inputs)
         logits = isinstance(getattr(y, "logits", None), torch.Tensor) and y.logits.dim() == 2
-        out.append(pooled(y, inputs))
+        out.append(pooled(y, inputs).cpu())
         if bar is not None:
             bar.update()
     return torch.cat(out), logits
@@ -248,38 +117,11 @@ def scores(ref: torch.Tensor, emb: torch.Tensor, data: Data,
         if data.labels is not None:
             out["top1"] = 100 * float((p == data.labels).double().mean())
             out["top1_original"] = 100 * float((ref.argmax(-1) == data.labels).double().mean())
-            out["right"] = _bits(p == data.labels)
+            out["right"] = bits(p == data.labels)
     elif len(ref) > 1:
         near = _nearest(ref) if ref_nearest is None else ref_nearest
         out["nn_agreement"] = 100 * float((_nearest(emb) == near).double().mean())
     return out
-
-
-def _bits(mask: torch.Tensor) -> str:
-    return np.packbits(mask.numpy()).tobytes().hex()
-
-
-def _unbits(text: str, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8))[:n].astype(bool)
-
-
-def mcnemar(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value: how likely a split this uneven of the discordant
-    inputs is if both methods were equally accurate (binomial, p = 1/2)."""
-    m, k = only_a + only_b, min(only_a, only_b)
-    return min(1.0, 2 * sum(comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
-
-
-def _pairs(rows: list[Row], n: int) -> tuple[Pair, ...]:
-    right = {(r.strategy, r.budget): _unbits(r.right, n) for r in rows if r.right}
-    out = []
-    for budget in sorted({b for _, b in right if b < 1.0}, reverse=True):
-        if (DEFAULT, budget) in right and ("constant", budget) in right:
-            a, b = right[(DEFAULT, budget)], right[("constant", budget)]
-            only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-            out.append(Pair(budget, only_a, only_b, 100 * (only_a - only_b) / n,
-                            mcnemar(only_a, only_b)))
-    return tuple(out)
 
 
 def _variants(strategies) -> dict[str, dict]:
@@ -291,10 +133,12 @@ def _variants(strategies) -> dict[str, dict]:
     return {s: {"strategy": s} for s in strategies}
 
 
-def _calibration(data: Data, calibration, model) -> tuple[Data, Data | None, str]:
-    """(evaluation data, calibration data or None, how calibration was done)."""
-    if isinstance(calibration, (Data, str, os.PathLike)):
-        calib = calibration if isinstance(calibration, Data) else load_data(calibration, model)
+def _calibration(data, calibration, model) -> tuple[Any, Any, str]:
+    """(evaluation data, calibration data or None, how calibration was done): each a ``Data``
+    or a ``Listing`` not yet decoded."""
+    if isinstance(calibration, (Data, Listing, str, os.PathLike)):
+        calib = (calibration if isinstance(calibration, (Data, Listing))
+                 else open_data(calibration, model))
         return data, calib, f"{len(calib)} inputs of {calib.source}"
     if not calibration:
         return data, None, "none (the data-free rule)"
@@ -302,11 +146,42 @@ def _calibration(data: Data, calibration, model) -> tuple[Data, Data | None, str
     return rest, calib, f"{len(calib)} inputs of {data.source} (seeded, not evaluated)"
 
 
+def _loaded(data) -> Data:
+    return data.load() if isinstance(data, Listing) else data
+
+
+def device_of(module) -> torch.device:
+    """Where ``module`` (an ``nn.Module`` or an ``ExportedProgram``) keeps its tensors."""
+    tensors = (module.state_dict.values() if is_exported_program(module)
+               else itertools.chain(module.parameters(), module.buffers()))
+    first = next(iter(tensors), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _summed(speeds: list[dict]) -> dict:
+    """Items/s of every process, timed at the same time, added up."""
+    original, rewritten = (sum(s[k] for s in speeds) for k in ("original", "rewritten"))
+    return {"original": original, "rewritten": rewritten, "speedup": rewritten / original}
+
+
+def _share(group: Group, data, batch_size: int) -> range:
+    """The items this process evaluates: whole batches, as one process batches them (so every
+    output is computed as there), dealt to the processes in contiguous runs."""
+    batches = -(-len(data) // batch_size)
+    mine = group.share(batches)
+    if not mine:
+        raise DataError(f"nothing to evaluate: {len(data)} evaluation input(s) of {data.source} "
+                        f"make {batches} batch(es) of {batch_size}, fewer than the {group.world} "
+                        f"processes (start at most {batches}, or lower the batch size)")
+    return range(mine.start * batch_size, min(mine.stop * batch_size, len(data)))
+
+
 def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: Any = 64,
           batch_size: int = 64, measure: bool = True, warmup: int = 2, runs: int = 5,
           quiet: bool | None = None, name: str | None = None, original=None, bar_stream=None,
-          **optimize_kwargs) -> SweepResult:
-    """Every strategy at every budget on ``data`` (a ``Data`` or a path for ``load_data``).
+          timeout: float = TIMEOUT, **optimize_kwargs) -> SweepResult:
+    """Every strategy at every budget on ``data`` (a ``Data``, a ``Listing`` from ``open_data``,
+    or a path for ``open_data``).
 
     ``calibration``: an int takes that many inputs of ``data`` (a seeded random subset, left
     out of the evaluation) to plan on; a ``Data`` or path is a separate calibration set; 0 or
@@ -319,52 +194,133 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
     ``original``: the module that runs the original (default ``model``; for an
     ``ExportedProgram``, its ``.module()``). A program saved with a static batch, and what is
     captured from it, run ``batch_size`` items as calls of that batch (``graph.batches``).
-    Other keyword arguments go to ``optimize``."""
+    Inputs go to the device of ``original``; the rewritten modules follow it.
+    Other keyword arguments go to ``optimize``.
+
+    Under ``torchrun`` (or in a process group the caller initialised, which is left as it is)
+    every process evaluates a contiguous share of the evaluation batches: rank 0 plans each
+    module and the others build the one it planned (``optimize(planned=...)``), rank 0 gathers
+    the outputs in data order and scores them, so every number but throughput is the one
+    process's; throughput is the sum of the processes' rates, timed at the same time. Every
+    process returns the result; bars are rank 0's. A process that fails stops them all with a
+    ``DistributedError`` naming it (``tome_fx.distributed``); one that keeps the others waiting
+    more than ``timeout`` seconds (stuck, or gone) stops them with one too."""
     if original is None:
         original = model.module() if is_exported_program(model) else model
-    if isinstance(data, (str, os.PathLike)):
-        data = load_data(data, original)
-    fixed = static_batch(model)
-    run_original = batched(original) if fixed is None else InBatches(original, fixed)
     budgets = sorted({float(api.check_budget(b)) for b in budgets} | {1.0}, reverse=True)
     variants = _variants(strategies)
-    data, calib, how = _calibration(data, calibration, original)
-    plan_inputs = calib.inputs() if calib is not None else data.inputs(0, min(len(data), 2))
+    with session(device_of(original), timeout) as group:
+        return _sweep(group, model, original, data, budgets, variants, calibration, batch_size,
+                      measure, warmup, runs, quiet if group.main else True, name, bar_stream,
+                      optimize_kwargs)
+
+
+def _sweep(group: Group, model, original, data, budgets, variants, calibration, batch_size,
+           measure, warmup, runs, quiet, name, bar_stream, optimize_kwargs) -> SweepResult:
+    device = device_of(original)
+    fixed = static_batch(model)
+    run_original = batched(original) if fixed is None else InBatches(original, fixed)
+    with group.step() as counted:
+        if isinstance(data, (str, os.PathLike)):
+            data = open_data(data, original)
+        data, calib, how = _calibration(data, calibration, original)
+        counted.value = len(data)
+    if len(set(counted.values)) > 1:
+        counts = ", ".join(f"{n} on rank {r}" for r, n in enumerate(counted.values))
+        raise DataError(f"the processes see different data in {data.source} ({counts} "
+                        f"evaluation inputs): every machine needs the same copy")
+    with group.step():  # each process decodes its share; rank 0 the inputs it plans on
+        share = _share(group, data, batch_size)
+        mine = _loaded(data if len(share) == len(data) else data.subset(list(share)))
+        first = to_device(mine.inputs(0, batch_size), device)
+        plan_inputs = None
+        if group.main:
+            planning = calib if calib is not None else data.subset(list(range(min(len(data), 2))))
+            plan_inputs = _loaded(planning).inputs()
+    plan_inputs = to_device(group.broadcast(plan_inputs), device_of(model))
     plan_kw = {"calibration": plan_inputs} if calib is not None else {"example_inputs": plan_inputs}
     if fixed is not None:  # captured at its one batch; calibration runs in chunks of it
         plan_kw["example_inputs"] = fit_batch(plan_inputs, fixed)
-    first = data.inputs(0, batch_size)
-    steps = -(-len(data) // batch_size)
+    steps = -(-len(mine) // batch_size)
     bar = progress(steps * (1 + len(variants) * (len(budgets) - 1)), "sweep", quiet, bar_stream)
-    ref, logits = outputs(run_original, data, batch_size, bar)
-    check_labels(data, ref, logits)
-    near = None if is_classifier(ref, data, logits) or len(ref) < 2 else _nearest(ref)
+    with group.step():
+        ref, logits = outputs(run_original, mine, batch_size, bar, device)
+    parts = group.gather(ref)
+    with group.step():
+        if group.main:
+            ref = torch.cat(parts)
+            check_labels(data, ref, logits)
+            near = None if is_classifier(ref, data, logits) or len(ref) < 2 else _nearest(ref)
     rows, seen, base_speeds = [], {}, []
 
     def row(label, budget, ratio, r, emb, speed=None, speedup=None):
         kw = {k: v for k, v in scores(ref, emb, data, near, logits).items() if k in _ROW_SCORES}
         return Row(label, budget, ratio, r, items_per_s=speed, speedup=speedup, **kw)
 
+    def timed(fn):  # every process times its first batch at the same time; rates add up
+        with group.step() as step:
+            step.value = fn()
+        return step.values
+
     for budget in budgets[1:]:
         for label, kw in variants.items():
             bar.set_description(f"{label} at {budget:g}")
-            fast = api.optimize(model, flops_budget=budget, **plan_kw, **optimize_kwargs, **kw)
-            plan = fast.tome
-            fast = batched(fast)
+            args = dict(**plan_kw, **optimize_kwargs, **kw)  # a clash is a TypeError
+            with group.step():
+                fast = api.optimize(model, flops_budget=budget, **args) if group.main else None
+            plan = group.broadcast(None if fast is None else fast.tome)
             key = (tuple(plan.r), repr(sorted((k, v) for k, v in kw.items() if k != "strategy")))
-            if key not in seen:  # same schedule, same rewrite: same outputs
-                seen[key] = outputs(fast, data, batch_size, bar)[0]
-            else:
-                bar.update(steps)
-            speed = compare(run_original, fast, first, warmup, runs) if measure else {}
+            with group.step():
+                if fast is None:
+                    fast = _rebuild(group, model, budget, plan, args)
+                fast = batched(fast).to(device)
+                emb = None if key in seen else outputs(fast, mine, batch_size, bar, device)[0]
+                if key in seen:  # same schedule, same rewrite: same outputs
+                    bar.update(steps)
+            speed = (_summed(timed(lambda: compare(run_original, fast, first, warmup, runs)))
+                     if measure else {})
+            if key not in seen:
+                seen[key] = group.gather(emb)
             base_speeds += [speed["original"]] if speed else []
-            rows.append(row(label, budget, plan.ratio, tuple(plan.r), seen[key],
-                            speed.get("rewritten"), speed.get("speedup")))
+            with group.step():
+                if group.main:
+                    rows.append(row(label, budget, plan.ratio, tuple(plan.r), torch.cat(seen[key]),
+                                    speed.get("rewritten"), speed.get("speedup")))
     base = None
     if measure:
-        base = (statistics.median(base_speeds) if base_speeds
-                else throughput(run_original, first, warmup, runs))
-    rows.insert(0, row("original", 1.0, 1.0, None, ref, base, None if base is None else 1.0))
+        base = (statistics.median(base_speeds) if base_speeds else
+                sum(timed(lambda: throughput(run_original, first, warmup, runs))))
     bar.close()
-    return SweepResult(name or type(original).__name__, data.source, len(data), how, tuple(rows),
-                       _pairs(rows, len(data)), batch_of(first) if measure else None)
+    result = None
+    with group.step():
+        if group.main:
+            rows.insert(0, row("original", 1.0, 1.0, None, ref, base,
+                               None if base is None else 1.0))
+            result = SweepResult(
+                name or type(original).__name__, data.source, len(data), how, tuple(rows),
+                pairs(rows, len(data)), batch_of(first) if measure else None, group.world,
+                tuple(len(p) for p in parts), _rate_note(group, first, warmup, runs, measure))
+    return group.broadcast(result)
+
+
+def _rebuild(group: Group, model, budget: float, plan, args: dict):
+    """The module rank 0 planned, built here: ToMe from its plan (no search); ToMato plans from
+    shapes alone, so the same call gives the same module."""
+    if plan.method == "tome":
+        fast = api.optimize(model, flops_budget=budget, planned=plan, **args)
+    else:
+        fast = api.optimize(model, flops_budget=budget, **args)
+    if fast.tome.r != plan.r:
+        raise ValueError(f"rank {group.rank} built a module merging {fast.tome.r} per block, "
+                         f"not the {plan.r} rank 0 planned")
+    return fast
+
+
+def _rate_note(group: Group, first, warmup: int, runs: int, measure: bool) -> str | None:
+    if not measure:
+        return None
+    how = (f"items/s on the first batch ({batch_of(first)} inputs), median of {runs} runs after "
+           f"{warmup} warm-up, each module in the same rounds as the original")
+    if group.world > 1:
+        how += f"; the sum over {group.world} processes, each timing its own first batch at once"
+    return how

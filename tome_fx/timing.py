@@ -15,6 +15,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 
@@ -38,6 +39,11 @@ def _sync(devices: set[torch.device]) -> None:
     for d in devices:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
+
+
+def to_device(inputs, device: torch.device):
+    """``inputs`` (tensors in a tuple, dict or other container) on ``device``."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
 
 
 def call(fn: Callable, inputs):

@@ -58,14 +58,19 @@ def bar_factory(args, stream):
 def load(args, src, stream=None, path=None):
     """The ``Data`` of ``--data`` (or of ``path``, all of it) for source ``src``, preprocessed
     as the model's config (or ``--mean``/``--std``/``--input-size``) says."""
-    from ..data import load_data
+    return listing(args, src, stream, path).load()
+
+
+def listing(args, src, stream=None, path=None):
+    """``load``'s items found but not decoded yet (a ``data.Listing``)."""
+    from ..data import open_data
     from .sources import declared_size
 
     size = args.size
     if size is None and args.mean_values is not None and src.example_inputs:
         size = declared_size(src)  # a .pt2's recorded input size
     model_dir = src.name if os.path.isdir(src.name) else None
-    return load_data(path or args.data, src.model, mean=args.mean_values, std=args.std_values,
+    return open_data(path or args.data, src.model, mean=args.mean_values, std=args.std_values,
                      input_size=size, model_dir=model_dir, limit=None if path else args.limit,
                      bar=bar_factory(args, stream or sys.stderr))
 

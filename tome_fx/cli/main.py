@@ -44,12 +44,15 @@ SWEEP_EPILOG = """examples:
   tome-fx sweep timm:deit_small_patch16_224 --checkpoint deit_s.pth --data val/ --plot sweep.png
   tome-fx sweep vit.pt2 --data cifar_test/ --mean 0.4914,0.4822,0.4465 --std 0.2023,0.1994,0.2010
   tome-fx sweep ./all-MiniLM-L6-v2 --data sentences.txt --budgets 1,0.75,0.5 --json sweep.json
+  torchrun --nproc_per_node 8 -m tome_fx sweep timm:deit_small_patch16_224 --data val/
 
 Per budget and strategy: FLOP ratio, top-1 (with labels), agreement with the original's
 predictions, output cosine, nearest-neighbour agreement (text and other embedding outputs),
-throughput on the first batch, each row timed in the same rounds as the original (on CPU;
---no-throughput skips it). The default strategy is compared with constant r input by input
-(exact McNemar p). A .pt2 saved with a static batch runs as calls of that batch."""
+throughput on the first batch, each row timed in the same rounds as the original (on
+--device; --no-throughput skips it). The default strategy is compared with constant r input by
+input (exact McNemar p). A .pt2 saved with a static batch runs as calls of that batch.
+Under torchrun each process evaluates a share of the batches (one GPU per local rank, or
+--device cpu); rank 0 plans, reports and writes; items/s is the sum over the processes."""
 
 VISUALIZE_EPILOG = """examples:
   tome-fx visualize timm:vit_small_patch16_224 photo.jpg -o groups.png --r 16
@@ -169,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--calib-data", default=None, metavar="PATH",
                      help="a separate calibration set (then all of --data is evaluated)")
     swp.add_argument("--no-throughput", action="store_true", help="skip timing")
+    swp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where the models run (auto: CUDA when present; under torchrun, "
+                          "each process on the GPU of its local rank)")
+    swp.add_argument("--dist-timeout", type=float, default=1800, metavar="SECONDS",
+                     help="under torchrun: how long a process waits for the others (rank 0 "
+                          "plans alone) before the job stops with an error (default 1800)")
     swp.add_argument("--runs", type=int, default=5, help="timed runs per module (default 5)")
     swp.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
     swp.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
