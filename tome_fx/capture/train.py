@@ -173,7 +173,10 @@ def probe_training(model: nn.Module, args: tuple, kwargs: dict) -> Probe:
     """Run ``model`` (capture's copy) in train mode on the example inputs; its buffers (batch
     statistics) and the caller's random generators are put back as they were, and the model
     is left in eval mode."""
-    saved = [b.detach().clone() for b in model.buffers()]
+    # by owner and name: a forward may replace a buffer (timm's ConViT caches its relative
+    # positions in one), and copying into the new tensor would corrupt it
+    saved = [(owner, name, b, b.detach().clone()) for owner in model.modules()
+             for name, b in owner._buffers.items() if b is not None]
     model.train()
     try:
         with torch.random.fork_rng(), torch.no_grad(), PythonRandom() as drawn, \
@@ -184,8 +187,9 @@ def probe_training(model: nn.Module, args: tuple, kwargs: dict) -> Probe:
     finally:
         model.eval()
         with torch.no_grad():
-            for buffer, value in zip(model.buffers(), saved):
+            for owner, name, buffer, value in saved:
                 buffer.copy_(value)
+                owner._buffers[name] = buffer
     why = []
     if drawn.drew:
         why.append("it draws random numbers in Python (numpy or random), which a graph would "
