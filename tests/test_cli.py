@@ -1,4 +1,5 @@
-"""The command line, run as a subprocess (``python -m tome_fx``) like a user would."""
+"""The command line: in this process (``cli.main``, no import time per run), and as a subprocess
+(``python -m tome_fx``) like a user would for the README's main job and a --debug traceback."""
 import json
 import os
 import re
@@ -31,17 +32,6 @@ def _cmd(args):
 
 def run(*args, env=None):
     return subprocess.run(_cmd(args), capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-
-
-def run_many(cases, env=None):
-    """Start several CLI runs at once (each spends most of its time importing) and wait."""
-    procs = [subprocess.Popen(_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT, env=e if e is not None else env) for args, e in cases]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
 
 
 def run_here(capsys, *args):
@@ -96,12 +86,10 @@ def files(tmp_path_factory):
     return d
 
 
-def test_pickled_model_needs_trust_and_json_matches_api(files):
+def test_pickled_model_needs_trust_and_json_matches_api(files, capsys):
     path = files / "model.pt"
-    refused, res = run_many([
-        (("report", path), None),
-        (("report", path, "--trust-pickle", "--flops-budget", "0.6", "--format", "json"), None),
-    ])
+    refused = run_here(capsys, "report", path)
+    res = run_here(capsys, "report", path, "--trust-pickle", "--flops-budget", "0.6", "--format", "json")
     assert_error(refused, "--trust-pickle", "timm.models.vision_transformer.VisionTransformer")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -139,8 +127,8 @@ def test_pickled_model_needs_trust_and_json_matches_api(files):
                                    for ln, b in zip(rows, data["blocks"]))
 
 
-def test_timm_name_table_with_bench():
-    res = run("report", f"timm:{NAME}", "--input-size", SIZE_ARG, "--r", "3", "--bench",
+def test_timm_name_table_with_bench(capsys):
+    res = run_here(capsys, "report", f"timm:{NAME}", "--input-size", SIZE_ARG, "--r", "3", "--bench",
               "--runs", "2", "--warmup", "1")
     assert res.returncode == 0, res.stderr
     out = res.stdout
@@ -157,12 +145,12 @@ def test_timm_name_table_with_bench():
     assert float(speeds[3]) == pytest.approx(float(speeds[2]) / float(speeds[1]), abs=0.01)
 
 
-def test_state_dict_and_checkpoint(files):
+def test_state_dict_and_checkpoint(files, capsys):
     base = ("report", f"timm:{NAME}", "--input-size", SIZE_ARG)
-    plain, other, res = run_many([
-        (("report", files / "weights.pth"), None),
-        ((*base, "--checkpoint", files / "other.pth"), None),
-        ((*base, "--checkpoint", files / "weights.pth", "--r", "2", "--format", "json"), None),
+    plain, other, res = (run_here(capsys, *args) for args in [
+        ("report", files / "weights.pth"),
+        (*base, "--checkpoint", files / "other.pth"),
+        (*base, "--checkpoint", files / "weights.pth", "--r", "2", "--format", "json"),
     ])
     assert_error(plain, "state dict", "architecture is needed", "--checkpoint")
     assert_error(other, "does not match", "missing keys", "unexpected keys: classifier.weight")
@@ -177,11 +165,11 @@ def test_state_dict_and_checkpoint(files):
     assert abs(cos0 - cos) > 1e-4
 
 
-def test_exported_program_archive(tmp_path):
+def test_exported_program_archive(tmp_path, capsys):
     """A .pt2 from torch.export.save. Needs the torch.export capture path of tome_fx."""
     model, x = timm_model(3), cli_inputs()
     torch.export.save(torch.export.export(model, x), tmp_path / "vit.pt2")
-    res = run("report", tmp_path / "vit.pt2", "--r", "2", "--format", "json")
+    res = run_here(capsys, "report", tmp_path / "vit.pt2", "--r", "2", "--format", "json")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     plan = tome_fx.optimize(model, r=2, example_inputs=x).tome
@@ -189,14 +177,15 @@ def test_exported_program_archive(tmp_path):
     assert data["protected_tokens"] == 1 and data["input_shape"] == [[2, *SIZE]]
 
 
-def test_huggingface_directory(tmp_path):
+def test_huggingface_directory(tmp_path, capsys):
     """A local directory from save_pretrained. Needs tome_fx to capture HuggingFace ViTs."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64, num_labels=5)
     torch.manual_seed(0)
     transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
-    res = run("report", tmp_path / "vit", "--r", "2", "--format", "json")
+    capsys.readouterr()  # save_pretrained's progress bar
+    res = run_here(capsys, "report", tmp_path / "vit", "--r", "2", "--format", "json")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["model_class"] == "ViTForImageClassification"
@@ -239,9 +228,9 @@ def test_help_has_an_example(command, capsys):
     assert "examples:" in out and f"tome-fx {command} " in out.split("examples:")[1]
 
 
-def test_visualize_colours_follow_tracked_sources(files):
+def test_visualize_colours_follow_tracked_sources(files, capsys):
     out = files / "groups.png"
-    res = run("visualize", files / "model.pt", files / "image.png", "-o", out, "--trust-pickle",
+    res = run_here(capsys, "visualize", files / "model.pt", files / "image.png", "-o", out, "--trust-pickle",
               "--r", "4", "--layer", "1", "--scale", "1")
     assert res.returncode == 0, res.stderr
     img = np.asarray(Image.open(out).convert("RGB"))
@@ -266,9 +255,9 @@ def test_visualize_colours_follow_tracked_sources(files):
     assert f"{len(groups.unique())} groups of 16 patches" in res.stdout
 
 
-def test_bench_command(files):
+def test_bench_command(files, capsys):
     path = files / "bench.json"
-    res = run("bench", f"timm:{NAME}", "--input-size", SIZE_ARG, "--r", "2", "--batch-size", "4",
+    res = run_here(capsys, "bench", f"timm:{NAME}", "--input-size", SIZE_ARG, "--r", "2", "--batch-size", "4",
               "--runs", "2", "--warmup", "1", "--device", "cpu", "--json", path)
     assert res.returncode == 0, res.stderr
     data = json.loads(path.read_text())

@@ -172,29 +172,51 @@ def test_compiled_export_module_raises_shape_error():
             fast(torch.randn(3, 30, 8))
 
 
-def test_lengths_vary_without_a_recompile_per_length():
+def _bert_ids():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, vocab_size=1000, max_position_embeddings=256)
+    model = BertForSequenceClassification(config).eval()
+    return model, lambda n: {"input_ids": torch.randint(0, 1000, (2, n))}
+
+
+def _exported_encoder():
+    """A hand-written encoder exported with a dynamic batch and token count (the export path,
+    as for HuggingFace models, at a fifth of BERT's graph: dynamo traces it in seconds)."""
+    model = TinyTransformer(depth=3).eval()
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", min=8, max=256)}
+    program = torch.export.export(model, (torch.randn(2, 32, 16),), dynamic_shapes=(dims,))
+    return program, lambda n: (torch.randn(2, n, 16),)
+
+
+@pytest.mark.parametrize("name", [
+    "exported_encoder",
+    pytest.param("hf_bert", marks=pytest.mark.slow),  # the same at BERT's size: ~50 s of tracing
+])
+def test_lengths_vary_without_a_recompile_per_length(name):
     """A budget schedule on a module captured with a dynamic sequence length: the second length
     recompiles once with a symbolic token count, which serves the lengths after it (a length at
     which some block's merge count reaches 0 or leaves one token unmerged in a set can add one,
     as torch specialises sizes 0 and 1); running the same lengths again compiles nothing."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=128, vocab_size=1000, max_position_embeddings=256)
-    model = BertForSequenceClassification(config).eval()
-    ids = lambda n: {"input_ids": torch.randint(0, 1000, (2, n))}  # noqa: E731
-    gm = tome_fx.optimize(model, flops_budget=0.6, example_inputs=ids(32))
+    model, inputs = _exported_encoder() if name == "exported_encoder" else _bert_ids()
+    gm = tome_fx.optimize(model, flops_budget=0.6, example_inputs=inputs(32))
     counter, graphs = _counting()
     fast = compile_module(gm, {"backend": counter})
+
+    def run(module, x):
+        out = module(**x) if isinstance(x, dict) else module(*x)
+        return getattr(out, "logits", out)
+
     lengths = (32, 48, 64, 100, 128, 80, 40, 56, 72, 96, 112)
     with torch.no_grad():
         for n in lengths:
-            x = ids(n)
-            torch.testing.assert_close(fast(**x).logits, gm(**x).logits, rtol=0, atol=1e-5)
+            x = inputs(n)
+            torch.testing.assert_close(run(fast, x), run(gm, x), rtol=0, atol=1e-5)
         compiled = counter.frame_count
         for n in lengths:
-            fast(**ids(n))
-    assert compiled <= 3 < len(lengths), compiled
+            run(fast, inputs(n))
+    assert 2 <= compiled <= 3 < len(lengths), compiled
     assert counter.frame_count == compiled
     assert len(_symbols(graphs[1])) == 1  # the token count (the batch stayed 2)
