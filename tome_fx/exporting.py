@@ -22,14 +22,13 @@ the module in eval mode under ``no_grad``; ONNX is ``torch.onnx.export(program, 
   schedule's ``r``, which torch.export and ONNX carry as a symbolic token count.
 * **Checked.** The file is loaded (``torch.export.load`` / onnxruntime) and run on the example
   inputs and on one more batch size; the largest absolute difference to the module's outputs
-  is reported, and above ``tolerance`` (1e-4 for fp32) it is an ``ExportError``.
+  is reported, and above ``tolerance`` (1e-4 for fp32) it is an ``ExportError``. A file whose
+  own guards refuse one of those sizes (a relation between sizes that torch.export keeps as a
+  runtime check) is traced again with fewer dynamic dimensions, and the notes say so.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import inspect
-import io
 import os
 import traceback
 from collections.abc import Mapping
@@ -40,13 +39,12 @@ import torch.nn as nn
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path
 
 from .capture import default_inputs, is_exported_program, normalize_inputs
-from .errors import ExportError, MissingExtraError, one_line
+from .export_files import (export_format, load_runner, max_diff, output_tensors, quiet,
+                           require_onnx, write_file)
+from .errors import ExportError, one_line
 from .graph.dims import axis_names, free_dims
 
-FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
-ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # everything else: 1e-4
-ONNX_INLINE_LIMIT = 1_800_000_000  # bytes of weights kept inside the .onnx (protobuf: < 2 GB)
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -73,36 +71,6 @@ class Exported:
                 f"|diff| {diffs} (tolerance {self.tolerance:g}); dynamic: "
                 f"{', '.join(dims) or 'nothing'}")
         return "\n".join([line, *(f"note: {n}" for n in self.notes)])
-
-
-def export_format(path, format: str | None = None) -> str:
-    """``"onnx"`` or ``"pt2"``: ``format`` if given (it must agree with a known suffix), else
-    from the file name's suffix; ValueError otherwise."""
-    by_suffix = FORMATS.get(os.path.splitext(str(path))[1].lower())
-    if format is None:
-        if by_suffix is None:
-            raise ValueError(f"cannot tell the export format from {str(path)!r}: the file name "
-                             "must end in .onnx or .pt2")
-        return by_suffix
-    if format not in FORMATS.values():
-        raise ValueError(f"format must be 'onnx' or 'pt2', got {format!r}")
-    if by_suffix not in (None, format):
-        raise ValueError(f"format={format!r} does not match the file name {str(path)!r}")
-    return format
-
-
-def require_onnx() -> None:
-    """MissingExtraError (one line, naming the ``export`` extra) unless the ONNX packages
-    import."""
-    missing = []
-    for name in ONNX_EXTRA:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise MissingExtraError(f"ONNX export needs onnx, onnxscript and onnxruntime "
-                                f"({', '.join(missing)} missing): pip install -e \".[export]\"")
 
 
 def plain(out):
@@ -147,10 +115,6 @@ def _output_names(out) -> list[str]:
             name = ".".join(parts) or "output"
             names.append(f"output_{name}" if name[0].isdigit() else name)
     return names
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    return [t for _, t in tree_flatten_with_path(out)[0] if isinstance(t, torch.Tensor)]
 
 
 def _dynamic_shapes(tensors, batch: bool, free: bool):
@@ -230,60 +194,6 @@ def _trace(flat: _Flat, tensors: tuple, batch: bool, free: bool):
                                    strict=False)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torch.onnx and onnxscript print progress and optimizer messages; hold them back."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
-def _write(ep, path: str, fmt: str, inputs: list[str], outputs: list[str], tensors) -> None:
-    if fmt == "pt2":
-        torch.export.save(ep, path)
-        return
-    weights = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
-    with _quiet():
-        program = torch.onnx.export(ep, tensors, input_names=inputs, output_names=outputs,
-                                    dynamo=True, verbose=False)
-        names = axis_names(ep, inputs, tensors)  # symbols (s95) -> batch, sequence, ...
-        program.rename_axes({str(symbol): name for symbol, name in names.items()})
-        program.save(path, external_data=weights > ONNX_INLINE_LIMIT)
-
-
-def _runner(path: str, fmt: str, names: list[str]):
-    """Load the written file: a function of the input tensors returning its output tensors."""
-    if fmt == "pt2":
-        fn = torch.export.load(path).module()
-        return lambda tensors: _tensors(fn(*tensors))
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-
-    def run(tensors):
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if n in wanted}
-        return [torch.from_numpy(o) for o in session.run(None, feed)]
-
-    return run
-
-
-def _max_diff(got: list, want: list, where: str) -> float:
-    if len(got) != len(want):
-        raise ExportError(f"{where}: the file returns {len(got)} tensors, the module {len(want)}")
-    worst = 0.0
-    for i, (g, w) in enumerate(zip(got, want)):
-        if tuple(g.shape) != tuple(w.shape):
-            raise ExportError(f"{where}: output {i} has shape {tuple(g.shape)} in the file, "
-                              f"{tuple(w.shape)} from the module")
-        if w.numel():
-            d = (g.double() - w.detach().cpu().double()).abs()
-            d = torch.where(torch.isnan(g) & torch.isnan(w.cpu()), 0.0, d.nan_to_num(float("inf")))
-            worst = max(worst, d.max().item())
-    return worst
-
-
 def _example(module, example_inputs):
     if example_inputs is not None:
         return normalize_inputs(example_inputs)
@@ -319,12 +229,16 @@ def export(module, path, example_inputs=None, format: str | None = None, *,
             m.training = training
 
 
-def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, tensors):
-    """Trace and write, from the most dynamic shapes to the least: (program, notes)."""
-    errors = []
+def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, tensors,
+                   expected):
+    """Trace, write and run the file, from the most dynamic shapes to the least:
+    (program, notes, {checked inputs: largest |file - module|}). A file whose own guards refuse
+    a size it calls dynamic (a relation torch.export keeps as a runtime check, not a range) is
+    written again with fewer dynamic dimensions."""
+    errors, refused = [], None
     for batch, free in ((True, True), (True, False), (False, False)):
         try:
-            with _quiet():  # export prints partial graphs when it fails
+            with quiet():  # export prints partial graphs when it fails
                 ep = _trace(flat, tensors, batch, free)
         except Exception as exc:  # export raises many kinds; the first says the most
             _refuse_data_dependent(exc, module)
@@ -334,12 +248,32 @@ def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, t
         if foreign:
             raise ExportError(f"the exported program still calls tome_fx ({foreign[0]})")
         try:
-            _write(ep, path, fmt, names, out_names, tensors)
+            write_file(ep, path, fmt, names, out_names, tensors)
         except Exception as exc:  # torch.onnx raises many kinds too
             errors.append(f"writing {fmt} failed: {one_line(exc)}")
             continue
+        run, diffs = load_runner(path, fmt, names), {}
+        for label, inputs in _variants(ep, names, tensors):
+            with torch.no_grad():
+                want = output_tensors(flat(*inputs) if inputs is not tensors else expected)
+            try:
+                got = run(inputs)
+            except Exception as exc:  # the program's guards, or onnxruntime's shape checks
+                if inputs is tensors:
+                    raise ExportError(f"{path}: the written {fmt} file fails on the example "
+                                      f"inputs: {one_line(exc)}") from exc
+                refused = refused or f"the file refused {label} ({one_line(exc)[:200]})"
+                diffs = None
+                break
+            diffs[label] = max_diff(got, want, f"{path} at {label}")
+        if diffs is None:
+            continue
         notes = [] if batch else [f"the batch is static ({tensors[0].shape[0]}): the module pins it"]
-        return ep, notes
+        if refused:
+            notes.insert(0, f"fewer dimensions are dynamic than the module allows: {refused}")
+        return ep, notes, diffs
+    if refused and not errors:
+        errors.append(refused)
     raise ExportError(f"cannot export {type(module).__name__} to {fmt}: {errors[0]}")
 
 
@@ -369,18 +303,14 @@ def _export(module, path, fmt, args, kwargs, tolerance, verbose) -> Exported:
     with torch.no_grad():
         expected = flat(*tensors)
     names, out_names = _input_names(module, len(args), kwargs), _output_names(expected)
-    ep, notes = _write_program(flat, module, path, fmt, names, out_names, tensors)
+    ep, notes, diffs = _write_program(flat, module, path, fmt, names, out_names, tensors,
+                                      expected)
     named = axis_names(ep, names, tensors)
     found = [(f"{names[i]}[{d}]", named[symbol])
              for symbol, where in free_dims(ep, len(names)).items() for i, d in where]
     dynamic, axes = tuple(f for f, _ in found), tuple(a for _, a in found)
-    run = _runner(path, fmt, names)
-    diffs = {}
-    for label, inputs in _variants(ep, names, tensors):
-        with torch.no_grad():
-            want = _tensors(flat(*inputs)) if inputs is not tensors else _tensors(expected)
-        diffs[label] = _max_diff(run(inputs), want, f"{path} at {label}")
-    out_dtype = next((t.dtype for t in _tensors(expected) if t.is_floating_point()), torch.float32)
+    out_dtype = next((t.dtype for t in output_tensors(expected) if t.is_floating_point()),
+                     torch.float32)
     tol = tolerance if tolerance is not None else TOLERANCE.get(out_dtype, 1e-4)
     result = Exported(path, fmt, tuple(names), tuple(out_names), dynamic, diffs, tol, tuple(notes),
                       axes)

@@ -280,7 +280,7 @@ def visualize(args) -> int:
 
 def export(args) -> int:
     from .. import api
-    from ..exporting import export_format, require_onnx
+    from ..export_files import export_format, require_onnx
     from ..graph.batches import fit_batch
     from . import data as cli_data
     from .sources import example_inputs

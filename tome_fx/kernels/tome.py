@@ -48,7 +48,8 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int):
     with torch.no_grad():
         m = metric.float()
         a, b = split_ab(m / m.norm(dim=-1, keepdim=True), prefix)
-        best, partner = (a @ b.transpose(-1, -2)).max(dim=-1)
+        # bmm, not @: matmul's decomposition guards on the strided views' token parity under export
+        best, partner = torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
         src = order[:, :r]
         unm = order[:, r:].sort(dim=-1).values
@@ -104,7 +105,8 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
     ``groups`` [B, N0, K] and ``pad`` [B, N0] bool (padding, or None) are per original token;
     ``origin`` [B, N] the original token of each current token (None: identity). Each sample's
     real tokens are first put before its padding (stable; a no-op for right padding and after
-    the first merge, whose output keeps that order), so its A/B split is the one it has alone.
+    the first merge, whose output keeps that order), so its A/B split and its protected prefix
+    (its first real tokens) are the ones it has alone.
     Its r follows its own real token count (``merge_count`` with its own start count), at most
     its same-group pairs. The batch keeps the token count the schedule gives the padded length
     (the longest sample's, so the FLOPs are the batch's as before); a sample's own padding
@@ -117,9 +119,9 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
     pos = torch.arange(n_tokens, device=dev)
     cur = torch.zeros(bsz, n_tokens, dtype=torch.bool, device=dev) if pad is None else \
         pad.expand(bsz, -1).gather(1, origin)
-    # unique sort keys instead of a stable sort (ONNX has none)
-    rest = (cur[:, prefix:].long() * n_tokens + pos[prefix:]).argsort(dim=1)
-    perm = torch.cat([pos[:prefix].expand(bsz, -1), prefix + rest], 1)
+    # unique sort keys instead of a stable sort (ONNX has none); the protected prefix is the
+    # sample's first real tokens, as alone (left padding moves them forward)
+    perm = (cur.long() * n_tokens + pos).argsort(dim=1)
     with torch.no_grad():
         m = metric.float()
         m = (m / m.norm(dim=-1, keepdim=True)).gather(1, perm[..., None].expand_as(m))
@@ -127,7 +129,7 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
         cur = cur.gather(1, perm)
         (a, b), (ga, gb), (pa, pb) = (split_ab(t, prefix) for t in (m, g, cur))
         forbid = (ga[:, :, None, :] != gb[:, None, :, :]).any(-1) | pa[..., None] | pb[:, None]
-        best, partner = (a @ b.transpose(-1, -2)).masked_fill(forbid, float("-inf")).max(-1)
+        best, partner = torch.bmm(a, b.transpose(1, 2)).masked_fill(forbid, float("-inf")).max(-1)
         r_i, n_out = _sample_counts(n_tokens, r, prefix, start, pad, (~cur).sum(1), best)
         rank = torch.empty_like(partner).scatter_(
             1, best.argsort(dim=1, descending=True),
