@@ -252,21 +252,9 @@ def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, t
         except Exception as exc:  # torch.onnx raises many kinds too
             errors.append(f"writing {fmt} failed: {one_line(exc)}")
             continue
-        run, diffs = load_runner(path, fmt, names), {}
-        for label, inputs in _variants(ep, names, tensors):
-            with torch.no_grad():
-                want = output_tensors(flat(*inputs) if inputs is not tensors else expected)
-            try:
-                got = run(inputs)
-            except Exception as exc:  # the program's guards, or onnxruntime's shape checks
-                if inputs is tensors:
-                    raise ExportError(f"{path}: the written {fmt} file fails on the example "
-                                      f"inputs: {one_line(exc)}") from exc
-                refused = refused or f"the file refused {label} ({one_line(exc)[:200]})"
-                diffs = None
-                break
-            diffs[label] = max_diff(got, want, f"{path} at {label}")
-        if diffs is None:
+        diffs, refusal = _check_file(flat, ep, path, fmt, names, tensors, expected)
+        if refusal:
+            refused = refused or refusal
             continue
         notes = [] if batch else [f"the batch is static ({tensors[0].shape[0]}): the module pins it"]
         if refused:
@@ -275,6 +263,25 @@ def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, t
     if refused and not errors:
         errors.append(refused)
     raise ExportError(f"cannot export {type(module).__name__} to {fmt}: {errors[0]}")
+
+
+def _check_file(flat: _Flat, ep, path: str, fmt: str, names, tensors, expected):
+    """Load the written file and run it on each of ``_variants``: ({label: largest |file -
+    module|}, None), or (None, why) where its guards refuse a variant. A file that fails on the
+    example inputs is an ExportError."""
+    run, diffs = load_runner(path, fmt, names), {}
+    for label, inputs in _variants(ep, names, tensors):
+        with torch.no_grad():
+            want = output_tensors(flat(*inputs) if inputs is not tensors else expected)
+        try:
+            got = run(inputs)
+        except Exception as exc:  # the program's guards, or onnxruntime's shape checks
+            if inputs is tensors:
+                raise ExportError(f"{path}: the written {fmt} file fails on the example "
+                                  f"inputs: {one_line(exc)}") from exc
+            return None, f"the file refused {label} ({one_line(exc)[:200]})"
+        diffs[label] = max_diff(got, want, f"{path} at {label}")
+    return diffs, None
 
 
 def _variants(ep, names: list[str], tensors: tuple):

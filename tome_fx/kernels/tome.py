@@ -38,6 +38,12 @@ def keys_metric(keys: torch.Tensor, transposed: bool) -> torch.Tensor:
     return keys
 
 
+def _similarity(a, b):
+    """[B, Na, Nb] products of the A and B tokens. bmm, not @: under torch.export matmul's
+    decomposition of the strided A/B views guards on the token count's parity."""
+    return torch.bmm(a, b.transpose(1, 2))
+
+
 def bipartite_match(metric: torch.Tensor, r: int, prefix: int):
     """ToMe bipartite soft matching over the tokens after ``prefix`` protected ones.
 
@@ -48,8 +54,7 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int):
     with torch.no_grad():
         m = metric.float()
         a, b = split_ab(m / m.norm(dim=-1, keepdim=True), prefix)
-        # bmm, not @: matmul's decomposition guards on the strided views' token parity under export
-        best, partner = torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
+        best, partner = _similarity(a, b).max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
         src = order[:, :r]
         unm = order[:, r:].sort(dim=-1).values
@@ -129,7 +134,7 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
         cur = cur.gather(1, perm)
         (a, b), (ga, gb), (pa, pb) = (split_ab(t, prefix) for t in (m, g, cur))
         forbid = (ga[:, :, None, :] != gb[:, None, :, :]).any(-1) | pa[..., None] | pb[:, None]
-        best, partner = torch.bmm(a, b.transpose(1, 2)).masked_fill(forbid, float("-inf")).max(-1)
+        best, partner = _similarity(a, b).masked_fill(forbid, float("-inf")).max(-1)
         r_i, n_out = _sample_counts(n_tokens, r, prefix, start, pad, (~cur).sum(1), best)
         rank = torch.empty_like(partner).scatter_(
             1, best.argsort(dim=1, descending=True),
