@@ -117,3 +117,86 @@ class HookedToMeSD:
 def square(tokens):
     side = int(math.isqrt(tokens))
     return side, side
+
+
+# ---------------------------------------------------------------------------------------------
+# the zoo of tests/test_diffusion_zoo.py: every diffusers model ToMeSD merges or refuses, tiny
+# ---------------------------------------------------------------------------------------------
+
+def svd(size=8, frames=4):
+    """SVD's UNet: spatial transformer blocks on [B*F, C, h, w], temporal ones over the frames."""
+    torch.manual_seed(0)
+    return diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=size, in_channels=8, out_channels=4, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, layers_per_block=1,
+        cross_attention_dim=32, num_attention_heads=(2, 4), num_frames=frames).eval()
+
+
+def motion(size=8, frames=4):
+    """AnimateDiff's UNetMotionModel: SD1.5's UNet with motion modules over the frames."""
+    torch.manual_seed(0)
+    return diffusers.UNetMotionModel(
+        sample_size=size, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=32,
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=frames * 2,
+        norm_num_groups=32).eval()
+
+
+def controlnet(size=8):
+    """SD1.5's ControlNet: its conditioning image is 8x the latent's side."""
+    torch.manual_seed(0)
+    return diffusers.ControlNetModel(
+        sample_size=size, in_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=32,
+        conditioning_embedding_out_channels=(16, 32, 32, 32)).eval()
+
+
+def flux(layers=1):
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def cogvideox(layers=1):
+    torch.manual_seed(0)
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        time_embed_dim=16, text_embed_dim=32, num_layers=layers, sample_width=8, sample_height=8,
+        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8).eval()
+
+
+def wan(layers=1):
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=layers,
+        rope_max_seq_len=32).eval()
+
+
+def lumina_next(size=16, layers=1):
+    torch.manual_seed(0)
+    return diffusers.LuminaNextDiT2DModel(
+        sample_size=size, patch_size=2, in_channels=4, hidden_size=32, num_layers=layers,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, cross_attention_dim=32).eval()
+
+
+def lumina2(size=16, layers=1):
+    torch.manual_seed(0)
+    return diffusers.Lumina2Transformer2DModel(
+        sample_size=size, patch_size=2, in_channels=4, hidden_size=32, num_layers=layers,
+        num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=32).eval()
+
+
+def hunyuan(size=16, layers=2):
+    torch.manual_seed(0)
+    return diffusers.HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, patch_size=2,
+        sample_size=size, hidden_size=32, num_layers=layers, cross_attention_dim=32,
+        cross_attention_dim_t5=32, pooled_projection_dim=16, text_len=8, text_len_t5=8).eval()

@@ -308,7 +308,7 @@ def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options,
     wrap = isinstance(model, nn.Module) and is_diffusers(model)
     if example_inputs is None and wrap:
         example_inputs = diffusion_inputs(model)
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, image_sizes=wrap)
     result = rewrite_tomesd(captured, found, flops_budget)
     out = _finish(result, compile, flops_budget, captured)
     if not wrap:

@@ -87,13 +87,15 @@ def _both_modes(capture_in, probe, reference, args: tuple, kwargs: dict):
     return capture_in(False, notes), notes, why
 
 
-def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
+def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = False) -> Captured:
     """Capture a deep copy of ``model`` as a GraphModule (in eval mode; see the module
     docstring for train mode).
 
     torch.fx symbolic tracing first (``frontend="fx"``); if that fails, or ``model`` is a
     ``torch.export.ExportedProgram``, torch.export (``frontend="export"``).
     ``example_inputs`` default to the model's declared input size (``default_inputs``).
+    ``image_sizes``: the height and width of 4-D inputs are exported as dynamic too, where the
+    model allows (a diffusion model's latent); export's guards refuse the sizes it does not.
     """
     if is_exported_program(model):
         args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
@@ -109,6 +111,8 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     args, kwargs = normalize_inputs(example_inputs)
     name = type(model).__name__
     work = copy.deepcopy(model)  # the copy both frontends record (stand-ins swapped in it)
+    if image_sizes:
+        work._tome_image_sizes = True  # read by capture.export.interpolates
     swap_spec_augment(work)
     with quiet():
         probe = probe_training(work, args, kwargs)

@@ -62,20 +62,23 @@ def exported_inputs(ep) -> tuple:
 
 
 def interpolates(model: nn.Module, kwargs: dict) -> bool:
-    """Whether the model takes any image size: timm ``dynamic_img_size=True``, or HF called
-    with ``interpolate_pos_encoding=True``."""
+    """Whether the model takes any image size: timm ``dynamic_img_size=True``, HF called
+    with ``interpolate_pos_encoding=True``, or a model capture was told takes any
+    (``capture(..., image_sizes=True)``: diffusion models, whose latent has any size)."""
     return bool(kwargs.get("interpolate_pos_encoding") is True
+                or getattr(model, "_tome_image_sizes", False) is True
                 or any(getattr(m, "dynamic_img_size", False) is True for m in model.modules()))
 
 
-def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict, every: bool):
+def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict, every: bool,
+                  images: bool | None = None):
     """``dynamic_shapes`` keyed like ``model.forward``'s signature, as ``Dim.AUTO`` (export
     keeps a dimension static where the model pins it): the batch of every input tensor, and
     with ``every`` the token dimensions too: a sequence (dimension 1 of ``[B, N]`` ids or masks
     and ``[B, N, C]`` embeddings) and, for a model that interpolates its position embedding,
     an image's height and width."""
     auto = torch.export.Dim.AUTO
-    images = every and interpolates(model, kwargs)
+    images = every and (interpolates(model, kwargs) if images is None else images)
 
     def spec(x):
         if isinstance(x, torch.Tensor):
@@ -117,6 +120,20 @@ def _repeated(args: tuple, kwargs: dict, batch: int):
                     if isinstance(t, torch.Tensor) and t.dim() > 0 else t, (args, kwargs))
 
 
+def _takes_another_size(ep, args: tuple, kwargs: dict) -> bool:
+    """Whether the program runs 4-D inputs 8 larger in height and width (export can keep an
+    image size symbolic yet guard it to one value, e.g. ``h // 2 == 8`` from a position table)."""
+    bigger = tree_map(lambda t: torch.zeros(*t.shape[:2], t.shape[2] + 8, t.shape[3] + 8,
+                                            dtype=t.dtype, device=t.device)
+                      if isinstance(t, torch.Tensor) and t.dim() == 4 else t, (args, kwargs))
+    try:
+        with torch.no_grad():
+            ep.module()(*bigger[0], **bigger[1])
+    except Exception:  # noqa: BLE001 - a guard (or the model) refuses it
+        return False
+    return True
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool = False):
     """torch.export (non-strict) of a deep copy in eval mode (``training``: train mode), the
     batch and the token dimensions dynamic where the model allows (``_dynamic_dims``); failing
@@ -129,8 +146,14 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool =
         two = _repeated(args, kwargs, 2)
         tries += [(*two, True), (*two, False)]
     tries += [(args, kwargs, True), (args, kwargs, False), (args, kwargs, None)]
-    for a, k, every in tries:
-        dims = None if every is None else _dynamic_dims(work, a, k, every)
+    if interpolates(work, kwargs):  # image sizes first, then the same without them
+        tries = [t for a, k, every in tries
+                 for t in ([(a, k, every, True), (a, k, every, False)] if every else
+                           [(a, k, every, False)])]
+    else:
+        tries = [(a, k, every, False) for a, k, every in tries]
+    for a, k, every, images in tries:
+        dims = None if every is None else _dynamic_dims(work, a, k, every, images)
         try:
             ep = torch.export.export(work, a, k, dynamic_shapes=dims, strict=False)
         except Exception as exc:  # noqa: BLE001 - try the next, more static, form
@@ -138,6 +161,8 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool =
             continue
         if a is not args and not _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
             continue
+        if images and not _takes_another_size(ep, a, k):
+            continue  # its guards pin the image size (a position table): exported static
         try:  # export's guards can still refuse the example itself (a batch of one)
             with torch.no_grad():
                 ep.module()(*args, **kwargs)

@@ -27,7 +27,11 @@ class InputGuards(nn.Module):
         self._check = _MAKE_GUARDS(self.code, self.paths).forward
 
     def forward(self, *args):
-        return self._check(*args)
+        try:
+            return self._check(*args)
+        except AssertionError as exc:  # one line, as check_inputs: the sizes export allows
+            raise ShapeError(f"the module was captured for other input sizes ({exc}); optimize "
+                             "again with example inputs of the shape you will run") from None
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_check"}
