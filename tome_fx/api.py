@@ -6,6 +6,7 @@ method (``methods``), under a schedule from the cost model (``cost``) for a FLOP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Any
@@ -14,12 +15,12 @@ import torch
 import torch.nn as nn
 
 from .capture import Captured, capture, is_exported_program, normalize_inputs
-from .compiling import compile_module, compile_options
+from .compiling import compile_options, finish_module
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
 from .cost.tomato import rewrite_tomato
 from .cost.tomesd import rewrite_tomesd
 from .data import Data, load_data
-from .diffusion import DiffusionModule, is_diffusers
+from .diffusion import DiffusionModule, build_tomesd, call_inputs, is_diffusers
 from .diffusion import default_inputs as diffusion_inputs
 from .exporting import Exported
 from .exporting import export as export_module
@@ -294,8 +295,9 @@ def optimize(
 def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options,
                      unused) -> nn.Module:
     """``optimize(method="tomesd")``: a diffusers model gets default inputs from its config and
-    comes back as a ``DiffusionModule`` a pipeline can call. ``unused``: ToMe's arguments the
-    call set, which ToMeSD has no use for (an error, not silently ignored)."""
+    comes back as a ``DiffusionModule`` a pipeline can call, which captures again for calls
+    its graphs do not take (``diffusion.module``). ``unused``: ToMe's arguments the call set,
+    which ToMeSD has no use for (an error, not silently ignored)."""
     _check_model(model)
     if r is not None:
         raise ValueError("method='tomesd' takes ratio or flops_budget, not r")
@@ -306,16 +308,18 @@ def _optimize_tomesd(model, r, flops_budget, example_inputs, compile, options,
         check_budget(flops_budget)
     found = tomesd_method(options, flops_budget is not None)
     wrap = isinstance(model, nn.Module) and is_diffusers(model)
-    if example_inputs is None and wrap:
-        example_inputs = diffusion_inputs(model)
-    captured = capture(model, example_inputs, image_sizes=wrap)
-    result = rewrite_tomesd(captured, found, flops_budget)
-    out = _finish(result, compile, flops_budget, captured)
     if not wrap:
-        return out
-    module = DiffusionModule(out, model, captured.args, captured.kwargs)
-    module.tome, module.tome_counts, module.tome_inputs = out.tome, out.tome_counts, out.tome_inputs
-    return module
+        captured = capture(model, example_inputs)
+        return _finish(rewrite_tomesd(captured, found, flops_budget), compile, flops_budget,
+                       captured)
+    inputs = call_inputs(model, diffusion_inputs(model) if example_inputs is None
+                         else example_inputs)
+    first = build_tomesd(found, flops_budget, compile, model, inputs)
+    if flops_budget is not None:  # other calls keep the levels and ratios the budget chose
+        found = dataclasses.replace(found, ratio={lv.downsample: lv.ratio
+                                                  for lv in first.tome.levels})
+    return DiffusionModule(model, functools.partial(build_tomesd, found, None, compile),
+                           inputs, first)
 
 
 def unmet_budget(plan: Plan, budget: float | None) -> str | None:
@@ -339,12 +343,7 @@ def _finish(result: Rewrite, compile: bool | dict, budget: float | None = None,
         warnings.warn(why, UserWarning, stacklevel=3)
     out = result.graph_module
     out.tome_counts = result.counts
-    if captured is not None:  # export's default example inputs; the model's mode
-        out.tome_inputs = (captured.args, captured.kwargs)
-        out.train(captured.training)
-    if compile not in (False, None):
-        out = compile_module(out, compile)  # .tome and .tome_counts stay reachable
-    return out
+    return finish_module(out, compile, captured)
 
 
 def compile(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
@@ -368,15 +367,13 @@ def export(module: nn.Module, path, example_inputs: Any = None, format: str | No
            tolerance: float | None = None, verbose: bool = True) -> Exported:
     """Write ``module`` (what ``optimize`` returns, or any module ``torch.export`` traces) to
     ``path`` as ONNX (``.onnx``, needs the ``export`` extra) or a ``torch.export`` archive
-    (``.pt2``); ``format`` defaults to the suffix. The file is loaded (onnxruntime /
-    ``torch.export.load``) and run on ``example_inputs`` (default: those ``optimize`` captured
-    the module with) and on one more batch size; the largest difference to the module's outputs
-    is printed (``verbose``) and returned in ``Exported.max_diff``, and above ``tolerance``
-    (1e-4 for fp32) it is an ``ExportError``. The batch dimension is dynamic, and so is every
-    other dimension the module allows (a token count that only meets per-token ops); a token
-    count that depends on the input's values (ToMato threshold mode) is an ``ExportError``.
-    See ``tome_fx.exporting``."""
-    if isinstance(module, DiffusionModule):  # a diffusers result: its rewritten graph
-        module = module.graph
-    return export_module(module, path, example_inputs, format, tolerance=tolerance,
-                         verbose=verbose)
+    (``.pt2``); ``format`` defaults to the suffix. The file is loaded and run on
+    ``example_inputs`` (default: those ``optimize`` captured the module with) and on one more
+    batch size; the largest difference to the module's outputs is printed (``verbose``) and
+    returned in ``Exported.max_diff``, and above ``tolerance`` (1e-4 for fp32) it is an
+    ``ExportError``. The batch is dynamic, and so is every other dimension the module allows; a
+    token count that depends on the input's values (ToMato threshold mode) is an ``ExportError``.
+    A ``DiffusionModule`` becomes a ``.pt2`` a pipeline loads back (``diffusion.files``)."""
+    from .diffusion.files import export_diffusion
+    write = export_diffusion if isinstance(module, DiffusionModule) else export_module
+    return write(module, path, example_inputs, format, tolerance=tolerance, verbose=verbose)

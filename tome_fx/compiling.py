@@ -41,3 +41,15 @@ def compile_module(module: nn.Module, option: Any = True) -> nn.Module:
     if hook is not None:
         compiled.register_forward_pre_hook(hook, with_kwargs=True)
     return compiled
+
+
+def finish_module(out: nn.Module, compile: Any, captured=None) -> nn.Module:
+    """A rewritten module as ``optimize`` returns it: the example inputs it was captured with
+    (``.tome_inputs``, export's default), the mode the model was given in, compiled if asked
+    (``.tome`` and ``.tome_counts`` stay reachable)."""
+    if captured is not None:
+        out.tome_inputs = (captured.args, captured.kwargs)
+        out.train(captured.training)
+    if compile not in (False, None):
+        out = compile_module(out, compile)
+    return out

@@ -1,8 +1,30 @@
 """A rewritten diffusers model that drops into a pipeline
-(``pipe.unet = tome_fx.optimize(pipe.unet, method="tomesd", ratio=0.5)``)."""
+(``pipe.unet = tome_fx.optimize(pipe.unet, method="tomesd", ratio=0.5)``) and behaves as the
+model it replaces, for every call the pipeline makes.
+
+It owns the real model, as ``torch.compile``'s result does: attributes, ``config``, ``dtype``
+and methods are the model's, and the rewritten graphs use the model's own parameters. Graphs
+are captured per *call signature* (which optional inputs are given, their nesting, the
+non-tensor values such as a LoRA ``scale``, tensor ranks, dtypes and devices) and kept in a
+cache, the way torch.compile guards and recompiles:
+
+* a call whose inputs a cached graph takes (its batch and, where export kept them symbolic,
+  the latent's height and width are dynamic) runs it;
+* otherwise (a new optional input, a size the graph's guards refuse, e.g. a latent side that is
+  not a multiple of 8 on a UNet) the model is captured again for that call and cached, with
+  a warning that says what it cost;
+* a change of the model's state drops the cache: a method called through this module
+  (``enable_freeu``, ``set_attn_processor``, ``fuse_qkv_projections``, LoRA loading, ...),
+  an attribute set on it, ``.to()``/``.half()``/``load_state_dict``, and any other change the
+  state fingerprint sees (module attributes, processors, submodules, parameters' dtype and
+  device) made directly on the model.
+"""
 from __future__ import annotations
 
 import inspect
+import time
+import warnings
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -10,82 +32,276 @@ import torch.nn as nn
 from ..errors import ShapeError
 from .inputs import STEP_NAMES
 
+_SCALARS = (bool, int, float, str, type(None))
+# attribute reads of the model that change nothing (no cache drop when called)
+_READERS = ("parameters", "named_parameters", "buffers", "named_buffers", "modules",
+            "named_modules", "children", "named_children", "num_parameters", "get_submodule",
+            "get_parameter", "get_buffer", "extra_repr", "save_pretrained", "state_dict")
+_OWN = ("model", "training", "forward")  # attributes that stay on this module
+
+
+def _skipped(value, default) -> bool:
+    """An optional input left out: its default, None or an empty dict."""
+    return value is default or value is None or (isinstance(value, dict) and not value)
+
+
+def _key(value):
+    """The part of a call's input that picks a graph: nesting, non-tensor values, and per
+    tensor its rank, dtype and device (sizes are the graph's own guards' business)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dim(), value.dtype, value.device.type)
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _key(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    return value if isinstance(value, _SCALARS) else ("object", type(value).__name__)
+
+
+def state_fingerprint(model: nn.Module) -> int:
+    """A hash of what a captured graph bakes in besides the weights' values: per module its
+    scalar attributes, the identity of every other attribute (processors, submodules,
+    parameters), small dicts of scalars (LoRA scales), and the parameters' dtype and device."""
+    out = []
+    for mod in model.modules():
+        for name, v in mod.__dict__.items():
+            t = type(v)
+            if name == "training":  # the call key holds the mode
+                continue
+            if t in _SCALARS:
+                out.append((name, v))
+            elif isinstance(v, dict):
+                out.append(tuple(map(id, v.values())) if name.startswith("_") else
+                           tuple((k, x) for k, x in v.items() if type(x) in _SCALARS))
+            else:
+                out.append(id(v))
+    first = next(model.parameters(), None)
+    if first is not None:
+        out.append((first.dtype, first.device))
+    return hash(tuple(out))
+
+
+class _Entry:
+    """One captured graph: the call key it serves, and whether it takes any size (export's
+    guards check sizes) or only the sizes it was captured at (``sizes``)."""
+
+    __slots__ = ("key", "module", "sizes")
+
+    def __init__(self, key, module, sizes):
+        self.key, self.module, self.sizes = key, module, sizes
+
+
 class DiffusionModule(nn.Module):
-    """A rewritten diffusers model that a pipeline can call as it calls the original: the
-    original's signature (``return_dict``, optional arguments left at their defaults),
-    ``config``, ``dtype``, ``device``, and its other attributes read from a skeleton of the
-    original on the meta device (no memory). ``.graph`` is the rewritten module."""
+    """What ``optimize(method="tomesd")`` returns for a diffusers model (see the module
+    docstring). ``.model`` is the real model; ``.graph`` the rewritten module for the inputs
+    ``optimize`` was given; ``.graphs`` every cached one; ``.tome`` the plan of the graph the
+    last call ran (its level table is at that graph's capture size; the ratio per level holds
+    at every size)."""
 
-    def __init__(self, graph: nn.Module, model: nn.Module, args: tuple, kwargs: dict):
+    def __init__(self, model: nn.Module, build: Callable, inputs: dict, first: nn.Module):
         super().__init__()
-        self.graph = graph
-        names = list(inspect.signature(model.forward).parameters)
-        object.__setattr__(self, "_signature", inspect.signature(model.forward))
-        object.__setattr__(self, "_positional", tuple(names[:len(args)]))
-        object.__setattr__(self, "_keywords", tuple(kwargs))
-        object.__setattr__(self, "_skeleton", _skeleton(model))
-        step = dict(zip(names, args)) | kwargs
-        object.__setattr__(self, "_step", next(((n, v) for n, v in step.items()
-                                                if n in STEP_NAMES and _is_batched(v)), None))
-        object.__setattr__(self, "config", model.config)
+        self.model = model  # .to(), .train(), parameters() reach the real model
+        own = {"_build": build, "_signature": inspect.signature(model.forward),
+               "_example": inputs, "_entries": [], "_state": state_fingerprint(model),
+               "_last": None}
+        self.__dict__.update(own)
+        self._store(self._call_key(inputs), first, inputs)
 
+    # -- what the pipeline reads --------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.graph.parameters()).dtype
+        return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.graph.parameters()).device
+        return next(self.model.parameters()).device
+
+    @property
+    def graph(self) -> nn.Module:
+        """The rewritten module for the inputs ``optimize`` was given (captured again after a
+        state change)."""
+        self._check_state()
+        key = self._call_key(self._example)
+        entry = next((e for e in self._entries if e.key == key), None)
+        return (entry or self._capture(key, self._example, quiet=True)).module
+
+    @property
+    def graphs(self) -> list[nn.Module]:
+        return [e.module for e in self._entries]
+
+    @property
+    def tome(self):
+        last = self._last or (self._entries[0] if self._entries else None)
+        return last.module.tome if last is not None else self.graph.tome
+
+    @property
+    def tome_counts(self) -> dict:
+        return self.graph.tome_counts
+
+    @property
+    def tome_inputs(self) -> tuple:
+        return (), dict(self._example)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            skeleton = self.__dict__.get("_skeleton")
-            if skeleton is None or name.startswith("_"):
+            if name.startswith("__") or "model" not in self.__dict__.get("_modules", {}):
                 raise
-            return getattr(skeleton, name)
+        value = getattr(self._modules["model"], name)
+        if callable(value) and not isinstance(value, nn.Module) and name not in _READERS \
+                and getattr(value, "__self__", None) is not None:
+            return self._dropping(value)
+        return value
 
+    def __setattr__(self, name: str, value) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is None or name in _OWN or name.startswith("_") or name in type(self).__dict__:
+            super().__setattr__(name, value)
+            return
+        setattr(model, name, value)  # a state change of the model: the graphs are stale
+        self.drop_graphs()
+
+    def _dropping(self, method):
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.drop_graphs()
+        call.__name__ = getattr(method, "__name__", "method")
+        call.__doc__ = getattr(method, "__doc__", None)
+        return call
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (the model changed); the next call captures again."""
+        self._entries.clear()
+        self.__dict__["_last"] = None
+        self.__dict__["_state"] = state_fingerprint(self.model)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): the model's
+        self.model._apply(fn, recurse)
+        self.drop_graphs()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.drop_graphs()
+
+    # -- calls ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        bound = self._signature.bind(*args, **kwargs)
-        taken = set(self._positional) | set(self._keywords)
-        for name, value in bound.arguments.items():
-            default = self._signature.parameters[name].default
-            if name not in taken and name != "return_dict" and value is not default \
-                    and value is not None and value != {}:
-                raise ShapeError(f"{name}= was not in the example inputs the model was optimized "
-                                 f"with; pass it in example_inputs to tome_fx.optimize")
-        self._batched_step(bound.arguments)
-        missing = [n for n in self._positional + self._keywords if n not in bound.arguments]
-        if missing:
-            raise ShapeError(f"missing input {missing[0]!r}: the model was optimized with it")
-        out = self.graph(*(bound.arguments[n] for n in self._positional),
-                         **{n: bound.arguments[n] for n in self._keywords})
-        if bound.arguments.get("return_dict", True) is False and hasattr(out, "to_tuple"):
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{type(self.model).__name__}.forward: {exc}") from None
+        return_dict = bound.arguments.pop("return_dict", True)
+        params = self._signature.parameters
+        inputs = {n: v for n, v in bound.arguments.items()
+                  if not _skipped(v, params[n].default)}
+        batched_step(inputs)
+        self._check_state()
+        key = self._call_key(inputs)
+        out = self._run(key, inputs)
+        if return_dict is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
 
+    def _check_state(self) -> None:
+        if state_fingerprint(self.model) != self._state:
+            self.drop_graphs()
 
-    def _batched_step(self, arguments: dict) -> None:
-        """A scalar timestep (as SD pipelines pass it) becomes one per sample, in the example's
-        dtype, as the model itself broadcasts it."""
-        if self._step is None or self._step[0] not in arguments:
-            return
-        name, example = self._step
-        image = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() >= 3)
-        t = torch.as_tensor(arguments[name], device=image.device)
-        if t.dim() == 0:
-            arguments[name] = t.to(example.dtype).expand(image.shape[0])
+    def _call_key(self, inputs: dict):
+        return tuple((n, _key(v)) for n, v in inputs.items()), self.model.training
+
+    def _run(self, key, inputs: dict):
+        sizes = _sizes(inputs)
+        for entry in self._entries:
+            if entry.key != key or (entry.sizes is not None and entry.sizes != sizes):
+                continue
+            try:
+                out = entry.module(**inputs)
+            except ShapeError:  # its guards refuse these sizes (checked before any compute)
+                continue
+            self.__dict__["_last"] = entry
+            return out
+        entry = self._capture(key, inputs)
+        return entry.module(**inputs)
+
+    def _capture(self, key, inputs: dict, quiet: bool = False) -> _Entry:
+        start = time.perf_counter()
+        module = self._build(self.model, inputs)
+        entry = self._store(key, module, inputs)
+        if not quiet:
+            shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in inputs.items()
+                               if isinstance(v, torch.Tensor))
+            warnings.warn(f"tome_fx captured {type(self.model).__name__} again for a new call "
+                          f"({shapes}) in {time.perf_counter() - start:.1f} s; calls like it "
+                          "reuse it", UserWarning, stacklevel=4)
+        self.__dict__["_last"] = entry
+        return entry
+
+    def _store(self, key, module: nn.Module, inputs: dict) -> _Entry:
+        module.train(self.training)
+        entry = _Entry(key, module, None if _guards_sizes(module) else _sizes(inputs))
+        self._entries.append(entry)
+        return entry
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for entry in self._entries:
+            entry.module.train(mode)
+        return self
 
 
-def _is_batched(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 1
+def batched_step(inputs: dict) -> None:
+    """A scalar timestep (a number, a 0-d tensor or one value for the batch, as pipelines pass
+    it) becomes one per sample, as the model itself broadcasts it."""
+    image = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() >= 3),
+                 None)
+    for name in STEP_NAMES:
+        if name not in inputs or image is None:
+            continue
+        t = torch.as_tensor(inputs[name], device=image.device)
+        if t.numel() == 1 and (t.dim() == 0 or t.shape[0] != image.shape[0]):
+            t = t.reshape(()).expand(image.shape[0])
+        inputs[name] = t
 
 
-def _skeleton(model: nn.Module) -> nn.Module | None:
-    """The model's structure without weights (meta device), for attribute reads."""
+def _sizes(inputs: dict) -> tuple:
+    return tuple((n, tuple(v.shape[1:])) for n, v in inputs.items() if isinstance(v, torch.Tensor))
+
+
+def _guards_sizes(module: nn.Module) -> bool:
+    """Whether the graph checks its input sizes itself (an export capture's input check), so
+    one graph can serve several sizes; an fx graph serves the sizes it was captured at."""
+    gm = getattr(module, "_orig_mod", module)
+    graph = getattr(gm, "graph", None)
+    return graph is not None and any(
+        n.op == "call_function" and getattr(n.target, "__name__", "") == "check_inputs"
+        for n in graph.nodes)
+
+
+def call_inputs(model: nn.Module, example_inputs: Any) -> dict:
+    """``example_inputs`` (a dict, a tuple of positional inputs or one tensor) as keyword inputs
+    of ``model.forward``, optional ones left out, ``return_dict`` dropped and a scalar timestep
+    made one per sample."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    signature = inspect.signature(model.forward)
     try:
-        with torch.device("meta"):
-            return type(model).from_config(model.config)
-    except Exception:  # attribute reads then fail as on any module
-        return None
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"example_inputs do not fit {type(model).__name__}.forward: {exc}") \
+            from None
+    bound.arguments.pop("return_dict", None)
+    inputs = {n: v for n, v in bound.arguments.items()
+              if not _skipped(v, signature.parameters[n].default)}
+    batched_step(inputs)
+    return inputs
