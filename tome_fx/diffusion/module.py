@@ -13,11 +13,13 @@ cache, the way torch.compile guards and recompiles:
 * otherwise (a new optional input, a size the graph's guards refuse, e.g. a latent side that is
   not a multiple of 8 on a UNet) the model is captured again for that call and cached, with
   a warning that says what it cost;
-* a change of the model's state drops the cache: a method called through this module
-  (``enable_freeu``, ``set_attn_processor``, ``fuse_qkv_projections``, LoRA loading, ...),
-  an attribute set on it, ``.to()``/``.half()``/``load_state_dict``, and any other change the
-  state fingerprint sees (module attributes, processors, submodules, parameters' dtype and
-  device) made directly on the model.
+* each graph serves the model state it was captured in (``state_fingerprint``: module
+  attributes, processors, submodules, hooks, the parameters' dtype and device), so a change
+  made straight on the model, or ``.to()``/``.half()``, is captured anew on the next call
+  (graphs of an earlier dtype or device stay cached for when the model goes back);
+* a method called through this module (``enable_freeu``, ``set_attn_processor``,
+  ``fuse_qkv_projections``, LoRA loading, ...), an attribute set on it and
+  ``load_state_dict`` drop the cache.
 """
 from __future__ import annotations
 
@@ -81,13 +83,13 @@ def state_fingerprint(model: nn.Module) -> int:
 
 
 class _Entry:
-    """One captured graph: the call key it serves, and whether it takes any size (export's
-    guards check sizes) or only the sizes it was captured at (``sizes``)."""
+    """One captured graph: the call key and model state it serves, and whether it takes any
+    size (export's guards check sizes) or only the sizes it was captured at (``sizes``)."""
 
-    __slots__ = ("key", "module", "sizes")
+    __slots__ = ("key", "state", "module", "sizes")
 
-    def __init__(self, key, module, sizes):
-        self.key, self.module, self.sizes = key, module, sizes
+    def __init__(self, key, state, module, sizes):
+        self.key, self.state, self.module, self.sizes = key, state, module, sizes
 
 
 class DiffusionModule(nn.Module):
@@ -101,8 +103,7 @@ class DiffusionModule(nn.Module):
         super().__init__()
         self.model = model  # .to(), .train(), parameters() reach the real model
         own = {"_build": build, "_signature": inspect.signature(model.forward),
-               "_example": inputs, "_entries": [], "_state": state_fingerprint(model),
-               "_last": None}
+               "_example": inputs, "_entries": [], "_last": None}
         self.__dict__.update(own)
         self._store(self._call_key(inputs), first, inputs)
 
@@ -119,9 +120,8 @@ class DiffusionModule(nn.Module):
     def graph(self) -> nn.Module:
         """The rewritten module for the inputs ``optimize`` was given (captured again after a
         state change)."""
-        self._check_state()
-        key = self._call_key(self._example)
-        entry = next((e for e in self._entries if e.key == key), None)
+        key, state = self._call_key(self._example), state_fingerprint(self.model)
+        entry = next((e for e in self._entries if (e.key, e.state) == (key, state)), None)
         return (entry or self._capture(key, self._example, quiet=True)).module
 
     @property
@@ -175,11 +175,11 @@ class DiffusionModule(nn.Module):
         """Forget every captured graph (the model changed); the next call captures again."""
         self._entries.clear()
         self.__dict__["_last"] = None
-        self.__dict__["_state"] = state_fingerprint(self.model)
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): the model's
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()`` move the model; graphs captured at another dtype
+        or device stay cached for when it comes back (model offloading moves it every call)."""
         self.model._apply(fn, recurse)
-        self.drop_graphs()
         return self
 
     def state_dict(self, *args, **kwargs):
@@ -202,24 +202,18 @@ class DiffusionModule(nn.Module):
         inputs = {n: v for n, v in bound.arguments.items()
                   if not _skipped(v, params[n].default)}
         batched_step(inputs)
-        self._check_state()
-        key = self._call_key(inputs)
-        out = self._run(key, inputs)
+        out = self._run(self._call_key(inputs), inputs)
         if return_dict is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
-
-    def _check_state(self) -> None:
-        if state_fingerprint(self.model) != self._state:
-            self.drop_graphs()
 
     def _call_key(self, inputs: dict):
         return tuple((n, _key(v)) for n, v in inputs.items()), self.model.training
 
     def _run(self, key, inputs: dict):
-        sizes = _sizes(inputs)
+        sizes, state = _sizes(inputs), state_fingerprint(self.model)
         for entry in self._entries:
-            if entry.key != key or (entry.sizes is not None and entry.sizes != sizes):
+            if (entry.key, entry.state) != (key, state) or entry.sizes not in (None, sizes):
                 continue
             try:
                 out = entry.module(**inputs)
@@ -245,7 +239,8 @@ class DiffusionModule(nn.Module):
 
     def _store(self, key, module: nn.Module, inputs: dict) -> _Entry:
         module.train(self.training)
-        entry = _Entry(key, module, None if _guards_sizes(module) else _sizes(inputs))
+        entry = _Entry(key, state_fingerprint(self.model), module,
+                       None if _guards_sizes(module) else _sizes(inputs))
         self._entries.append(entry)
         return entry
 
