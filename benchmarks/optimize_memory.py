@@ -114,8 +114,8 @@ def run_child(package: str, width: float, latent: int, cpu: str | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| code | params | model (GB) | RSS after build (GB) | peak during optimize (GB) "
-             "| RSS after optimize (GB) | held by the result (GB) | result params shared |",
+    lines = ["| code | params | model (GiB) | RSS after build (GiB) | peak during optimize (GiB) "
+             "| RSS after optimize (GiB) | held by the result (GiB) | result params shared |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -151,7 +151,12 @@ def main() -> None:
     text = table(rows)
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    note = (f"UNet2DConditionModel, SD1.5's config at width x{a.width}, random weights, fp32; "
+            f"optimize(method='tomesd', ratio=0.5) on default_inputs(unet, batch=1, size=(4, "
+            f"{a.latent}, {a.latent})). GiB = 2**30 bytes (rows: bytes); held by the result = "
+            "RSS after optimize - RSS after build.")
     Path(a.out).write_text(json.dumps({
+        "issue": 38, "note": note,
         "command": " ".join(["python", *sys.argv]), "machine": platform.platform(),
         "cpus": os.cpu_count(), "rows": rows, "table": text}, indent=1) + "\n")
 

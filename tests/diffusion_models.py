@@ -123,36 +123,42 @@ def square(tokens):
 # the zoo of tests/test_diffusion_zoo.py: every diffusers model ToMeSD merges or refuses, tiny
 # ---------------------------------------------------------------------------------------------
 
-def svd(size=8, frames=4):
-    """SVD's UNet: spatial transformer blocks on [B*F, C, h, w], temporal ones over the frames."""
+def svd(size=4, frames=16):
+    """SVD's UNet: spatial transformer blocks on [B*F, C, h, w], temporal ones over the frames
+    (16 frames and a 4x4 grid: as many frames as grid cells)."""
     torch.manual_seed(0)
     return diffusers.UNetSpatioTemporalConditionModel(
-        sample_size=size, in_channels=8, out_channels=4, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, layers_per_block=1,
-        cross_attention_dim=32, num_attention_heads=(2, 4), num_frames=frames).eval()
+        sample_size=size, in_channels=8, out_channels=4, block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal",), addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24, layers_per_block=1, cross_attention_dim=32,
+        num_attention_heads=(2,), num_frames=frames).eval()
 
 
-def motion(size=8, frames=4):
-    """AnimateDiff's UNetMotionModel: SD1.5's UNet with motion modules over the frames."""
+def motion(size=4):
+    """AnimateDiff's UNetMotionModel: SD1.5's UNet with motion modules over the frames (16 by
+    default, as many as the 4x4 grid's cells)."""
     torch.manual_seed(0)
     return diffusers.UNetMotionModel(
-        sample_size=size, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=32,
-        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=frames * 2,
-        norm_num_groups=32).eval()
+        sample_size=size, block_out_channels=(32,), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockMotion",), up_block_types=("CrossAttnUpBlockMotion",),
+        cross_attention_dim=32, num_attention_heads=2, motion_num_attention_heads=2,
+        motion_max_seq_length=32, norm_num_groups=32).eval()
 
 
-def controlnet(size=8):
+def controlnet():
     """SD1.5's ControlNet: its conditioning image is 8x the latent's side."""
     torch.manual_seed(0)
-    return diffusers.ControlNetModel(
-        sample_size=size, in_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    model = diffusers.ControlNetModel(
+        in_channels=4, block_out_channels=(32, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
         attention_head_dim=2, norm_num_groups=32,
-        conditioning_embedding_out_channels=(16, 32, 32, 32)).eval()
+        conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    with torch.no_grad():  # its zero convolutions, as after training: the outputs are not 0
+        for p in [*model.controlnet_down_blocks.parameters(),
+                  *model.controlnet_mid_block.parameters()]:
+            p.normal_(0, 0.1)
+    return model
 
 
 def flux(layers=1):
@@ -191,7 +197,7 @@ def lumina2(size=16, layers=1):
     return diffusers.Lumina2Transformer2DModel(
         sample_size=size, patch_size=2, in_channels=4, hidden_size=32, num_layers=layers,
         num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
-        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=32).eval()
+        axes_dim_rope=(4, 6, 6), axes_lens=(128, 32, 32), cap_feat_dim=32).eval()
 
 
 def hunyuan(size=16, layers=2):

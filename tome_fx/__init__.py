@@ -7,6 +7,7 @@ The package reads in the order data flows through it (ARCHITECTURE.md): ``graph`
 from .api import compile, explain, export, optimize, plan, rewrite
 from .capture import capture
 from .data import Data, DataError, load_data
+from .diffusion.files import load_pt2
 from .distributed import DistributedError
 from .errors import (CaptureError, ExportError, MissingExtraError, NoAttentionError, ShapeError,
                      TomeError)
@@ -20,6 +21,6 @@ __all__ = [
     "optimize", "compile", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan",
     "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "ShapeError", "track_sources",
     "export", "ExportError", "MissingExtraError", "sweep", "SweepResult", "load_data", "Data",
-    "DataError", "DistributedError",
+    "DataError", "DistributedError", "load_pt2",
 ]
 __version__ = "0.1.0"

@@ -206,7 +206,9 @@ def optimize(
     planned: Plan | None = None,
     **tomato: Any,
 ) -> nn.Module:
-    """Return a copy of ``model`` with Token Merging inserted in every attention->MLP block.
+    """Return ``model`` with Token Merging inserted in every attention->MLP block: a new module
+    computing with the model's own parameters (one copy of the weights, as ``torch.compile``;
+    buffers are its own), ``model`` itself unchanged.
 
     ``r``: int (same every block), list (per block, padded with 0) or ``(r, inflect)``.
     ``strategy``: how ``flops_budget`` is turned into a schedule (see ``tome_fx.plan``).

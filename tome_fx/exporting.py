@@ -28,6 +28,7 @@ the module in eval mode under ``no_grad``; ONNX is ``torch.onnx.export(program, 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import traceback
@@ -106,7 +107,7 @@ def _input_names(module: nn.Module, n_args: int, keys) -> list[str]:
     return [params[i] if i < len(params) else f"input_{i}" for i in range(n_args)] + list(keys)
 
 
-def _output_names(out) -> list[str]:
+def output_names(out) -> list[str]:
     names = []
     for path, leaf in tree_flatten_with_path(out)[0]:
         if isinstance(leaf, torch.Tensor):
@@ -156,7 +157,8 @@ def _tome_fx_line(exc: BaseException) -> str | None:
     return f"{os.path.relpath(f.filename, _PACKAGE)}:{f.lineno} in {f.name}: {code}"
 
 
-def _refuse_data_dependent(exc: BaseException, module: nn.Module) -> None:
+def refuse_data_dependent(exc: BaseException, module: nn.Module) -> None:
+    """An ExportError naming the kernel line if ``exc`` comes from a data-dependent size."""
     guard = _data_dependent(exc)
     if guard is None:
         return
@@ -182,6 +184,12 @@ def _foreign_calls(graph_module: torch.fx.GraphModule) -> list[str]:
             if n.op == "call_function" and where.split(".")[0] == "tome_fx":
                 found.append(f"{where}.{getattr(n.target, '__name__', n.target)}")
     return found
+
+
+def refuse_foreign(ep) -> None:
+    foreign = _foreign_calls(ep.graph_module)
+    if foreign:
+        raise ExportError(f"the exported program still calls tome_fx ({foreign[0]})")
 
 
 def _trace(flat: _Flat, tensors: tuple, batch: bool, free: bool):
@@ -220,10 +228,18 @@ def export(module, path, example_inputs=None, format: str | None = None, *,
     bad = [type(t).__name__ for t in tensors if not isinstance(t, torch.Tensor)]
     if bad or not tensors:
         raise ExportError(f"export takes tensor inputs only, got {', '.join(bad) or 'none'}")
-    states = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    with evaluating(module):
         return _export(module, str(path), fmt, args, kwargs, tolerance, verbose)
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module):
+    """``modules`` in eval mode, every submodule's mode restored after."""
+    states = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
     finally:
         for m, training in states:
             m.training = training
@@ -241,12 +257,10 @@ def _write_program(flat: _Flat, module, path: str, fmt: str, names, out_names, t
             with quiet():  # export prints partial graphs when it fails
                 ep = _trace(flat, tensors, batch, free)
         except Exception as exc:  # export raises many kinds; the first says the most
-            _refuse_data_dependent(exc, module)
+            refuse_data_dependent(exc, module)
             errors.append(f"torch.export failed: {one_line(exc)}")
             continue
-        foreign = _foreign_calls(ep.graph_module)
-        if foreign:
-            raise ExportError(f"the exported program still calls tome_fx ({foreign[0]})")
+        refuse_foreign(ep)
         try:
             write_file(ep, path, fmt, names, out_names, tensors)
         except Exception as exc:  # torch.onnx raises many kinds too
@@ -309,22 +323,37 @@ def _export(module, path, fmt, args, kwargs, tolerance, verbose) -> Exported:
     tensors = (*args, *kwargs.values())
     with torch.no_grad():
         expected = flat(*tensors)
-    names, out_names = _input_names(module, len(args), kwargs), _output_names(expected)
+    names, out_names = _input_names(module, len(args), kwargs), output_names(expected)
     ep, notes, diffs = _write_program(flat, module, path, fmt, names, out_names, tensors,
                                       expected)
+    dynamic, axes = dynamic_axes(ep, names, tensors)
+    result = Exported(path, fmt, tuple(names), tuple(out_names), dynamic, diffs,
+                      tolerance_for(expected, tolerance), tuple(notes), axes)
+    return checked(result, verbose)
+
+
+def dynamic_axes(ep, names: list[str], tensors) -> tuple[tuple, tuple]:
+    """(``x[0]``, ... each dynamic input dimension; ``batch``, ... their names)."""
     named = axis_names(ep, names, tensors)
     found = [(f"{names[i]}[{d}]", named[symbol])
              for symbol, where in free_dims(ep, len(names)).items() for i, d in where]
-    dynamic, axes = tuple(f for f, _ in found), tuple(a for _, a in found)
+    return tuple(f for f, _ in found), tuple(a for _, a in found)
+
+
+def tolerance_for(expected, tolerance: float | None = None) -> float:
+    """``tolerance``, else by the outputs' floating dtype (1e-4 for fp32)."""
     out_dtype = next((t.dtype for t in output_tensors(expected) if t.is_floating_point()),
                      torch.float32)
-    tol = tolerance if tolerance is not None else TOLERANCE.get(out_dtype, 1e-4)
-    result = Exported(path, fmt, tuple(names), tuple(out_names), dynamic, diffs, tol, tuple(notes),
-                      axes)
-    worst = max(diffs.values())
-    if not worst <= tol:
-        raise ExportError(f"{path}: the {fmt} file's outputs differ from the module's by "
-                          f"{worst:.3g} (tolerance {tol:g}); the file is kept for inspection")
+    return tolerance if tolerance is not None else TOLERANCE.get(out_dtype, 1e-4)
+
+
+def checked(result: Exported, verbose: bool) -> Exported:
+    """``result``, printed if ``verbose``; an ExportError if a difference is above tolerance."""
+    worst = max(result.max_diff.values())
+    if not worst <= result.tolerance:
+        raise ExportError(f"{result.path}: the {result.format} file's outputs differ from the "
+                          f"module's by {worst:.3g} (tolerance {result.tolerance:g}); the file is "
+                          "kept for inspection")
     if verbose:
         print(result)
     return result

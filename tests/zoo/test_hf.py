@@ -149,7 +149,9 @@ def test_backward(name):
         assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
         first_qkv = [g for n, g in grads.items() if ".0." in n and ("q_proj" in n or "query" in n)]
         assert first_qkv and all(g.abs().sum() > 0 for g in first_qkv)
-    assert all(p.grad is None for p in _model(name).parameters())  # the user's model is separate
+    # the result computes with the user's model's own parameters, as torch.compile (issue 38)
+    assert {id(p) for p in fast.parameters()} <= {id(p) for p in _model(name).parameters()}
+    fast.zero_grad(set_to_none=True)  # no gradients left on the cached model
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,6 +13,16 @@ through an op, ``capture.specaug``) is recorded in train mode, both switched by
 ``.train()``/``.eval()``; one that does not, or whose training forward a graph cannot hold, in
 eval mode (a plan note and a warning on ``.train()`` say why). torch prints nothing while
 capture tries (``capture.quiet``). The user's model is never modified.
+
+One copy of the weights: the copy shares the model's parameters (``nn.Parameter`` objects, so
+the same storage, as ``torch.compile``): its modules, attributes and buffers are copied, its
+parameters are not (``graph.module.shared_parameters``); likewise every later copy (export's,
+each rewrite round's: ``Captured.copy``). The module ``optimize`` returns computes with the
+model's own parameters: training it trains the model, ``.to(dtype)`` converts the model's. Buffers stay copies: capture runs the
+copy in train mode, where batch norm updates its running statistics in place (put back after,
+``capture.train``), and a buffer is small beside the weights. Nothing capture or a pass does
+writes a parameter: ``capture.train`` puts back buffers only, and the passes add graph nodes
+(the fold of proportional attention computes new q/k from the activations, not new weights).
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import CaptureError, one_line
+from .baddbmm import split_baddbmm
+from ..graph.module import shared_parameters
 from .export import capture_export, exported_inputs, is_exported_program
 from .fx import float_mask, trace, with_standins
 from .inputs import default_inputs, normalize_inputs, run_example
@@ -49,9 +61,10 @@ class Captured:
     training: bool = False  # the mode the model was given in (the result is returned in it)
 
     def copy(self) -> "Captured":
-        """A copy whose graph can be rewritten without touching this one."""
-        return dataclasses.replace(self, graph_module=copy.deepcopy(self.graph_module),
-                                   notes=list(self.notes))
+        """A copy whose graph can be rewritten without touching this one; its parameters are
+        this one's (the model's), not copies."""
+        gm = copy.deepcopy(self.graph_module, shared_parameters(self.graph_module))
+        return dataclasses.replace(self, graph_module=gm, notes=list(self.notes))
 
 
 def _export_without_cache(work: nn.Module, args, kwargs, name: str, notes: list[str],
@@ -89,7 +102,8 @@ def _both_modes(capture_in, probe, reference, args: tuple, kwargs: dict):
 
 def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = False) -> Captured:
     """Capture a deep copy of ``model`` as a GraphModule (in eval mode; see the module
-    docstring for train mode).
+    docstring for train mode) that holds the model's parameters, not copies (the module
+    docstring, "One copy of the weights").
 
     torch.fx symbolic tracing first (``frontend="fx"``); if that fails, or ``model`` is a
     ``torch.export.ExportedProgram``, torch.export (``frontend="export"``).
@@ -110,7 +124,8 @@ def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = Fa
         example_inputs = default_inputs(model)
     args, kwargs = normalize_inputs(example_inputs)
     name = type(model).__name__
-    work = copy.deepcopy(model)  # the copy both frontends record (stand-ins swapped in it)
+    # the copy both frontends record (stand-ins swapped in it), the model's parameters in it
+    work = copy.deepcopy(model, shared_parameters(model))
     if image_sizes:
         work._tome_image_sizes = True  # read by capture.export.interpolates
     swap_spec_augment(work)
@@ -140,6 +155,8 @@ def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = Fa
                 raise CaptureError(f"cannot trace {name} with torch.fx: {reason}; {exc2}") from exc
             notes.insert(0, f"captured with torch.export: torch.fx cannot trace {name} ({reason})")
             frontend = "export"
+    if split_baddbmm(gm):  # classic attention processors: logits the matcher reads
+        notes.append("baddbmm attention logits read as a product (and a mask)")
     if why:
         gm.tome_eval_only = f"the training forward of {name} is not captured: {why}"
         notes.append(f"train mode: {why}; under .train() the module computes the graph "

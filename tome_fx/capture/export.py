@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .. import graph as gu
 from ..errors import CaptureError, one_line
-from ..graph.module import TomeModule
+from ..graph.module import TomeModule, parameter_memo, shared_parameters
 from .guards import add_input_check, dynamic_sizes, export_spec, unlifted
 from .guards import input_check_hook  # noqa: F401 - where compiling finds it
 from .train import add_train_switches
@@ -135,12 +135,13 @@ def _takes_another_size(ep, args: tuple, kwargs: dict) -> bool:
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool = False):
-    """torch.export (non-strict) of a deep copy in eval mode (``training``: train mode), the
-    batch and the token dimensions dynamic where the model allows (``_dynamic_dims``); failing
-    that the batch only, failing that static. A form is kept only if the program runs the given
-    inputs (export's guards can refuse a batch of one). A batch of one is exported repeated to
-    two (export specialises a dimension of size 1), unless the model pins it."""
-    work = copy.deepcopy(model).train(training)
+    """torch.export (non-strict) of a deep copy (``model``'s parameters in it, not copied) in
+    eval mode (``training``: train mode), the batch and the token dimensions dynamic where the
+    model allows (``_dynamic_dims``); failing that the batch only, failing that static. A form
+    is kept only if the program runs the given inputs (export's guards can refuse a batch of
+    one). A batch of one is exported repeated to two (export specialises a dimension of size
+    1), unless the model pins it."""
+    work = copy.deepcopy(model, shared_parameters(model)).train(training)
     tries = []
     if _batch_of_one(args, kwargs):
         two = _repeated(args, kwargs, 2)
@@ -161,7 +162,8 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool =
             continue
         if a is not args and not _dynamic_batch(ep.graph, set(ep.graph_signature.user_inputs)):
             continue
-        if images and not _takes_another_size(ep, a, k):
+        if images and getattr(work, "_tome_image_sizes", False) \
+                and not _takes_another_size(ep, a, k):
             continue  # its guards pin the image size (a position table): exported static
         try:  # export's guards can still refuse the example itself (a batch of one)
             with torch.no_grad():
@@ -176,11 +178,16 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, training: bool =
 def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str],
                    training: bool = False):
     """The GraphModule of torch.export (of ``model`` in train mode with ``training``, dropout
-    switched by ``.train()``); raises CaptureError with one line."""
+    switched by ``.train()``); raises CaptureError with one line. Its parameters are ``model``'s
+    (an ExportedProgram's: those of its ``state_dict``), by identity or, failing that, by name
+    (``graph.module.parameter_memo``); its buffers and constants are copies."""
     try:
         ep = (model if is_exported_program(model)
               else export_program(model, args, kwargs, training))
-        module = copy.deepcopy(unlifted(ep))  # parameters are not shared with ``ep``
+        owner = ({k: v for k, v in ep.state_dict.items() if isinstance(v, nn.Parameter)}
+                 if is_exported_program(model) else model)
+        module = unlifted(ep)
+        module = copy.deepcopy(module, parameter_memo(module, owner))  # not ``ep``'s buffers
     except Exception as exc:  # export raises many kinds; report them as one line
         raise CaptureError(f"torch.export failed on {name}: {one_line(exc)}") from exc
     gm = TomeModule(module, module.graph)  # .train()/.eval() allowed, unlike ep.module()

@@ -171,8 +171,9 @@ class Probe:
 
 def probe_training(model: nn.Module, args: tuple, kwargs: dict) -> Probe:
     """Run ``model`` (capture's copy) in train mode on the example inputs; its buffers (batch
-    statistics) and the caller's random generators are put back as they were, and the model
-    is left in eval mode."""
+    statistics: the copy's own, whose parameters are the user's) and the caller's random
+    generators are put back as they were, and the model is left in eval mode. Under
+    ``no_grad`` no parameter is written."""
     # by owner and name: a forward may replace a buffer (timm's ConViT caches its relative
     # positions in one), and copying into the new tensor would corrupt it
     saved = [(owner, name, b, b.detach().clone()) for owner in model.modules()

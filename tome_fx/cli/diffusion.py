@@ -93,10 +93,42 @@ def inputs(src: Source, args, batch: int):
 
 
 def uses_tomesd(args, src: Source) -> bool:
+    """Whether ``--method`` (default: tomesd for a diffusers model) is tomesd; ValueError for
+    tomesd on another model (its inputs come from a diffusers config, and ``optimize`` refuses
+    a model without transformer blocks over a 2-D grid: timm's ViT has none)."""
     from ..diffusion import is_diffusers
 
     method = getattr(args, "method", None)
+    if method == "tomesd" and not is_diffusers(src.model):
+        raise ValueError(f"--method tomesd needs a diffusers model: a pipeline folder with "
+                         f"model_index.json (its unet/ or transformer/) or a diffusers model "
+                         f"folder (config.json with _class_name); {args.source} is a "
+                         f"{src.model_class}: use --method tome")
     return method == "tomesd" or (method is None and is_diffusers(src.model))
+
+
+# the API's names in optimize's messages -> this command line's options
+_OPTIONS = ((r"\bmerge_crossattn=True, merge_mlp=True\b", "--merge attn,crossattn,mlp"),
+            (r"\bflops_budget >= ", "--flops-budget >= "), (r"\bflops_budget=", "--flops-budget "),
+            (r"\bmax_downsample=", "--max-downsample "))
+
+
+def _optimize(src: Source, example, args):
+    """``optimize`` with tomesd's options; a ValueError names this command line's options
+    (``--merge``), not the API's (``merge_mlp=True``)."""
+    import re
+
+    from .. import api
+    try:
+        return api.optimize(src.target, example_inputs=example, **options(args))
+    except ValueError as exc:
+        text = str(exc)
+        if all(op in args.merge for op in ("crossattn", "mlp")):  # no more ops to merge
+            text = text.replace("merge more ops (merge_crossattn=True, merge_mlp=True) or ", "")
+        for api_name, option in _OPTIONS:
+            text = re.sub(api_name, option, text)
+        exc.args = (text,)
+        raise
 
 
 def _fidelity(original, fast, example) -> dict:
@@ -114,11 +146,10 @@ def _fidelity(original, fast, example) -> dict:
 def report(args, src: Source, measure, device_of, move) -> int:
     """``tome-fx report`` with ``--method tomesd``: the plan (ops, levels, FLOPs), fidelity on
     random inputs (relative error, cosine), optionally throughput."""
-    from .. import api
     from ..timing import batch_size
 
     example = inputs(src, args, args.batch_size or 2)
-    fast = api.optimize(src.target, example_inputs=example, **options(args))
+    fast = _optimize(src, example, args)
     plan = fast.tome
     data = {"source": args.source, "model_class": src.model_class, "method": "tomesd",
             "input_shape": {k: list(v.shape) for k, v in example.items() if hasattr(v, "shape")},
@@ -164,11 +195,9 @@ def bench(args, src: Source, measure, device_of) -> int:
     import torch
     from tabulate import tabulate
 
-    from .. import api
-
     device, dtype = device_of(args.device), getattr(torch, args.dtype)
     example = inputs(src, args, args.batch_size or 2)
-    fast = api.optimize(src.target, example_inputs=example, **options(args))
+    fast = _optimize(src, example, args)
     moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
              if isinstance(v, torch.Tensor) else v for k, v in example.items()}
     original, fast = src.model.to(device=device, dtype=dtype), fast.to(device=device, dtype=dtype)

@@ -3,9 +3,10 @@
 Local merging changes the token count only inside the merged ops, so the model's FLOPs are the
 original's plus, per merged op, the difference between its FLOPs at ``M = N - r`` tokens and at
 ``N`` (a polynomial of degree 2 in ``M``: linear layers and cross-attention are linear, the
-self-attention product quadratic), plus each transformer block's match (its source x
-destination cosine-score product; the same for any ``r > 0``). The polynomials are fitted on
-two runs of the model rewritten with every op merged (``r`` = 0 and the most), node by node.
+self-attention product quadratic, joint attention over ``M`` image and ``T`` text tokens
+``(M + T)**2``), plus each transformer block's match (its source x destination cosine-score
+product; the same for any ``r > 0``). The polynomials are fitted on three runs of the model
+rewritten with every op merged (``r`` = 0, half the most and the most), node by node.
 """
 from __future__ import annotations
 
@@ -80,6 +81,22 @@ def _power(f0: float, f1: float, x0: int, x1: int) -> tuple:
     return f0 - a * x0, a, 0.0
 
 
+def _fit(points: list[tuple[int, float]]) -> tuple:
+    """(c, a, q) through one node's FLOPs at three token counts: exact for any polynomial of
+    degree 2, such as joint attention over ``M + T`` tokens (MM-DiT: ``(M + T)**2`` has a
+    linear and a constant term, which a monomial or a chord through two points misprices);
+    with two distinct counts, ``_power``."""
+    pts = sorted(dict(points).items())
+    if len(pts) < 3:
+        (x0, f0), (x1, f1) = pts[-1], pts[0]
+        return _power(f0, f1, x0, x1)
+    (x0, f0), (x1, f1), (x2, f2) = pts[0], pts[len(pts) // 2], pts[-1]
+    d01, d12 = (f1 - f0) / (x1 - x0), (f2 - f1) / (x2 - x1)
+    q = (d12 - d01) / (x2 - x0)
+    a = d01 - q * (x0 + x1)
+    return f0 - a * x0 - q * x0 * x0, a, q
+
+
 def _spans(gm) -> dict[int, set]:
     """Site -> the nodes between its merge and its unmerge."""
     ends: dict[int, dict] = {}
@@ -100,12 +117,13 @@ def build_cost(captured: Captured, rw: Rewrite, method: ToMeSD) -> LocalCost:
                               if t.group == s.group and t.index in matches) for s in sites}
     most = {group_of[s.group]: removed_count(s.tokens, *s.hw, method.sx, method.sy, 0.0, BIG)
             for s in sites}
-    plain, merged = (run_flops(gm, inputs, {m: r * k for m, r in most.items()}) for k in (0, 1))
+    runs = [run_flops(gm, inputs, {m: r * k // 2 for m, r in most.items()}) for k in (0, 1, 2)]
+    plain, merged = runs[0], runs[-1]
     poly, match = {}, {}
     for s in sites:
         m = group_of[s.group]
-        terms = [_power(plain.flops.get(n, 0), merged.flops.get(n, 0), s.tokens,
-                        s.tokens - most[m]) for n in spans[s.index]]
+        terms = [_fit([(s.tokens - most[m] * k // 2, run.flops.get(n, 0))
+                       for k, run in enumerate(runs)]) for n in spans[s.index]]
         poly[s.index] = tuple(float(sum(t[i] for t in terms)) for i in range(3))
         match[s.group] = merged.flops.get(m, 0)
     return LocalCost(sum(plain.flops.values()), sites, poly, match, method.sx, method.sy)
@@ -199,5 +217,7 @@ def nothing_merged(plan, method: ToMeSD) -> str:
     if not any(lv.ratio > 0 for lv in plan.levels):
         return (f"its transformer blocks are at downsample {have}, above max_downsample="
                 f"{method.max_downsample}; pass max_downsample={plan.levels[0].downsample} or more")
-    first = plan.skipped[0] if plan.skipped else None
+    ops = {row.site for row in plan.blocks}  # an op's own reason before other refusals
+    first = next((s for s in plan.skipped if s.site in ops), plan.skipped[0] if plan.skipped
+                 else None)
     return f"{first.site}: {first.reason}" if first else "no op of the chosen kinds merges"

@@ -102,6 +102,7 @@ class DiffusionModule(nn.Module):
     def __init__(self, model: nn.Module, build: Callable, inputs: dict, first: nn.Module):
         super().__init__()
         self.model = model  # .to(), .train(), parameters() reach the real model
+        self.training = model.training  # the graphs are stored in the model's mode
         own = {"_build": build, "_signature": inspect.signature(model.forward),
                "_example": inputs, "_entries": [], "_last": None}
         self.__dict__.update(own)
@@ -201,7 +202,7 @@ class DiffusionModule(nn.Module):
         params = self._signature.parameters
         inputs = {n: v for n, v in bound.arguments.items()
                   if not _skipped(v, params[n].default)}
-        batched_step(inputs)
+        batched_step(inputs, self._example)
         out = self._run(self._call_key(inputs), inputs)
         if return_dict is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
@@ -251,9 +252,11 @@ class DiffusionModule(nn.Module):
         return self
 
 
-def batched_step(inputs: dict) -> None:
+def batched_step(inputs: dict, like: dict | None = None) -> None:
     """A scalar timestep (a number, a 0-d tensor or one value for the batch, as pipelines pass
-    it) becomes one per sample, as the model itself broadcasts it."""
+    it) becomes one per sample, as the model itself broadcasts it. An integer timestep (DDIM's)
+    becomes floating where ``like``'s is (the model embeds it as a float either way, and one
+    graph then serves both kinds of scheduler)."""
     image = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() >= 3),
                  None)
     for name in STEP_NAMES:
@@ -262,6 +265,10 @@ def batched_step(inputs: dict) -> None:
         t = torch.as_tensor(inputs[name], device=image.device)
         if t.numel() == 1 and (t.dim() == 0 or t.shape[0] != image.shape[0]):
             t = t.reshape(()).expand(image.shape[0])
+        example = (like or {}).get(name)
+        if isinstance(example, torch.Tensor) and example.is_floating_point() \
+                and not t.is_floating_point():
+            t = t.to(example.dtype)
         inputs[name] = t
 
 

@@ -9,6 +9,11 @@ Its deepcopy keeps only the attributes the graph reads. Here the graph itself is
 by node: names, arguments and the ``meta`` keys in ``KEPT_META`` come back as they were, and
 call targets are stored by their qualified name where that name finds them again (ATen ops do
 not pickle).
+
+``shared_parameters`` is the memo under which ``copy.deepcopy`` copies a module's structure but
+not its parameters: capture and every rewrite round copy the model that way, so the module
+``optimize`` returns holds the model's own ``nn.Parameter`` objects (one copy of the weights, as
+``torch.compile``). A plain ``copy.deepcopy`` or ``torch.save`` of that module copies them.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import functools
 import importlib
 import warnings
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import _get_qualified_name, map_aggregate, map_arg
@@ -26,6 +32,36 @@ KEPT_META = ("tome", "is_wrapped", "stack_trace")
 # attributes GraphModule.__init__ derives from the graph: made again, not pickled
 _DERIVED = {"_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls", "_tracer_extras",
             "shape_env"}
+
+
+def shared_parameters(*owners) -> dict:
+    """A ``copy.deepcopy`` memo that maps every parameter of ``owners`` (modules, or iterables of
+    tensors) to itself: the copy's modules hold the same ``nn.Parameter`` objects (tied ones
+    stay tied), while buffers and every other tensor are copied."""
+    memo: dict = {}
+    for owner in owners:
+        tensors = owner.parameters() if isinstance(owner, nn.Module) else owner
+        memo.update((id(t), t) for t in tensors if isinstance(t, nn.Parameter))
+    return memo
+
+
+def parameter_memo(module: nn.Module, model: nn.Module | dict) -> dict:
+    """``shared_parameters`` of ``model``, plus every parameter of ``module`` that is not one of
+    ``model``'s but stands for the one of its name (``model``'s ``named_parameters``, or a dict of
+    them): the same shape, dtype, device and values (a wrapper export made of the same storage,
+    or a copy). The parameters of a ``copy.deepcopy(module, memo)`` are then ``model``'s."""
+    memo = shared_parameters(model if isinstance(model, nn.Module) else model.values())
+    named = (dict(model.named_parameters(remove_duplicate=False)) if isinstance(model, nn.Module)
+             else model)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        own = named.get(name)
+        if id(p) in memo or not isinstance(own, nn.Parameter):
+            continue
+        if own.shape == p.shape and own.dtype == p.dtype and own.device == p.device \
+                and own.device.type != "meta" \
+                and (own.data_ptr() == p.data_ptr() or torch.equal(own.detach(), p.detach())):
+            memo[id(p)] = own
+    return memo
 
 
 class _Ref:

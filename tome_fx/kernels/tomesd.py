@@ -20,9 +20,11 @@ _MASK = (1 << 31) - 1  # 31-bit hash arithmetic: products stay inside int64
 
 
 def removed_count(tokens: int, h: int, w: int, sx: int, sy: int, ratio: float, r=None) -> int:
-    """Tokens a match removes: ``int(tokens * ratio)`` (or ``r``), at most the sources."""
-    want = int(tokens * ratio) if r is None else r
-    return max(0, min(want, tokens - (h // sy) * (w // sx)))
+    """Tokens a match removes: ``int(tokens * ratio)`` (or ``r``), at most the sources. In
+    symbolic-size arithmetic (the same values on ints), so that export keeps the token count
+    symbolic instead of guarding it to one value."""
+    want = torch.sym_int(tokens * ratio) if r is None else r
+    return torch.sym_max(0, torch.sym_min(want, tokens - (h // sy) * (w // sx)))
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -32,35 +34,43 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def _hashed(seed: int, salt: int, step, n: int, device) -> torch.Tensor:
-    """``n`` pseudo-random non-negative ints from (seed, salt, the value of ``step``)."""
-    key = torch.tensor((seed * 0x9E3779B1 + salt * 0x85EBCA77) & _MASK, device=device)
+def _hashed(seed: int, salt: int, step, n: int, batch: int, device) -> torch.Tensor:
+    """``[batch or 1, n]`` pseudo-random non-negative ints from (seed, salt, the value of
+    ``step``): one row per sample, from that sample's step (a batch of timesteps), or one row
+    for all when the step is one value (or absent)."""
+    key = torch.tensor((seed * 0x9E3779B1 + salt * 0x85EBCA77) & _MASK, device=device).reshape(1)
     if step is not None:  # a denoising step gives a new pattern; the same step the same one
-        bits = step.reshape(-1)[:1].to(torch.float32).view(torch.int32).to(torch.int64)
+        bits = step.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64)
+        if bits.shape[0] != 1 and batch % bits.shape[0] == 0:  # samples x frames: per sample
+            bits = bits.repeat_interleave(batch // bits.shape[0])
+        elif bits.shape[0] != 1:  # an unrelated count: one pattern, from the first
+            bits = bits[:1]
         key = _mix((key + (bits & _MASK)) & _MASK)
-    return _mix((key + torch.arange(n, device=device) * 0x61C88647) & _MASK)
+    return _mix((key[:, None] + torch.arange(n, device=device) * 0x61C88647) & _MASK)
 
 
 def _offsets(hs: int, ws: int, sx: int, sy: int, use_rand: bool, seed: int, salt: int, step,
-             device) -> torch.Tensor:
-    """Which cell of each window is its destination (0 = top-left), ``[hs, ws]``."""
+             batch: int, device) -> torch.Tensor:
+    """Which cell of each window is its destination (0 = top-left), ``[batch or 1, hs, ws]``."""
     if not use_rand:
-        return torch.zeros(hs, ws, dtype=torch.int64, device=device)
-    return (_hashed(seed, salt, step, hs * ws, device) % (sy * sx)).view(hs, ws)
+        return torch.zeros(1, hs, ws, dtype=torch.int64, device=device)
+    return (_hashed(seed, salt, step, hs * ws, batch, device) % (sy * sx)).view(-1, hs, ws)
 
 
 def split_grid(h: int, w: int, sx: int, sy: int, off: torch.Tensor) -> torch.Tensor:
     """Positions ``[dst..., src...]`` of the ``h x w`` grid: one destination per full
     ``sy x sx`` window (window row-major), then the sources in row-major order (rows and columns
-    past the last full window are sources)."""
+    past the last full window are sources). ``off`` ``[hs, ws]`` or ``[B, hs, ws]``: the result
+    ``[h*w]`` or ``[B, h*w]``."""
     hs, ws = h // sy, w // sx
+    lead = off.shape[:-2]
     rows = torch.arange(hs, device=off.device)[:, None] * sy + off // sx
     cols = torch.arange(ws, device=off.device)[None, :] * sx + off % sx
-    dst = (rows * w + cols).reshape(-1)
-    flag = torch.zeros(h * w, dtype=torch.int64, device=off.device)
-    flag = flag.scatter(0, dst, torch.ones_like(dst))
-    src = torch.argsort(flag, stable=True)[:h * w - hs * ws]
-    return torch.cat([dst, src])
+    dst = (rows * w + cols).reshape(*lead, hs * ws)
+    flag = torch.zeros(*lead, h * w, dtype=torch.int64, device=off.device)
+    flag = flag.scatter(-1, dst, torch.ones_like(dst))
+    src = torch.argsort(flag, dim=-1, stable=True)[..., :h * w - hs * ws]
+    return torch.cat([dst, src], -1)
 
 
 def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
@@ -77,11 +87,12 @@ def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
         return None
     hs, ws = h // sy, w // sx
     n_dst = hs * ws
-    off = _offsets(hs, ws, sx, sy, use_rand, seed, salt, step, metric.device)
-    order = split_grid(h, w, sx, sy, off)
+    off = _offsets(hs, ws, sx, sy, use_rand, seed, salt, step, batch, metric.device)
+    order = split_grid(h, w, sx, sy, off).expand(batch, tokens)  # one row per sample
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
-        dst, src = m[:, order[:n_dst]], m[:, order[n_dst:]]
+        rows = order.unsqueeze(-1).expand(-1, -1, m.shape[-1])
+        dst, src = m.gather(1, rows[:, :n_dst]), m.gather(1, rows[:, n_dst:])
         best, target = (src @ dst.transpose(-1, -2)).max(dim=-1)
         ranked = best.argsort(dim=-1, descending=True)  # [B, n_src]: merged first
     n_unm = tokens - n_dst - r
@@ -91,7 +102,7 @@ def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
     src_where = torch.empty_like(ranked).scatter(1, ranked, torch.cat([joined, kept], 1))
     dst_where = (n_unm + torch.arange(n_dst, device=metric.device)).expand(batch, n_dst)
     where = torch.empty(batch, tokens, dtype=torch.int64, device=metric.device).scatter(
-        1, order.expand(batch, tokens), torch.cat([dst_where, src_where], 1))
+        1, order, torch.cat([dst_where, src_where], 1))
     count = torch.zeros(batch, tokens - r, dtype=metric.dtype, device=metric.device)
     count = count.scatter_add(1, where, torch.ones_like(where, dtype=metric.dtype))
     return where, count

@@ -8,6 +8,15 @@ norm of adaLN blocks) and the unmerge on its output, before the residual add. Th
 chain is found from the graph, anchored on each self-attention core (``match``), so no model
 class is named: diffusers UNets, DiT/PixArt and the image side of MM-DiT joint attention look
 the same here.
+
+Only spatial self-attention over a grid merges: a block's grid is a ``[B, C, h, w]`` tensor
+whose ``h`` and ``w`` dimensions are, traced through the layout ops between them (``axes``),
+the block's token dimension, row-major. Temporal attention (video UNets move the grid into the
+batch and attend over the frames, which may number ``h*w``), frames x grid tokens (video
+transformers) and packed latents (Flux) are refused, each with its reason. A block's level is
+``ceil(sqrt(latent pixels // tokens))`` (the authors' formula), the latent being the model's
+``sample``/``hidden_states`` input the grid comes from (else its first 4-D or 5-D input), never
+another image input: a ControlNet's conditioning image is 8x the latent's side.
 """
 from __future__ import annotations
 
@@ -19,11 +28,19 @@ import torch.fx as fx
 
 from .. import graph as gu
 from ..match import Block, Core, Refusal, site_name
+from . import axes
 
 Node = fx.Node
 OPS = ("attn", "crossattn", "mlp")
 NO_GRID = ("the tokens do not form a 2-D grid (no [B, C, h, w] tensor with h*w = tokens "
            "feeds them): text or other sequence tokens stay unmerged")
+TEMPORAL = ("temporal attention: its tokens are frames (the grid's h and w are in the batch), "
+            "not a spatial grid")
+VIDEO = ("its tokens are frames x an h x w grid (a video transformer): ToMeSD's windows are "
+         "2-D, over one image's grid; merge it with method='tome', which needs no grid")
+PACKED = ("its image tokens are a model input ([B, tokens, C]: the latent is packed into tokens "
+          "before the model, as Flux packs 2x2 latent patches), so the graph has no 2-D grid; "
+          "merge it with method='tome', which needs no grid")
 STEP_INPUTS = ("timestep", "timesteps", "t")  # a new random pattern per denoising step
 
 
@@ -136,31 +153,72 @@ def _next_branch(add: Node) -> tuple[Node, Node, set] | None:
     return None
 
 
-def find_grid(stream: Node, tokens: int, shapes) -> Node | None:
-    """The nearest [B, C, h, w] ancestor of ``stream`` with ``h*w == tokens``."""
-    seen, frontier = {stream}, [stream]
+def _candidates(stream: Node, shapes, most: int = 6) -> list[Node]:
+    """The nearest 4-D and 5-D ancestors of ``stream`` (breadth first), at most ``most``; not
+    the outputs of layout ops (a grid is computed, then laid out as tokens)."""
+    seen, frontier, found = {stream}, [stream], []
     for _ in range(2000):
-        if not frontier:
-            return None
         nxt = []
         for n in frontier:
             s = shapes.get(n)
-            if gu.is_tensor_shape(s) and len(s) == 4 and s[2] * s[3] == tokens:
-                return n
-            for i in n.all_input_nodes:
-                if i not in seen:
-                    seen.add(i)
-                    nxt.append(i)
+            if (gu.is_tensor_shape(s) and len(s) in (4, 5) and n.op != "get_attr"
+                    and not axes.is_layout(n)):
+                found.append(n)
+                if len(found) == most:
+                    return found
+            nxt.extend(i for i in n.all_input_nodes if i not in seen and not seen.add(i))
+        if not nxt:
+            break
         frontier = nxt
-    return None
+    return found
 
 
-def _pixels(grid: Node, shapes) -> int | None:
-    """Spatial size of the [B, C, H, W] model input the grid comes from (the latent)."""
-    found = [p for p in gu.ancestors_within(grid, 100_000) if p.op == "placeholder"]
-    sizes = [shapes[p][2] * shapes[p][3] for p in found
-             if gu.is_tensor_shape(shapes.get(p)) and len(shapes[p]) == 4]
-    return max(sizes) if sizes else None
+def find_grid(gm: fx.GraphModule, stream: Node, tokens: int, shapes,
+              dim: int = 1) -> tuple[Node | None, str]:
+    """The nearest [B, C, h, w] ancestor whose ``h`` and ``w`` dims are the tokens of
+    ``stream`` (row-major), traced through the ops between them (``axes``); else None and why
+    not: temporal attention (the tokens come from the batch, where the frames are), frames x
+    grid (video transformers), packed latents, or no grid. ``dim``: the tokens' dimension."""
+    why = None
+    for grid in _candidates(stream, shapes):
+        dims = axes.trace_axes(grid, stream, shapes, gm)
+        if dims is None:
+            continue
+        dims = (dims[0], dims[dim])
+        h, w = shapes[grid][-2:]
+        if len(shapes[grid]) == 4 and h * w == tokens and axes.is_grid(dims, h, w):
+            return grid, ""
+        atoms = axes.token_atoms(dims)
+        if axes.from_batch(dims) and atoms[-2:] != (("h", h), ("w", w)):
+            why = why or TEMPORAL
+        elif len(atoms) > 2 and atoms[-2:] == (("h", h), ("w", w)):
+            why = why or VIDEO
+    if why is None and step_input(gm, shapes) is not None:  # a diffusion model
+        latent = latent_input(gm, shapes, gu.ancestors_within(stream, 100_000))
+        why = PACKED if latent is not None and len(shapes[latent]) == 3 else None
+    return None, why or NO_GRID
+
+
+LATENT_NAMES = ("sample", "hidden_states")  # diffusers' names for the noisy latent
+
+
+def latent_input(gm: fx.GraphModule, shapes, among=None) -> Node | None:
+    """The model's latent: the input named ``sample`` or ``hidden_states`` (diffusers' names),
+    else the first 4-D or 5-D input in the forward's order; only inputs in ``among``."""
+    inputs = [p for p in gm.graph.nodes if p.op == "placeholder" and (among is None or p in among)
+              and gu.is_tensor_shape(shapes.get(p))]
+    named = [p for p in inputs if p.name in LATENT_NAMES]
+    return (named or [p for p in inputs if len(shapes[p]) in (4, 5)] or [None])[0]
+
+
+def _pixels(gm: fx.GraphModule, grid: Node, shapes) -> int | None:
+    """Spatial size (H x W, its last two dims) of the latent the grid comes from
+    (``latent_input``: not the largest input: a ControlNet's conditioning image is 8x the
+    latent's side)."""
+    latent = latent_input(gm, shapes, gu.ancestors_within(grid, 100_000))
+    if latent is None or len(shapes[latent]) not in (4, 5):
+        return None
+    return shapes[latent][-2] * shapes[latent][-1]
 
 
 def step_input(gm: fx.GraphModule, shapes) -> Node | None:
@@ -169,6 +227,20 @@ def step_input(gm: fx.GraphModule, shapes) -> Node | None:
         if p.op == "placeholder" and p.name in STEP_INPUTS and gu.is_tensor_shape(shapes.get(p)):
             return p
     return None
+
+
+def _ungrouped(gm, shapes, cores, grouped) -> list[Refusal]:
+    """Why the self-attentions with no residual stream found around them do not merge."""
+    out = []
+    for core in cores:
+        q, k = shapes.get(core.query), shapes.get(core.keys)
+        if id(core) in grouped or not (gu.is_tensor_shape(q) and gu.is_tensor_shape(k)) \
+                or len(q) < 3 or q[-2] != k[-2]:
+            continue
+        grid, why = find_grid(gm, core.query, q[-2], shapes, dim=len(q) - 2)
+        out.append(Refusal(site_name(core.anchor), why if grid is None else
+                           "no residual stream x + attention(norm(x)) found around it"))
+    return out
 
 
 def _site(index, op, core, group, metric, stream, add, out, merge_at, grid, hw, ds):
@@ -188,15 +260,16 @@ def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], lis
                 groups.append((core, add, stream))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups.sort(key=lambda g: order[g[2]])
+    refusals += _ungrouped(gm, shapes, cores, {id(g[0]) for g in groups})
     largest = None
     for g, (core, add, stream) in enumerate(groups):
         tokens = shapes[stream][1]
-        grid = find_grid(stream, tokens, shapes)
+        grid, why = find_grid(gm, stream, tokens, shapes)
         if grid is None:
-            refusals.append(Refusal(site_name(core.anchor), NO_GRID))
+            refusals.append(Refusal(site_name(core.anchor), why))
             continue
         hw = tuple(shapes[grid][2:4])
-        pixels = _pixels(grid, shapes)
+        pixels = _pixels(gm, grid, shapes)
         largest = max(largest or 0, tokens)
         ds = int(math.ceil(math.sqrt(pixels // tokens))) if pixels else 0  # 0: fixed below
         targets = [t for t in (core.query, core.keys, values_of(core)) if t is not None]

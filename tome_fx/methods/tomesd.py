@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from .. import graph as gu
 from ..kernels.tomesd import tomesd_match, tomesd_merge, tomesd_unmerge
 from ..passes.base import Context, inserted
 from ..passes.merge import MergeSite
 from ..plans import Plan
-from .local import OPS, LocalBlock, find_local, step_input, values_of
+from .local import NO_GRID, OPS, LocalBlock, find_local, step_input, values_of
 
 NO_SITES = "a transformer block over a 2-D token grid"
 
@@ -84,7 +86,8 @@ class ToMeSD:
         m = ctx.matches
         blocks, refusals = find_local(ctx.gm, ctx.shapes, m.cores)
         if not blocks:
-            why = "; ".join(sorted({r.reason for r in refusals})) or "no attention"
+            reasons = sorted({r.reason for r in refusals}, key=lambda r: (r == NO_GRID, r))
+            why = "; ".join(reasons) or "no attention"
             raise ValueError(f"method='tomesd' needs {NO_SITES}: {why}")
         m.blocks, m.refusals, m.cross = blocks, refusals, []
         refused = {}
@@ -187,9 +190,12 @@ def _follow_joint_split(graph, b: LocalBlock, x, shapes) -> None:
                 s = shapes.get(node)
                 if (gu.packet(u) is torch.ops.aten.slice and gu.is_tensor_shape(s) and len(s) > 1
                         and s[1] > n and gu.arg(u, 1, "dim", 0) == 1):
-                    start, end = gu.arg(u, 2, "start", None), gu.arg(u, 3, "end", None)
-                    if (start, end) == (0, n) or (start == n and isinstance(end, int)
-                                                  and end >= s[1]):
+                    # bounds as export bakes them, or symbolic (dynamic image sizes): by value
+                    start, end = (_int_value(v, shapes) for v in
+                                  (gu.arg(u, 2, "start", None), gu.arg(u, 3, "end", None)))
+                    start = 0 if start is None else start
+                    if (start, end) == (0, n) or (start == n and (end is None or isinstance(
+                            end, int) and end >= s[1])):
                         if count is None:
                             with graph.inserting_after(x):
                                 count = inserted(graph.call_function(
@@ -205,6 +211,24 @@ def _follow_joint_split(graph, b: LocalBlock, x, shapes) -> None:
     for cat in (b.core.query, b.core.keys, values_of(b.core)):  # [image, text] along the tokens
         if gu.is_call(cat, gu.CAT) and x in gu.ancestors_within(cat.args[0][0], 12):
             cat.meta["tome"] = {"role": "joint_cat", "inserted": True}  # the split follows it
+
+
+ARITH = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+         operator.floordiv: operator.floordiv}
+
+
+def _int_value(v, shapes, depth: int = 12):
+    """The value of a slice bound: an int, or a symbolic size (dynamic image sizes) computed
+    from recorded shapes; None when not known."""
+    if v is None or isinstance(v, int) or not isinstance(v, fx.Node) or depth == 0:
+        return v if isinstance(v, int) or v is None else None
+    if v.target is torch.ops.aten.sym_size.int:
+        s = shapes.get(v.args[0])
+        return s[v.args[1]] if gu.is_tensor_shape(s) else None
+    if v.target in ARITH and len(v.args) == 2:
+        a, b = (_int_value(x, shapes, depth - 1) for x in v.args)
+        return None if a is None or b is None else ARITH[v.target](a, b)
+    return None
 
 
 OPTIONS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn",
