@@ -204,3 +204,34 @@ def test_scalar_timestep_in_example_inputs_and_call_errors():
         assert relative(fast(x, 500, e).sample, _patched(unet)(x, 500, e).sample) <= 1e-4
     with pytest.raises(TypeError, match="UNet2DConditionModel.forward: .*unexpected"):
         fast(x, 500, e, colour="red")
+
+
+def test_svd_unet_with_its_pipeline_call():
+    """SVD's UNet optimized with no example inputs, then called as
+    ``StableVideoDiffusionPipeline`` calls it (the latent positional, a 0-d timestep, image
+    embeddings and ``added_time_ids`` as keywords, ``return_dict=False``) at two latent sizes:
+    equal to the authors' merge on every spatial block (through hooks; the temporal blocks are
+    never merged), at the finest two levels."""
+    from diffusion_models import svd
+
+    unet = svd()
+    fast = tome_fx.optimize(unet, method="tomesd", ratio=0.5, use_rand=False, max_downsample=2)
+    size = {}
+
+    def grid(tokens):
+        h, w = size["latent"]
+        return (h, w) if tokens == h * w else (h // 2, w // 2)
+
+    hooked = HookedToMeSD(copy.deepcopy(unet), 0.5, grid, blocks=("BasicTransformerBlock",))
+    frames = unet.config.num_frames
+    for h, w in ((8, 8), (16, 8)):
+        size["latent"] = (h, w)
+        latent = torch.randn(2, frames, 8, h, w)
+        kwargs = {"encoder_hidden_states": torch.randn(2, 1, 32),
+                  "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * 2)}
+        with torch.no_grad():
+            ours = fast(latent, torch.tensor(0.7), return_dict=False, **kwargs)[0]
+            theirs = hooked.model(latent, torch.tensor(0.7), **kwargs).sample
+        assert ours.shape == (2, frames, 4, h, w)
+        assert relative(ours, theirs) <= 1e-4
+    assert all("temporal" not in row.site for row in fast.tome.blocks if row.r > 0)

@@ -74,7 +74,9 @@ def optimized():
     return get
 
 
-@pytest.mark.parametrize("name", sorted(MERGES))
+# SDXL's full twin runs by default in test_diffusion_pipelines.py (three sizes, the authors' patch)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sdxl" else n
+                                  for n in sorted(MERGES)])
 def test_zoo_merges(name, optimized):
     """Runs on its own default inputs; merges with no example_inputs given; same output shape."""
     model, inputs, fast = optimized(name)

@@ -195,6 +195,7 @@ def test_grid_smaller_than_window(unet15):
 # in a diffusers pipeline
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # twin of test_diffusion_pipelines.py's FreeU pipeline test at two sizes
 def test_stable_diffusion_pipeline():
     """``pipe.unet = tome_fx.optimize(pipe.unet, ...)`` with nothing else given: images equal to
     the authors' patch of the same pipeline, two denoising steps with guidance."""
