@@ -18,7 +18,6 @@ import importlib
 import inspect
 import itertools
 import json
-from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
@@ -32,7 +31,7 @@ from ..exporting import (Exported, checked, dynamic_axes, evaluating, output_nam
                          refuse_data_dependent, refuse_foreign, tolerance_for)
 from ..exporting import export as export_module
 from .inputs import STEP_NAMES
-from .module import batched_step, call_inputs
+from .module import bind_call, call_inputs
 
 META, CONFIG, PLAN = "tome_fx.json", "config.json", "plan.txt"
 FORMAT = 1  # version of tome_fx.json
@@ -321,15 +320,8 @@ class Pt2Denoiser(nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
-        name = self._meta["class"]
-        try:
-            bound = self._signature.bind(*args, **kwargs).arguments
-        except TypeError as exc:
-            raise TypeError(f"{name}.forward ({self.path}): {exc}") from None
-        return_dict = bound.pop("return_dict", True)
-        inputs = {n: v for n, v in bound.items()
-                  if v is not None and not (isinstance(v, Mapping) and not v)}
-        batched_step(inputs)
+        inputs, return_dict = bind_call(self._signature, args, kwargs,
+                                        f"{self._meta['class']}.forward ({self.path})")
         out = self._run(inputs)
         if return_dict is False:
             return tuple(out.values())

@@ -23,14 +23,17 @@ cache, the way torch.compile guards and recompiles:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 import warnings
 from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.guards import input_check_hook
 from ..errors import ShapeError
 from .inputs import STEP_NAMES
 
@@ -163,13 +166,12 @@ class DiffusionModule(nn.Module):
         self.drop_graphs()
 
     def _dropping(self, method):
+        @functools.wraps(method)
         def call(*args, **kwargs):
             try:
                 return method(*args, **kwargs)
             finally:
                 self.drop_graphs()
-        call.__name__ = getattr(method, "__name__", "method")
-        call.__doc__ = getattr(method, "__doc__", None)
         return call
 
     def drop_graphs(self) -> None:
@@ -194,15 +196,8 @@ class DiffusionModule(nn.Module):
 
     # -- calls ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{type(self.model).__name__}.forward: {exc}") from None
-        return_dict = bound.arguments.pop("return_dict", True)
-        params = self._signature.parameters
-        inputs = {n: v for n, v in bound.arguments.items()
-                  if not _skipped(v, params[n].default)}
-        batched_step(inputs, self._example)
+        inputs, return_dict = bind_call(self._signature, args, kwargs,
+                                        f"{type(self.model).__name__}.forward", self._example)
         out = self._run(self._call_key(inputs), inputs)
         if return_dict is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
@@ -252,6 +247,23 @@ class DiffusionModule(nn.Module):
         return self
 
 
+def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict, what: str,
+              like: dict | None = None) -> tuple[dict, Any]:
+    """(keyword inputs, ``return_dict``) of a call as the model's ``signature`` reads it:
+    optional inputs left out (default, None or an empty dict), a scalar timestep made one per
+    sample (``batched_step``); a call the signature cannot take is a one-line TypeError
+    starting with ``what``."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc}") from None
+    return_dict = bound.arguments.pop("return_dict", True)
+    inputs = {n: v for n, v in bound.arguments.items()
+              if not _skipped(v, signature.parameters[n].default)}
+    batched_step(inputs, like)
+    return inputs, return_dict
+
+
 def batched_step(inputs: dict, like: dict | None = None) -> None:
     """A scalar timestep (a number, a 0-d tensor or one value for the batch, as pipelines pass
     it) becomes one per sample, as the model itself broadcasts it. An integer timestep (DDIM's)
@@ -279,11 +291,8 @@ def _sizes(inputs: dict) -> tuple:
 def _guards_sizes(module: nn.Module) -> bool:
     """Whether the graph checks its input sizes itself (an export capture's input check), so
     one graph can serve several sizes; an fx graph serves the sizes it was captured at."""
-    gm = getattr(module, "_orig_mod", module)
-    graph = getattr(gm, "graph", None)
-    return graph is not None and any(
-        n.op == "call_function" and getattr(n.target, "__name__", "") == "check_inputs"
-        for n in graph.nodes)
+    gm = getattr(module, "_orig_mod", module)  # compiled: the graph inside
+    return isinstance(gm, fx.GraphModule) and input_check_hook(gm) is not None
 
 
 def call_inputs(model: nn.Module, example_inputs: Any) -> dict:
@@ -296,14 +305,5 @@ def call_inputs(model: nn.Module, example_inputs: Any) -> dict:
         args, kwargs = tuple(example_inputs), {}
     else:
         args, kwargs = (example_inputs,), {}
-    signature = inspect.signature(model.forward)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"example_inputs do not fit {type(model).__name__}.forward: {exc}") \
-            from None
-    bound.arguments.pop("return_dict", None)
-    inputs = {n: v for n, v in bound.arguments.items()
-              if not _skipped(v, signature.parameters[n].default)}
-    batched_step(inputs)
-    return inputs
+    return bind_call(inspect.signature(model.forward), args, kwargs,
+                     f"example_inputs do not fit {type(model).__name__}.forward")[0]
