@@ -109,7 +109,7 @@ class DiffusionModule(nn.Module):
         own = {"_build": build, "_signature": inspect.signature(model.forward),
                "_example": inputs, "_entries": [], "_last": None}
         self.__dict__.update(own)
-        self._store(self._call_key(inputs), first, inputs)
+        self._store(self._call_key(inputs), state_fingerprint(model), first, inputs)
 
     # -- what the pipeline reads --------------------------------------------------------------
     @property
@@ -126,7 +126,7 @@ class DiffusionModule(nn.Module):
         state change)."""
         key, state = self._call_key(self._example), state_fingerprint(self.model)
         entry = next((e for e in self._entries if (e.key, e.state) == (key, state)), None)
-        return (entry or self._capture(key, self._example, quiet=True)).module
+        return (entry or self._capture(key, state, self._example, quiet=True)).module
 
     @property
     def graphs(self) -> list[nn.Module]:
@@ -217,13 +217,13 @@ class DiffusionModule(nn.Module):
                 continue
             self.__dict__["_last"] = entry
             return out
-        entry = self._capture(key, inputs)
+        entry = self._capture(key, state, inputs)
         return entry.module(**inputs)
 
-    def _capture(self, key, inputs: dict, quiet: bool = False) -> _Entry:
+    def _capture(self, key, state: int, inputs: dict, quiet: bool = False) -> _Entry:
         start = time.perf_counter()
         module = self._build(self.model, inputs)
-        entry = self._store(key, module, inputs)
+        entry = self._store(key, state, module, inputs)
         if not quiet:
             shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in inputs.items()
                                if isinstance(v, torch.Tensor))
@@ -233,10 +233,9 @@ class DiffusionModule(nn.Module):
         self.__dict__["_last"] = entry
         return entry
 
-    def _store(self, key, module: nn.Module, inputs: dict) -> _Entry:
+    def _store(self, key, state: int, module: nn.Module, inputs: dict) -> _Entry:
         module.train(self.training)
-        entry = _Entry(key, state_fingerprint(self.model), module,
-                       None if _guards_sizes(module) else _sizes(inputs))
+        entry = _Entry(key, state, module, None if _guards_sizes(module) else _sizes(inputs))
         self._entries.append(entry)
         return entry
 
