@@ -346,3 +346,29 @@ def test_hf_roberta_left_padded_sentence_merges_as_alone(budget):
         ids[i, n - k] = 0  # <s>
         mask[i, n - k:] = 1
     _hf_sentences_as_alone(model, ids, mask, [(n - k, n) for k in lengths], budget)
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.5])
+def test_hf_roberta_left_padded_pooler_reads_slot_0(budget):
+    """RoBERTa's pooler reads slot 0, a padding token under left padding: the rewritten pooler
+    reads the same slot of the original layout (issue 39: it read the first real token, 0.67-0.83
+    relative from the original's pooler_output). Budget held; rows without padding unchanged."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.RobertaModel(T.RobertaConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+        vocab_size=100, max_position_embeddings=40, pad_token_id=1)).eval()
+    ids = torch.randint(3, 100, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    ids[1, :8], mask[1, :8] = 1, 0  # left padding
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    fast = tome_fx.optimize(model, flops_budget=budget, example_inputs=inputs)
+    assert budget - 0.01 <= fast.tome.ratio <= budget
+    assert any("a read by position" in n for n in fast.tome.notes)
+    with torch.no_grad():
+        got, want = fast(**inputs), model(**inputs)
+        assert _relative(got.pooler_output, model.pooler(got.last_hidden_state)) <= 1e-5
+        # the padding token's output barely moves; the first real token's is another vector
+        assert _relative(got.pooler_output[1], want.pooler_output[1]) <= 0.05
+        assert _relative(model.pooler(got.last_hidden_state[:, 8:])[1],
+                         want.pooler_output[1]) > 0.3

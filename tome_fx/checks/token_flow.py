@@ -101,6 +101,7 @@ class Flow:
     shapes: dict = field(default_factory=dict)  # shapes with the real schedule
     reads: set = field(default_factory=set)  # token positions read by index beyond the prefix
     positional: set = field(default_factory=set)  # token-sized tensors not made from tokens
+    index_reads: list[Exit] = field(default_factory=list)  # safe reads by position (prefix)
 
 
 class _Recorder(gu.ShapeRecorder):
@@ -232,6 +233,9 @@ def _classify_all(ctx: Context, flow: Flow, shapes_a, shapes_b, dep, failed) -> 
                            for i in token_inputs if len(tdims[i]) == 1]
             continue
         reason = classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
+        if not reason and gu.is_index(n) and tdims[src] != ("nested",) and len(tdims[src]) == 1:
+            flow.index_reads.append(Exit(n, src, tdims[src][0], offset.get(src, 0),
+                                         "a read by position, which left padding moves"))
         if reason:
             flow.unsafe.append((n, reason))
             _fold_exit(flow, n, src, tdims, offset, reason)

@@ -116,8 +116,8 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
     its same-group pairs. The batch keeps the token count the schedule gives the padded length
     (the longest sample's, so the FLOPs are the batch's as before); a sample's own padding
     fills the slots its real tokens leave. Output per sample: prefix, unmerged real A tokens,
-    real B tokens, padding; padding beyond the slots is merged into the last padding slot (or
-    dropped where none is left: padding outputs carry no meaning).
+    real B tokens, padding; padding beyond the slots is merged into the last padding slot, or
+    dropped where none is left (a left-padded sample keeps one: its slot 0 is read by position).
     """
     bsz, dev = metric.shape[0], metric.device
     origin = identity_origin(origin, bsz, n_tokens, dev)
@@ -170,8 +170,11 @@ def _sample_counts(n_tokens: int, r, prefix: int, start, pad, real, best):
     r_i = torch.minimum(want, ((real - prefix) // 2).clamp(min=0))
     r_i = torch.minimum(r_i, (best > float("-inf")).sum(1)).clamp(min=0)
     batch_r = torch.sym_min(merge_count(r, n_tokens, prefix, start), merge_limit(n_tokens, prefix))
+    # a left-padded sample keeps one padding slot: the model reads its slot 0, a padding token,
+    # by position (RoBERTa's pooler), and unmerging maps every padding token there
+    padded = torch.zeros_like(real) if pad is None else pad[:, 0].long().expand(real.shape[0])
     # an unbacked size for torch.export, with checked bounds so later counts stay >= 0
-    n_out = (n_tokens - (n_tokens - real + r_i).min().clamp(max=batch_r)).item()
+    n_out = (n_tokens - (n_tokens - real + r_i - padded).min().clamp(max=batch_r)).item()
     torch._check(n_out >= 1)
     torch._check(n_out <= n_tokens)
     return r_i.clamp(max=n_tokens - n_out), n_out

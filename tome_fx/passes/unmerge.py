@@ -105,5 +105,10 @@ def new_edges(ctx: Context, mode, flow, known: dict) -> dict:
         return {}
     found = [e for e in flow.exits
              if e.consumer.op == "output" or (mode == "auto" and in_tail(ctx, e.consumer))]
+    if any(gu.merge_arg(s.merge, "pad") is not None for s in ctx.sites
+           if gu.takes_arg(s.merge, "pad")):
+        # a left-padded sample's protected prefix is its first real tokens, not slot 0: a head
+        # reading by position (a pooler's h[:, 0]) reads the original layout
+        found += [e for e in flow.index_reads if in_tail(ctx, e.consumer)]
     edges = [Edge(e.consumer.name, e.src.name, e.dim, e.offset, e.why) for e in found]
     return {(e.consumer, e.src): e for e in edges if (e.consumer, e.src) not in known}
