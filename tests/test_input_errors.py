@@ -67,3 +67,30 @@ def test_refused_capture_prints_nothing(capsys, caplog):
     out = capsys.readouterr()
     assert out.out == "" and out.err == "" and caplog.records == []
     assert logger.disabled == disabled  # torch's logging is back as it was
+
+
+def test_a_merged_model_is_refused(tmp_path, capsys):
+    """What optimize returns, the .pt2 tome_fx.export writes of it (loaded as a program or as
+    its module) and the CLI on that file: one line saying it is merged already, not a plan of
+    the merged graph. The unmerged model exported the same way is taken."""
+    from tome_fx import cli
+    from tome_fx.capture.merged import merge_evidence
+
+    x = torch.randn(2, 3, 32, 32)
+    fast = tome_fx.optimize(_vit(), r=2, example_inputs=x)
+    path = str(tmp_path / "fast.pt2")
+    tome_fx.export(fast, path, verbose=False)
+    program = torch.export.load(path)
+    fix = "optimize the original model instead (the one optimize or tome-fx export was given)"
+    for model, name, why in (
+            (fast, "GraphModule", "its graph calls tome_fx.kernels.tome.tome_merge"),
+            (program, "ExportedProgram", "its ops were traced from tome_fx's tome_merge"),
+            (program.module(), "GraphModule", "its ops were traced from tome_fx's tome_merge")):
+        with pytest.raises(tome_fx.MergedError) as info:
+            tome_fx.optimize(model, r=8, example_inputs=x)
+        assert str(info.value) == f"{name} is already merged by tome_fx ({why}): {fix}"
+    assert cli.main(["report", path, "--r", "8"]) == 2
+    assert capsys.readouterr().err == (f"tome-fx: error: {path} is already merged by tome_fx "
+                                       f"(its ops were traced from tome_fx's tome_merge): {fix}\n")
+    assert merge_evidence(torch.export.export(_vit(), (x,))) is None
+    assert tome_fx.optimize(_vit(), r=2, example_inputs=x).tome.r == fast.tome.r

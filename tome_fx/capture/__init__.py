@@ -40,6 +40,7 @@ from ..graph.module import shared_parameters
 from .export import capture_export, exported_inputs, is_exported_program
 from .fx import float_mask, trace, with_standins
 from .inputs import default_inputs, normalize_inputs, run_example
+from .merged import refuse_merged
 from .quiet import quiet
 from .specaug import swap_spec_augment
 from .train import probe_training, train_problem
@@ -110,7 +111,9 @@ def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = Fa
     ``example_inputs`` default to the model's declared input size (``default_inputs``).
     ``image_sizes``: the height and width of 4-D inputs are exported as dynamic too, where the
     model allows (a diffusion model's latent); export's guards refuse the sizes it does not.
+    A model tome_fx has merged already is a ``MergedError`` (``capture.merged``).
     """
+    refuse_merged(model)
     if is_exported_program(model):
         args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
                         else exported_inputs(model))
