@@ -419,3 +419,42 @@ def test_r_beyond_what_blocks_merge_says_what_was_used(static_pt2, capsys):
     assert plan.r == [8, 0]  # 16 patches: block 0 merges 8; block 1 computes the class token only
     assert out.splitlines()[0].endswith("r = 500 (capped per block: 8 0)")
     assert "--r 500 capped in block(s) 0: a block merges at most half its unprotected tokens" in out
+
+
+def test_threads_are_set_said_and_recorded(static_pt2, capsys, tmp_path, monkeypatch):
+    """--threads N: torch times with N threads (seen inside the timing), the output and the
+    JSON say N, and the count is restored after; a load average above the cores is a warning
+    in both (none at an idle load)."""
+    from tome_fx import timing
+
+    d, _ = static_pt2
+    before, seen, interleaved = torch.get_num_threads(), [], timing.interleaved
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return interleaved(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "interleaved", spy)
+    quick = ("--runs", "1", "--warmup", "0")
+    norm = ("--data", d / "d.npz", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--calib", "2",
+            "--budgets", "1,0.7", "--strategy", "constant", *quick)
+    cores = timing.cores()
+    warning = f"warning: the 1-minute load average is {cores + 3:.1f} on {cores} core(s)"
+    for load in (0.0, cores + 3.0):
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+        code, out, err = _main(capsys, "bench", d / "dyn.pt2", "--r", "2", "--batch-size", "2",
+                               *quick, "--device", "cpu", "--threads", "1",
+                               "--json", tmp_path / "b.json")
+        assert code == 0, err
+        bench = json.loads((tmp_path / "b.json").read_text())
+        assert "1 CPU thread(s)" in out and bench["threads"] == 1 and seen[-1] == 1
+        assert (warning in out) == (load > 0) and (bench["cpu_warning"] is None) == (load == 0)
+        code, out, err = _main(capsys, "sweep", d / "dyn.pt2", *norm, "--threads", "1",
+                               "--json", tmp_path / "s.json")
+        assert code == 0, err
+        swept = json.loads((tmp_path / "s.json").read_text())
+        assert "1 CPU thread(s)" in out and swept["threads"] == 1 and set(seen[-2:]) == {1}
+        assert (warning in out) == (load > 0) == (warning in swept["throughput_note"])
+        assert torch.get_num_threads() == before
+    code, out, err = _main(capsys, "bench", d / "dyn.pt2", "--threads", "0")
+    assert code == 2 and err == "tome-fx: error: --threads must be >= 1, got 0\n"

@@ -90,7 +90,9 @@ def test_bert_r0_equals_the_original_at_every_length(n):
 
 def test_lengths_the_module_cannot_take_raise_shape_error():
     fast = _bert_fast(flops_budget=0.5)
-    with pytest.raises(tome_fx.ShapeError, match=r"dimension 1 must be between 1 and 256, got 300"):
+    with pytest.raises(tome_fx.ShapeError, match=r"^input_ids has 300 tokens; the model's "
+                       r"position table holds 256 \(bert.embeddings.position_embeddings.weight: "
+                       r"256 rows; max_position_embeddings=256\)$"):
         fast(**_text(300))  # longer than the position table
     x = _text(24)
     x["attention_mask"] = x["attention_mask"][:, :20]

@@ -226,10 +226,11 @@ def test_api_sweep_under_torchrun_and_in_the_callers_group(tmp_path):
     rates = ("items_per_s", "speedup")
     assert all(r["items_per_s"] > 0 for r in two["rows"])
     assert [_without(r, *rates) for r in two["rows"]] == [_without(r, *rates) for r in one["rows"]]
+    assert two["threads"] == 1 and one["threads"] is None  # _worker times on one thread
     assert _without(two, "rows", "world_size", "items_per_rank", "throughput_note",
-                    "throughput_batch") == \
+                    "throughput_batch", "threads") == \
         _without(one, "rows", "world_size", "items_per_rank", "throughput_note",
-                 "throughput_batch")
+                 "throughput_batch", "threads")
 
 
 def test_optimize_planned_builds_the_planned_module():

@@ -9,8 +9,8 @@ from .capture import capture
 from .data import Data, DataError, load_data
 from .diffusion.files import load_pt2
 from .distributed import DistributedError
-from .errors import (CaptureError, ExportError, MissingExtraError, NoAttentionError, ShapeError,
-                     TomeError)
+from .errors import (CaptureError, ExportError, MergedError, MissingExtraError, NoAttentionError,
+                     ShapeError, TomeError)
 from .match import find_blocks
 from .plans import BlockPlan, Plan
 from .schedule import parse_r
@@ -21,6 +21,6 @@ __all__ = [
     "optimize", "compile", "explain", "rewrite", "capture", "find_blocks", "parse_r", "plan", "Plan",
     "BlockPlan", "TomeError", "CaptureError", "NoAttentionError", "ShapeError", "track_sources",
     "export", "ExportError", "MissingExtraError", "sweep", "SweepResult", "load_data", "Data",
-    "DataError", "DistributedError", "load_pt2",
+    "DataError", "DistributedError", "load_pt2", "MergedError",
 ]
 __version__ = "0.1.0"

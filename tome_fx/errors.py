@@ -9,6 +9,11 @@ class CaptureError(TomeError, ValueError):
     """The model could not be captured as a graph (tracing failed)."""
 
 
+class MergedError(TomeError, ValueError):
+    """The model is already merged by tome_fx (a module ``optimize`` returned, or a file
+    ``tome_fx.export`` wrote): merge the original model instead."""
+
+
 class ShapeError(TomeError, ValueError):
     """A captured module was called with inputs of a shape it was not captured for."""
 

@@ -52,6 +52,7 @@ class SweepResult:
     world_size: int = 1  # processes that evaluated (torchrun), each a share of the batches
     items_per_rank: tuple[int, ...] = ()  # inputs each process evaluated, rank 0 first
     throughput_note: str | None = None  # how items/s were measured (summed over processes)
+    threads: int | None = None  # CPU threads torch computed with while timing (per process)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepResult":

@@ -28,7 +28,7 @@ from .distributed import TIMEOUT, Group, session
 from .graph.batches import InBatches, batched, fit_batch, static_batch
 from .results import DEFAULT, Pair, Row, SweepResult, bits, mcnemar, pairs  # noqa: F401
 from .timing import batch_size as batch_of
-from .timing import call, compare, progress, throughput, to_device
+from .timing import busy_cpu, call, compare, progress, throughput, to_device
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 STRATEGIES = ("auto", "constant")
@@ -218,6 +218,9 @@ def sweep(model, data, budgets=BUDGETS, strategies=STRATEGIES, *, calibration: A
 def _sweep(group: Group, model, original, data, budgets, variants, calibration, batch_size,
            measure, warmup, runs, quiet, name, bar_stream, optimize_kwargs) -> SweepResult:
     device = device_of(original)
+    threads = torch.get_num_threads()  # tome-fx sweep --threads sets it
+    # before the sweep's own work: the load of other processes
+    busy = busy_cpu(threads) if measure and device.type == "cpu" else None
     fixed = static_batch(model)
     run_original = batched(original) if fixed is None else InBatches(original, fixed)
     with group.step() as counted:
@@ -299,7 +302,9 @@ def _sweep(group: Group, model, original, data, budgets, variants, calibration, 
             result = SweepResult(
                 name or type(original).__name__, data.source, len(data), how, tuple(rows),
                 pairs(rows, len(data)), batch_of(first) if measure else None, group.world,
-                tuple(len(p) for p in parts), _rate_note(group, first, warmup, runs, measure))
+                tuple(len(p) for p in parts), _rate_note(group, first, warmup, runs, measure,
+                                                         threads, busy),
+                threads if measure else None)
     return group.broadcast(result)
 
 
@@ -316,11 +321,13 @@ def _rebuild(group: Group, model, budget: float, plan, args: dict):
     return fast
 
 
-def _rate_note(group: Group, first, warmup: int, runs: int, measure: bool) -> str | None:
+def _rate_note(group: Group, first, warmup: int, runs: int, measure: bool, threads: int,
+               busy: str | None) -> str | None:
     if not measure:
         return None
     how = (f"items/s on the first batch ({batch_of(first)} inputs), median of {runs} runs after "
-           f"{warmup} warm-up, each module in the same rounds as the original")
+           f"{warmup} warm-up, each module in the same rounds as the original, {threads} CPU "
+           f"thread(s){' per process' if group.world > 1 else ''}")
     if group.world > 1:
         how += f"; the sum over {group.world} processes, each timing its own first batch at once"
-    return how
+    return how + (f"; warning: {busy}" if busy else "")

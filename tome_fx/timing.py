@@ -9,6 +9,8 @@ two in the same rounds (the order alternating), as ``tome-fx bench`` and ``tome_
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -28,6 +30,53 @@ def progress(total: int | None = None, desc: str = "", quiet: bool | None = None
         quiet = not bool(getattr(file, "isatty", lambda: False)())
     return tqdm(total=total, desc=desc, disable=quiet, file=file, leave=False,
                 dynamic_ncols=True, **kwargs)
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None = None):
+    """Yields the number of CPU threads torch computes with: ``threads`` (intra-op, and
+    inter-op where torch still allows setting it: before any parallel work), else what it
+    has (``torch.get_num_threads()``). The intra-op count is restored after."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        with contextlib.suppress(RuntimeError):  # set once per process, before parallel work
+            torch.set_num_interop_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def busy_cpu(threads: int) -> str | None:
+    """Why CPU timings with ``threads`` threads are not to be trusted here, or None: the
+    1-minute load average above the cores this process may use (other processes share them),
+    or more threads than those cores."""
+    n = cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        load = 0.0
+    why = []
+    if load > n:
+        why.append(f"the 1-minute load average is {load:.1f} on {n} core(s): other processes "
+                   "share the CPU")
+    if threads > n:
+        why.append(f"{threads} threads on {n} core(s)")
+    if not why:
+        return None
+    return (f"{' and '.join(why)}, so times and speed-ups are unreliable (time on an idle "
+            "machine, or with one thread: --threads 1)")
 
 
 def _devices(inputs: Sequence) -> set[torch.device]:

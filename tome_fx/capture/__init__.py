@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import CaptureError, one_line
+from ..errors import CaptureError, ShapeError, one_line
 from .baddbmm import split_baddbmm
 from ..graph.module import shared_parameters
 from .export import capture_export, exported_inputs, is_exported_program
 from .fx import float_mask, trace, with_standins
 from .inputs import default_inputs, normalize_inputs, run_example
+from .guards import check_inputs
+from .merged import refuse_merged
+from .positions import past_table, shorter
 from .quiet import quiet
 from .specaug import swap_spec_augment
 from .train import probe_training, train_problem
@@ -100,7 +104,26 @@ def _both_modes(capture_in, probe, reference, args: tuple, kwargs: dict):
     return capture_in(False, notes), notes, why
 
 
-def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = False) -> Captured:
+def _refuse_past_table(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
+    """A ``ShapeError`` if the inputs the model failed on are longer than a position table
+    holds, found in the model captured on fewer tokens (``capture.positions``)."""
+    short = shorter(args, kwargs)
+    if short is None or (short[0] and short[1]):  # example_inputs are positional or keyword
+        return
+    try:
+        gm = capture(model, short[0] or short[1], lengths=False).graph_module
+        given = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except Exception:  # noqa: BLE001 - not even shorter inputs: the model's own error stands
+        return
+    spec = next((n.args[0] for n in gm.graph.nodes if n.op == "call_function"
+                 and n.target is check_inputs), ())
+    why = past_table(spec, dict(given))
+    if why:
+        raise ShapeError(f"{type(model).__name__} cannot take the example inputs: {why}") from exc
+
+
+def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = False,
+            lengths: bool = True) -> Captured:
     """Capture a deep copy of ``model`` as a GraphModule (in eval mode; see the module
     docstring for train mode) that holds the model's parameters, not copies (the module
     docstring, "One copy of the weights").
@@ -110,7 +133,11 @@ def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = Fa
     ``example_inputs`` default to the model's declared input size (``default_inputs``).
     ``image_sizes``: the height and width of 4-D inputs are exported as dynamic too, where the
     model allows (a diffusion model's latent); export's guards refuse the sizes it does not.
+    A model tome_fx has merged already is a ``MergedError`` (``capture.merged``), example
+    inputs longer than a position table holds a ``ShapeError`` naming it (``lengths``: found
+    by a capture on fewer tokens).
     """
+    refuse_merged(model)
     if is_exported_program(model):
         args, kwargs = (normalize_inputs(example_inputs) if example_inputs is not None
                         else exported_inputs(model))
@@ -133,7 +160,12 @@ def capture(model: nn.Module, example_inputs: Any = None, image_sizes: bool = Fa
         probe = probe_training(work, args, kwargs)
     # the eval forward: the model's own error on inputs it cannot take, else what a train-mode
     # graph must compute under .eval()
-    reference = run_example(work, args, kwargs) if probe.error or probe.differs else None
+    try:
+        reference = run_example(work, args, kwargs) if probe.error or probe.differs else None
+    except CaptureError as exc:
+        if lengths:  # a position table the inputs are too long for: say so
+            _refuse_past_table(model, args, kwargs, exc)
+        raise
 
     def in_mode(training: bool) -> nn.Module:
         return work.train(training)

@@ -19,7 +19,8 @@ What the returned GraphModule is:
   export keeps it static and a note says so.
 * Inputs of another shape than the graph was captured for raise ``tome_fx.ShapeError``, one
   line naming the input, both shapes and what to do (``check_inputs``, the graph's first node),
-  instead of export's ``AssertionError: Guard failed``.
+  instead of export's ``AssertionError: Guard failed``; a token count past a position table
+  (``capture.positions``) is one too, naming the table, instead of an IndexError.
 * Token counts stay baked into view/reshape/expand arguments; the shape repair pass
   (``passes/shapes.py``) makes them follow merges.
 * Export records one mode: capture exports the model in train mode with its dropout
@@ -45,6 +46,7 @@ from ..errors import CaptureError, one_line
 from ..graph.module import TomeModule, parameter_memo, shared_parameters
 from .guards import add_input_check, dynamic_sizes, export_spec, unlifted
 from .guards import input_check_hook  # noqa: F401 - where compiling finds it
+from .positions import bounded, position_limits
 from .train import add_train_switches
 
 
@@ -198,7 +200,9 @@ def capture_export(model, args: tuple, kwargs: dict, name: str, notes: list[str]
                       if isinstance(a, torch.Tensor) and a.dim() > 0), None)
         notes.append(f"torch.export kept the batch size static ({batch}); call the result "
                      "with that batch size or optimize again for another")
-    free = dynamic_sizes(add_input_check(gm, export_spec(gm, dict(ep.range_constraints))))
+    spec = export_spec(gm, dict(ep.range_constraints))
+    spec = bounded(spec, position_limits(gm, args, kwargs, spec, getattr(model, "config", None)))
+    free = dynamic_sizes(add_input_check(gm, spec))
     if free:
         notes.append(free)
     drop_assertions(gm)

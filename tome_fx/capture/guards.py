@@ -56,7 +56,7 @@ def _described(dims) -> str:
     def one(d):
         if isinstance(d, int):
             return str(d)
-        _, lo, hi = d
+        lo, hi = d[1], d[2]
         return "any" if lo <= 1 and hi is None else f"{lo}..{'' if hi is None else hi}"
     return "(" + ", ".join(one(d) for d in dims) + ")"
 
@@ -67,7 +67,8 @@ def check_inputs(spec: tuple, *inputs) -> None:
 
     ``spec``: per input ``(name, dims)``, ``dims`` a tuple of ints (fixed sizes) and
     ``(symbol, low, high)`` (sizes free at run time within ``low..high``, ``high`` None for no
-    bound; one symbol in two places means equal sizes); None for a non-tensor input."""
+    bound; one symbol in two places means equal sizes), and ``why`` after them where a
+    position table sets ``high`` (``capture.positions``); None for a non-tensor input."""
     seen: dict[str, tuple[str, int]] = {}
     for (name, dims), x in zip(spec, inputs):
         if dims is None or not isinstance(x, torch.Tensor):
@@ -82,7 +83,9 @@ def check_inputs(spec: tuple, *inputs) -> None:
                 if want != got:
                     raise ShapeError(f"{what}: dimension {d} is fixed at {want}; {fix}")
                 continue
-            symbol, lo, hi = want
+            symbol, lo, hi = want[:3]
+            if hi is not None and got > hi and len(want) > 3:
+                raise ShapeError(f"{name} has {got} tokens; {want[3]}")
             if got < lo or (hi is not None and got > hi):
                 bound = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
                 raise ShapeError(f"{what}: dimension {d} must be {bound}, got {got}")
@@ -164,6 +167,6 @@ def dynamic_sizes(spec: tuple) -> str | None:
     """The plan's note on the sizes beyond the batch that the module takes at any value."""
     free = [f"{name} dimension {d} ({lo}..{'' if hi is None else hi})"
             for name, dims in spec for d, size in enumerate(dims or ())
-            if d > 0 and not isinstance(size, int) for _, lo, hi in [size]]
+            if d > 0 and not isinstance(size, int) for lo, hi in [size[1:3]]]
     return f"dynamic sizes (any value in range): {', '.join(free)}" if free else None
 

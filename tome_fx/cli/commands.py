@@ -39,6 +39,8 @@ def _check(args):
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "runs", 1) < 1 or getattr(args, "warmup", 0) < 0:
         raise ValueError(f"need --runs >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
     if hasattr(args, "calib"):
@@ -173,16 +175,25 @@ def report(args) -> int:
 
 
 def bench(args) -> int:
+    from ..timing import busy_cpu, cpu_threads
+
+    _check(args)
+    with cpu_threads(args.threads) as threads:
+        device = _device(args.device)
+        # before loading: the load of other processes, not of this one's planning
+        busy = busy_cpu(threads) if device.type == "cpu" else None
+        return _bench(args, device, threads, busy)
+
+
+def _bench(args, device, threads: int, busy: str | None) -> int:
     import torch
     from tabulate import tabulate
 
     from ..graph.batches import batched, static_batch
-    from ..timing import batch_size as batch_of
+    from ..timing import batch_size as batch_of, cores
     from . import diffusion
     from .sources import example_inputs
 
-    _check(args)
-    device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     src = _source(args)
     if diffusion.uses_tomesd(args, src):  # ToMeSD on a diffusion model (cli/diffusion.py)
@@ -221,14 +232,17 @@ def bench(args) -> int:
             "dtype": args.dtype, "batch": batch, "input_shape": [batch, *size],
             "static_batch": fixed, "warmup": args.warmup, "runs": args.runs, "r": list(plan.r),
             "flops_budget": args.flops_budget, "flop_ratio": plan.ratio,
+            "threads": threads, "cores": cores(), "cpu_warning": busy,
             "torch": torch.__version__, "results": results}
     rows = [[r["mode"], f"{r['original']:.1f}", f"{r['rewritten']:.1f}", f"{r['speedup']:.2f}x"]
             for r in results]
     calls = (f"; the program's batch is fixed at {fixed}: {-(-batch // fixed)} calls per batch"
              if fixed is not None and fixed != batch else "")
     print(f"tome-fx bench: {args.source} on {info['device_name']} ({args.dtype}, batch {batch}, "
-          f"input {'x'.join(map(str, size))}, median of {args.runs} rounds after {args.warmup} "
-          f"warm-up, original and rewritten alternating{calls})")
+          f"input {'x'.join(map(str, size))}, {threads} CPU thread(s), median of {args.runs} "
+          f"rounds after {args.warmup} warm-up, original and rewritten alternating{calls})")
+    if busy:
+        print(f"warning: {busy}")
     print(_r_applied(args, plan) + (f", FLOP ratio {plan.ratio:.4f}" if plan.ratio else ""))
     print(tabulate(rows, headers=["mode", "original /s", "rewritten /s", "speed-up"],
                    tablefmt="simple"))

@@ -118,6 +118,14 @@ def _timing(p: argparse.ArgumentParser, runs: int) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
 
 
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch computes with (default: what it has, "
+                        "torch.get_num_threads()); the output says the count and warns when "
+                        "the load average exceeds the cores: on a shared CPU, 1 gives "
+                        "speed-ups that hold")
+
+
 def _subcommand(sub, name: str, func, summary: str, description: str, epilog: str,
                 batch_help: str, budget: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=summary, description=description, epilog=epilog,
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     _seq_len(ben)
     _timing(ben, runs=10)
+    _threads(ben)
     add_data_options(ben)
     add_diffusion_options(ben)
 
@@ -180,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "plans alone) before the job stops with an error (default 1800)")
     swp.add_argument("--runs", type=int, default=5, help="timed runs per module (default 5)")
     swp.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    _threads(swp)
     swp.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     swp.add_argument("--plot", default=None, metavar="FILE.png",
                      help="accuracy vs FLOP ratio and vs throughput (needs matplotlib)")

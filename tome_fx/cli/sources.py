@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..capture import default_inputs
+from ..capture.merged import refuse_merged
 from ..errors import TomeError, one_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -74,6 +75,7 @@ def load(source: str, *, trust_pickle: bool = False, checkpoint: str | None = No
         return _exported(source)
     if source.endswith(TORCH_SUFFIXES):
         model = _torch_file(source, trust_pickle)
+        refuse_merged(model, source)  # torch.save of what optimize returned
         return Source(source, model, model)
     raise SourceError(f"unsupported model source {source!r}: expected timm:NAME, a "
                       f"{'/'.join(TORCH_SUFFIXES)} file, a .pt2 archive or a HuggingFace directory")
@@ -202,6 +204,7 @@ def _exported(path: str) -> Source:
         ep = torch.export.load(path)
     except Exception as exc:
         raise SourceError(f"cannot read {path} as a torch.export archive: {one_line(exc)}") from exc
+    refuse_merged(ep, path)  # a file tome-fx export wrote
     args = tuple(ep.example_inputs[0]) if ep.example_inputs else None
     if args is not None and not all(isinstance(a, torch.Tensor) for a in args):
         args = None

@@ -25,8 +25,7 @@ def device(name: str):
 
 def run(args, load_source, stream) -> int:
     from ..cost import STRATEGIES
-    from ..distributed import session
-    from ..sweep import sweep
+    from ..timing import cpu_threads
 
     chosen = [s.strip() for s in args.strategy.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
@@ -39,6 +38,14 @@ def run(args, load_source, stream) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
     where = device(args.device)
+    with cpu_threads(args.threads):
+        return _run(args, load_source, stream, where, chosen, wanted)
+
+
+def _run(args, load_source, stream, where, chosen, wanted) -> int:
+    from ..distributed import session
+    from ..sweep import sweep
+
     # under torchrun: one process group from here on, so that a rank failing to load the model
     # or the data stops every rank with its error instead of leaving them waiting
     with session(where, args.dist_timeout) as group:
