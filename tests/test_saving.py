@@ -77,7 +77,7 @@ def test_round_trip_keeps_the_module_whole(case, how):
     assert fast.tome_counts["merges"] > 0
     if case.startswith("export"):
         assert fast.tome.frontend == "export" and fast.tome_counts["mask_follow"] > 0
-        assert fast.tome_counts["unmerge"] == 1
+        assert fast.tome_counts["unmerge"] == 2  # the output, and the pooler's h[:, 0]
     copied = _saved(fast) if how == "torch.save" else copy.deepcopy(fast)
     with torch.no_grad():
         assert torch.equal(_tensor(copied(*args, **kwargs)), _tensor(fast(*args, **kwargs)))
