@@ -17,6 +17,7 @@ import torch.nn as nn
 from .capture import Captured, capture, is_exported_program, normalize_inputs
 from .compiling import compile_options, finish_module
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
+from .cost.floor import MIN_TOKENS, apply_floor, check_min_tokens
 from .cost.tomato import rewrite_tomato
 from .cost.tomesd import rewrite_tomesd
 from .data import Data, load_data
@@ -165,12 +166,13 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
 
 def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool | str = True,
                        strategy: str = "auto", drop: bool = True,
-                       unmerge: str | bool = "auto", calibration: Any = None) -> Rewrite:
+                       unmerge: str | bool = "auto", calibration: Any = None,
+                       min_tokens: int = 0) -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
-    chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
-                                calibration)
-    return rewrite_planned(captured, dataclasses.replace(chosen, scales=True), prop_attn, drop,
-                           unmerge)
+    chosen, cm = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
+                                 calibration)
+    return apply_floor(rewrite_planned(captured, dataclasses.replace(chosen, scales=True),
+                                       prop_attn, drop, unmerge), min_tokens, cm)
 
 
 def rewrite_planned(captured: Captured, chosen: Plan, prop_attn: bool | str = True,
@@ -204,6 +206,7 @@ def optimize(
     unmerge: str | bool = "auto",
     calibration: Any = None,
     planned: Plan | None = None,
+    min_tokens: int | None = MIN_TOKENS,
     **tomato: Any,
 ) -> nn.Module:
     """Return ``model`` with Token Merging inserted in every attention->MLP block: a new module
@@ -237,11 +240,16 @@ def optimize(
     without searching: every process of a distributed job builds the module one process
     planned (``calibration`` then only serves as example inputs; give the same example inputs
     as there, their token count sets the scaling).
+    ``min_tokens`` (ToMe; default ``MIN_TOKENS``, 24): the fidelity floor, no sample (in a padded
+    batch: by its own real tokens) is merged below that many tokens, at any length: short inputs
+    merge less or not at all, with ``r`` and ``flops_budget`` alike (``Plan.notes`` says from
+    which length, and the FLOP ratio at the example inputs); 0 or None: no floor (``cost.floor``).
     A ``flops_budget`` that cannot be met because no block can merge is a ``UserWarning``.
     """
     compile_options(compile)  # TypeError before the (slow) rewrite
     prop_attn_form(prop_attn)  # ValueError likewise
     check_mode(unmerge)
+    min_tokens = check_min_tokens(min_tokens)
     calibration, example_inputs = calibration_inputs(calibration, example_inputs, model)
     if planned is not None and method != "tome":
         raise ValueError(f"planned= takes a ToMe plan (method='tome'), not method={method!r}")
@@ -279,7 +287,8 @@ def optimize(
         if flops_budget is not None:
             check_budget(flops_budget)
         captured = capture(model, example_inputs)
-        result = rewrite_planned(captured, planned, prop_attn, drop_unread, unmerge)
+        result = apply_floor(rewrite_planned(captured, planned, prop_attn, drop_unread, unmerge),
+                             min_tokens)
         return _finish(result, compile, flops_budget, captured)
     _check_args(model, r, flops_budget)
     if r is not None:
@@ -287,10 +296,10 @@ def optimize(
     captured = capture(model, example_inputs)  # the one capture of this call
     if flops_budget is not None:  # schedule from the cost model (tome_fx.plan)
         result = rewrite_for_budget(captured, flops_budget, prop_attn, strategy, drop_unread,
-                                    unmerge, calibration)
+                                    unmerge, calibration, min_tokens)
     else:
-        result = run_pipeline(captured, ToMe(_schedule(r), unmerge=unmerge), prop_attn=prop_attn,
-                              drop=drop_unread)
+        result = apply_floor(run_pipeline(captured, ToMe(_schedule(r), unmerge=unmerge),
+                                          prop_attn=prop_attn, drop=drop_unread), min_tokens)
     return _finish(result, compile, flops_budget, captured)
 
 

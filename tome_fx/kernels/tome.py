@@ -81,7 +81,7 @@ def merge_limit(n_tokens: int, prefix: int) -> int:
     return torch.sym_max(n_tokens - prefix, 0) // 2
 
 
-def merge_count(r, n_tokens: int, prefix: int, start=None):
+def merge_count(r, n_tokens: int, prefix: int, start=None, min_tokens: int = 0):
     """How many tokens a merge of ``n_tokens`` asks to take away (``match_tokens`` clamps it).
 
     ``r`` is ToMe's r (an int), or ``(kept, of)``: a share that scales with the token count.
@@ -92,7 +92,16 @@ def merge_count(r, n_tokens: int, prefix: int, start=None):
     gives exactly ``kept``. Integer arithmetic only: symbolic sizes (torch.export,
     torch.compile's dynamic shapes) stay symbolic; ``start`` may also be a tensor of counts,
     one per sample (``padded_plan``).
+    ``min_tokens``: the fidelity floor, a merge never leaves fewer tokens than that (``n_tokens``
+    may be a tensor of counts too); 0: none. Arithmetic, no branch on sizes.
     """
+    if min_tokens:
+        asked = merge_count(r, n_tokens, prefix, start)
+        if isinstance(n_tokens, torch.Tensor):  # one count per sample
+            cap = (n_tokens - min_tokens).clamp(min=0)
+            return torch.minimum(asked, cap) if isinstance(asked, torch.Tensor) else \
+                cap.clamp(max=asked)
+        return torch.sym_min(asked, torch.sym_max(n_tokens - min_tokens, 0))
     if not isinstance(r, tuple):
         return r
     kept, of = r
@@ -103,7 +112,8 @@ def merge_count(r, n_tokens: int, prefix: int, start=None):
     return n_tokens - torch.sym_max(remain, prefix)
 
 
-def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pad):
+def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pad,
+                min_tokens: int = 0):
     """The merge plan (see ``bipartite_plan``) of a padded batch: each sample is matched and
     merged as it would be alone, with its padding removed.
 
@@ -112,9 +122,10 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
     real tokens are first put before its padding (stable; a no-op for right padding and after
     the first merge, whose output keeps that order), so its A/B split and its protected prefix
     (its first real tokens) are the ones it has alone.
-    Its r follows its own real token count (``merge_count`` with its own start count), at most
-    its same-group pairs. The batch keeps the token count the schedule gives the padded length
-    (the longest sample's, so the FLOPs are the batch's as before); a sample's own padding
+    Its r follows its own real token count (``merge_count`` with its own start count and the
+    ``min_tokens`` floor on its own real tokens), at most its same-group pairs. The batch keeps
+    the token count the schedule gives the padded length (the longest sample's, so the FLOPs
+    are the batch's as before); a sample's own padding
     fills the slots its real tokens leave. Output per sample: prefix, unmerged real A tokens,
     real B tokens, padding; padding beyond the slots is merged into the last padding slot, or
     dropped where none is left (a left-padded sample keeps one: its slot 0 is read by position).
@@ -135,7 +146,8 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
         (a, b), (ga, gb), (pa, pb) = (split_ab(t, prefix) for t in (m, g, cur))
         forbid = (ga[:, :, None, :] != gb[:, None, :, :]).any(-1) | pa[..., None] | pb[:, None]
         best, partner = _similarity(a, b).masked_fill(forbid, float("-inf")).max(-1)
-        r_i, n_out = _sample_counts(n_tokens, r, prefix, start, pad, (~cur).sum(1), best)
+        r_i, n_out = _sample_counts(n_tokens, r, prefix, start, pad, (~cur).sum(1), best,
+                                    min_tokens)
         rank = torch.empty_like(partner).scatter_(
             1, best.argsort(dim=1, descending=True),
             torch.arange(best.shape[1], device=dev).expand_as(partner))
@@ -160,16 +172,17 @@ def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pa
         live.float()
 
 
-def _sample_counts(n_tokens: int, r, prefix: int, start, pad, real, best):
+def _sample_counts(n_tokens: int, r, prefix: int, start, pad, real, best, min_tokens: int = 0):
     """(r per sample, tokens the batch keeps) for ``padded_plan``: each sample's r from its
     own ``real`` token count, at most half of them and its same-group pairs (``best`` > -inf);
     the batch keeps what the schedule keeps of ``n_tokens``, more only where a sample lacks
     pairs (never with one group of real tokens)."""
     own = (~pad).sum(1).expand(real.shape[0]) if pad is not None else start  # at the first merge
-    want = torch.as_tensor(merge_count(r, real, prefix, own), device=real.device)
+    want = torch.as_tensor(merge_count(r, real, prefix, own, min_tokens), device=real.device)
     r_i = torch.minimum(want, ((real - prefix) // 2).clamp(min=0))
     r_i = torch.minimum(r_i, (best > float("-inf")).sum(1)).clamp(min=0)
-    batch_r = torch.sym_min(merge_count(r, n_tokens, prefix, start), merge_limit(n_tokens, prefix))
+    batch_r = torch.sym_min(merge_count(r, n_tokens, prefix, start, min_tokens),
+                            merge_limit(n_tokens, prefix))
     # a left-padded sample keeps one padding slot: the model reads its slot 0, a padding token,
     # by position (RoBERTa's pooler), and unmerging maps every padding token there
     padded = torch.zeros_like(real) if pad is None else pad[:, 0].long().expand(real.shape[0])
@@ -181,17 +194,18 @@ def _sample_counts(n_tokens: int, r, prefix: int, start, pad, real, best):
 
 
 def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool = False,
-                 origin=None, groups=None, start=None, pad=None):
+                 origin=None, groups=None, start=None, pad=None, min_tokens: int = 0):
     """The merge plan ``tome_merge`` applies to ``n_tokens`` tokens (see ``bipartite_plan``),
-    or None where it merges nothing. ``r``/``start``: see ``merge_count``;
+    or None where it merges nothing. ``r``/``start``/``min_tokens``: see ``merge_count``;
     ``origin``/``groups``/``pad``: see ``tome_merge``."""
-    r_batch = torch.sym_min(merge_count(r, n_tokens, prefix, start), merge_limit(n_tokens, prefix))
+    r_batch = torch.sym_min(merge_count(r, n_tokens, prefix, start, min_tokens),
+                            merge_limit(n_tokens, prefix))
     if isinstance(r_batch, int) and r_batch <= 0:  # a symbolic count (torch.compile) takes no branch
         return None
     metric = keys_metric(keys, keys_transposed)
     if groups is None:
         return bipartite_plan(n_tokens, prefix, *bipartite_match(metric, r_batch, prefix))
-    return padded_plan(n_tokens, metric, r, prefix, origin, groups, start, pad)
+    return padded_plan(n_tokens, metric, r, prefix, origin, groups, start, pad, min_tokens)
 
 
 def plan_where(n_tokens: int, plan) -> torch.Tensor:
@@ -222,7 +236,8 @@ def tome_unmerge(x, dim: int, offset: int, *wheres):
 
 @fx.wrap
 def tome_merge(x, keys, size, r, prefix: int, keys_transposed: bool = False,
-               origin=None, groups=None, start=None, where: bool = False, pad=None):
+               origin=None, groups=None, start=None, where: bool = False, pad=None,
+               min_tokens: int = 0):
     """Merge ``r`` token pairs of ``x`` [B, N, C] (size-weighted), matched on ``keys``.
 
     ``size`` is [B, N, 1] or None (all ones). Returns (merged x, merged size). Output order:
@@ -235,12 +250,14 @@ def tome_merge(x, keys, size, r, prefix: int, keys_transposed: bool = False,
     tokens, None = identity). Token-aligned side tensors follow the merge by gathering it.
     ``pad`` ([B, N0] bool, with ``groups``): the padding tokens; each sample then merges as it
     would alone, by its own token count (``padded_plan``).
+    ``min_tokens``: no sample merges below that many (real) tokens (``merge_count``).
     ``where=True`` appends the ``plan_where`` map as the last output (for ``tome_unmerge``).
     """
     n = x.shape[1]
     if size is None:
         size = ones_size(x)
-    plan = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups, start, pad)
+    plan = match_tokens(n, keys, r, prefix, keys_transposed, origin, groups, start, pad,
+                        min_tokens)
     if groups is None:
         out = (x, size) if plan is None else merge_by_plan(x, size, plan)
     else:

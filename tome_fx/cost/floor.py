@@ -1,0 +1,87 @@
+"""The fidelity floor: no sample is merged below ``min_tokens`` real tokens.
+
+Schedules scale with the token count (``kernels.tome.merge_count``), so without a floor a
+6-token sentence loses half its tokens at ``flops_budget=0.5`` and its embedding its meaning
+(trained MiniLM: cosine 0.16 to the original; ``benchmarks/short_inputs.py``). The floor is an
+argument of every ``tome_merge`` (per sample, at any runtime length, arithmetic only), set
+after the rewrite so the plan and the cost model keep the schedule itself: the plan's table
+and ratio are the schedule's, and its note says where the floor merges less and what that
+costs at the example inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from numbers import Integral
+
+from .. import graph as gu
+from ..kernels.tome import merge_count, merge_limit, tome_merge
+from .model import CostModel
+
+MIN_TOKENS = 24  # the default: the least multiple of 8 keeping every sentence of
+# benchmarks/short_inputs.py at cosine >= 0.9 on the trained MiniLM at flops_budget=0.5
+
+_LONGEST = 1 << 16  # lengths searched for the one from which the floor no longer binds
+
+
+def check_min_tokens(min_tokens) -> int:
+    """``min_tokens`` as an int >= 0 (None: 0, no floor), else a one-line error naming it."""
+    if min_tokens is None:
+        return 0
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, Integral):
+        raise TypeError(f"min_tokens must be an int (0 or None: no floor), got {min_tokens!r}")
+    if min_tokens < 0:
+        raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+    return int(min_tokens)
+
+
+def _counts(merges, n_tokens: int, prefix: int, min_tokens: int = 0) -> list[int]:
+    """The r each merge applies to one sample of ``n_tokens`` tokens (a chain of merges, as
+    ``methods.ToMe`` inserts them; ``start`` is the first merge's count)."""
+    out, start = [], n_tokens
+    for r in merges:
+        k = max(0, min(merge_count(r, n_tokens, prefix, start, min_tokens),
+                       merge_limit(n_tokens, prefix)))
+        out.append(k)
+        n_tokens -= k
+    return out
+
+
+def apply_floor(rewrite, min_tokens: int, cm: CostModel | None = None):
+    """Set the floor on every ToMe merge of ``rewrite`` (a ``pipeline.Rewrite``) and note in its
+    plan what it changes; ``cm``: the cost model the schedule was searched on (then the note
+    gives the FLOP ratio at the example inputs with the floor). Returns ``rewrite``."""
+    gm, plan = rewrite.graph_module, rewrite.plan
+    merges = [m for m in gu.merge_nodes(gm) if m.target is tome_merge]
+    if not min_tokens or not merges:
+        return rewrite
+    for m in merges:
+        gu.set_merge_arg(m, "min_tokens", min_tokens)
+    gm.recompile()
+    blocks = [m.meta["tome"]["block"] for m in merges]
+    rs = [gu.merge_arg(m, "r") for m in merges]
+    prefix, n0 = plan.protected, plan.blocks[blocks[0]].tokens_in
+    longest = next((n for n in range(1, _LONGEST) if _counts(rs, n, prefix, min_tokens)
+                    == _counts(rs, n, prefix) and sum(_counts(rs, n, prefix)) > 0), None)
+    note = (f"min_tokens={min_tokens}: no sample is merged below {min_tokens} tokens, "
+            + (f"one of fewer than {longest} tokens merges less" if longest else
+               "every sample merges less") + " (min_tokens=0: no floor)")
+    plain, floored = _counts(rs, n0, prefix), _counts(rs, n0, prefix, min_tokens)
+    less = [b for b, a, f in zip(blocks, plain, floored) if f < a]
+    if less:
+        note += (f"; at the example inputs ({n0} tokens) block(s) {_span(less)} merge less "
+                 f"(r {' '.join(map(str, plain))} -> {' '.join(map(str, floored))})")
+        if cm is not None:
+            schedule = [0] * cm.num_blocks
+            for b, f in zip(blocks, floored):
+                schedule[b] = f
+            note += f", FLOP ratio there {cm.flops(schedule) / cm.flops_original:.4f}"
+    kept = tuple(n for n in plan.notes if not n.startswith("min_tokens="))  # a plan reapplied
+    rewrite.plan = dataclasses.replace(plan, notes=kept + (note,))
+    gm.tome = rewrite.plan
+    return rewrite
+
+
+def _span(blocks: list[int]) -> str:
+    return str(blocks[0]) if len(blocks) == 1 else \
+        f"{blocks[0]}..{blocks[-1]}" if blocks == list(range(blocks[0], blocks[-1] + 1)) else \
+        ", ".join(map(str, blocks))
