@@ -17,13 +17,17 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _no_floor(request, monkeypatch):
-    """The suite's tiny models have 9-65 tokens, below or near ``optimize``'s default fidelity
-    floor (``min_tokens``, 24): their tests are about merging itself, so they run without it.
-    Tests marked ``floor_default`` (tests/test_floor.py) keep the default."""
+    """The suite's tiny text models have 9-65 tokens, below or near the fidelity floor
+    ``optimize`` and ``plan`` set by default for token ids (``min_tokens="auto"``: 24): their
+    tests are about merging itself, so they run without it (vision models get no floor by
+    default anyway). Tests marked ``floor_default`` (tests/test_floor.py) keep the default."""
     if request.node.get_closest_marker("floor_default") is None:
         import tome_fx.api
 
         monkeypatch.setitem(tome_fx.api.optimize.__kwdefaults__, "min_tokens", 0)
+        defaults = list(tome_fx.api.plan.__defaults__)
+        defaults[-1] = 0  # plan's last positional default is min_tokens
+        monkeypatch.setattr(tome_fx.api.plan, "__defaults__", tuple(defaults))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from tome_fx.cost.floor import MIN_TOKENS
 from tome_fx.kernels import tome as ops
 from flops import counted_flops
 from mask_models import MiniBert, bert_inputs
+from models import TinyTransformer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -40,7 +41,7 @@ def test_default_floor_keeps_every_sentence_of_the_eval_set_on_minilm(monkeypatc
 
     model, tok = eval_minilm.load()
     texts = short_inputs.SENTENCES
-    fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=eval_minilm.encode(tok, texts))
+    fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=short_inputs.example_inputs(tok))
     assert any(n.startswith(f"min_tokens={MIN_TOKENS}:") for n in fast.tome.notes)
     encoded = [eval_minilm.encode(tok, [t]) for t in texts]
     with torch.no_grad():
@@ -126,16 +127,33 @@ def test_default_and_plan_note():
                     "example inputs (40 tokens) block(s) 2..3 merge less (r 6 6 6 6 -> 6 6 4 0)"]
 
 
-def test_budget_note_gives_the_ratio_counted_at_the_example_inputs():
-    """flops_budget: the note's FLOP ratio at the example inputs is what the module spends
-    there (counted), above the schedule's ratio, which stays the plan's."""
+def test_budget_search_keeps_the_floor():
+    """flops_budget: the search meets the budget with the floor at the example inputs (the plan's
+    ratio is what the module spends there, counted); a budget the floor puts out of reach is a
+    one-line error naming min_tokens."""
     model, ids, mask = _mini()
-    fast = tome_fx.optimize(model, flops_budget=0.5, example_inputs=(ids, mask), min_tokens=24)
-    note = next(n for n in fast.tome.notes if n.startswith("min_tokens=24"))
-    there = float(note.rsplit("FLOP ratio there ", 1)[1])
+    fast = tome_fx.optimize(model, flops_budget=0.8, example_inputs=(ids, mask), min_tokens=24)
     counted = counted_flops(fast, ids, mask) / counted_flops(model, ids, mask)
-    assert there == pytest.approx(counted, abs=2e-3)
-    assert 0.49 <= fast.tome.ratio <= 0.5 < there
+    assert 0.79 <= fast.tome.ratio <= 0.8 and counted == pytest.approx(fast.tome.ratio, abs=2e-3)
+    assert min(b.tokens_out for b in fast.tome.blocks) >= 24
+    with pytest.raises(ValueError, match=r"keeping min_tokens=24 tokens \(min_tokens=0: no floor"):
+        tome_fx.optimize(model, flops_budget=0.5, example_inputs=(ids, mask), min_tokens=24)
+    assert tome_fx.optimize(model, flops_budget=0.5, example_inputs=(ids, mask),
+                            min_tokens=0).tome.ratio <= 0.5
+
+
+@pytest.mark.floor_default
+def test_auto_floor_is_for_token_ids_only():
+    """``"auto"``: token ids get MIN_TOKENS; a model of float inputs (an image's patches, whose
+    count the size fixes) none, so r=8 on 65 tokens ends below the floor, as ToMe does."""
+    model, ids, mask = _mini()
+    assert all(gu.merge_arg(m, "min_tokens") == MIN_TOKENS for m in
+               gu.merge_nodes(tome_fx.optimize(model, r=2, example_inputs=(ids, mask))))
+    torch.manual_seed(0)
+    vit = TinyTransformer().eval()
+    fast = tome_fx.optimize(vit, r=8, example_inputs=torch.randn(2, 64, 16))
+    assert all(gu.merge_arg(m, "min_tokens", 0) == 0 for m in gu.merge_nodes(fast))
+    assert fast.tome.blocks[-1].tokens_out < MIN_TOKENS
 
 
 def _hf_bert():

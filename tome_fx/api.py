@@ -17,7 +17,7 @@ import torch.nn as nn
 from .capture import Captured, capture, is_exported_program, normalize_inputs
 from .compiling import compile_options, finish_module
 from .cost import STRATEGIES, CostModel, check_budget, search, to_plan
-from .cost.floor import MIN_TOKENS, apply_floor, check_min_tokens
+from .cost.floor import apply_floor, check_min_tokens, resolve_min_tokens
 from .cost.tomato import rewrite_tomato
 from .cost.tomesd import rewrite_tomesd
 from .data import Data, load_data
@@ -106,14 +106,15 @@ def check_calibration(captured: Captured, calibration: Any) -> tuple | None:
 
 def plan_for_budget(captured: Captured, flops_budget: float, strategy: str = "auto",
                     prop_attn: bool | str = True, drop: bool = True,
-                    unmerge: str | bool = "auto",
-                    calibration: Any = None) -> tuple[Plan, CostModel]:
+                    unmerge: str | bool = "auto", calibration: Any = None,
+                    min_tokens: int = 0) -> tuple[Plan, CostModel]:
     """(the plan ``tome_fx.plan`` returns, the cost model it was searched on)."""
     b = check_budget(flops_budget)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     calibration = check_calibration(captured, calibration)
     cm = CostModel.build(captured, prop_attn, drop, unmerge)
+    cm.floor = min_tokens
     notes: list[str] = []
     schedule, drift = search(cm, b, strategy, notes, calibration)
     return to_plan(cm, schedule, b, strategy, drift, notes), cm
@@ -121,8 +122,9 @@ def plan_for_budget(captured: Captured, flops_budget: float, strategy: str = "au
 
 def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
          strategy: str = "auto", prop_attn: bool | str = True, drop: bool = True,
-         unmerge: str | bool = "auto", calibration: Any = None) -> Plan:
-    """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's.
+         unmerge: str | bool = "auto", calibration: Any = None, min_tokens="auto") -> Plan:
+    """A merge schedule whose FLOPs are at most ``flops_budget`` times the original's
+    (``min_tokens``: the fidelity floor, see ``optimize``).
 
     ``example_inputs`` set the token count; without them the model's declared input size is
     used (timm ``pretrained_cfg``, a config's ``image_size``). ``calibration``: real inputs
@@ -160,8 +162,9 @@ def plan(model: nn.Module, flops_budget: float, example_inputs: Any = None,
     check_budget(flops_budget)
     check_mode(unmerge)
     calibration, example_inputs = calibration_inputs(calibration, example_inputs, model)
-    return plan_for_budget(capture(model, example_inputs), flops_budget, strategy, prop_attn,
-                           drop, unmerge, calibration)[0]
+    captured, floor = capture(model, example_inputs), check_min_tokens(min_tokens)
+    return plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge, calibration,
+                           resolve_min_tokens(floor, (captured.args, captured.kwargs)))[0]
 
 
 def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool | str = True,
@@ -170,7 +173,7 @@ def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool 
                        min_tokens: int = 0) -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
     chosen, cm = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
-                                 calibration)
+                                 calibration, min_tokens)
     return apply_floor(rewrite_planned(captured, dataclasses.replace(chosen, scales=True),
                                        prop_attn, drop, unmerge), min_tokens, cm)
 
@@ -206,7 +209,7 @@ def optimize(
     unmerge: str | bool = "auto",
     calibration: Any = None,
     planned: Plan | None = None,
-    min_tokens: int | None = MIN_TOKENS,
+    min_tokens: int | str | None = "auto",
     **tomato: Any,
 ) -> nn.Module:
     """Return ``model`` with Token Merging inserted in every attention->MLP block: a new module
@@ -240,10 +243,11 @@ def optimize(
     without searching: every process of a distributed job builds the module one process
     planned (``calibration`` then only serves as example inputs; give the same example inputs
     as there, their token count sets the scaling).
-    ``min_tokens`` (ToMe; default ``MIN_TOKENS``, 24): the fidelity floor, no sample (in a padded
-    batch: by its own real tokens) is merged below that many tokens, at any length: short inputs
-    merge less or not at all, with ``r`` and ``flops_budget`` alike (``Plan.notes`` says from
-    which length, and the FLOP ratio at the example inputs); 0 or None: no floor (``cost.floor``).
+    ``min_tokens`` (ToMe): the fidelity floor, no sample (in a padded batch: by its own real
+    tokens) is merged below that many tokens, at any length: short inputs merge less or not at
+    all, with ``r`` and ``flops_budget`` alike (the budget search keeps it at the example inputs;
+    ``Plan.notes`` says from which length it binds); ``"auto"`` (default): 24 for models taking
+    token ids, 0 otherwise; 0 or None: no floor (``cost.floor``).
     A ``flops_budget`` that cannot be met because no block can merge is a ``UserWarning``.
     """
     compile_options(compile)  # TypeError before the (slow) rewrite
@@ -288,12 +292,13 @@ def optimize(
             check_budget(flops_budget)
         captured = capture(model, example_inputs)
         result = apply_floor(rewrite_planned(captured, planned, prop_attn, drop_unread, unmerge),
-                             min_tokens)
+                             resolve_min_tokens(min_tokens, (captured.args, captured.kwargs)))
         return _finish(result, compile, flops_budget, captured)
     _check_args(model, r, flops_budget)
     if r is not None:
         parse_r(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type/range errors early
     captured = capture(model, example_inputs)  # the one capture of this call
+    min_tokens = resolve_min_tokens(min_tokens, (captured.args, captured.kwargs))
     if flops_budget is not None:  # schedule from the cost model (tome_fx.plan)
         result = rewrite_for_budget(captured, flops_budget, prop_attn, strategy, drop_unread,
                                     unmerge, calibration, min_tokens)

@@ -13,25 +13,50 @@ from __future__ import annotations
 import dataclasses
 from numbers import Integral
 
+import torch
+
 from .. import graph as gu
 from ..kernels.tome import merge_count, merge_limit, tome_merge
 from .model import CostModel
 
-MIN_TOKENS = 24  # the default: the least multiple of 8 keeping every sentence of
+MIN_TOKENS = 24  # "auto" on token ids: the least multiple of 8 keeping every sentence of
 # benchmarks/short_inputs.py at cosine >= 0.9 on the trained MiniLM at flops_budget=0.5
 
 _LONGEST = 1 << 16  # lengths searched for the one from which the floor no longer binds
 
 
-def check_min_tokens(min_tokens) -> int:
-    """``min_tokens`` as an int >= 0 (None: 0, no floor), else a one-line error naming it."""
+def check_min_tokens(min_tokens) -> int | str:
+    """``min_tokens`` as ``"auto"`` or an int >= 0 (None: 0, no floor), else a one-line error."""
     if min_tokens is None:
         return 0
+    if min_tokens == "auto":
+        return min_tokens
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, Integral):
-        raise TypeError(f"min_tokens must be an int (0 or None: no floor), got {min_tokens!r}")
+        raise TypeError(f"min_tokens must be 'auto' or an int (0 or None: no floor), "
+                        f"got {min_tokens!r}")
     if min_tokens < 0:
         raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
     return int(min_tokens)
+
+
+def resolve_min_tokens(min_tokens, inputs) -> int:
+    """``"auto"``: ``MIN_TOKENS`` where the model takes token ids (an integer ``[batch, tokens]``
+    input: text, whose sentences come short), 0 elsewhere (an image's token count is fixed by
+    its size, and ToMe's own schedules, r=16 on ViT-B, end below the floor)."""
+    if min_tokens != "auto":
+        return min_tokens
+    leaves = [t for t in _leaves(inputs) if isinstance(t, torch.Tensor)]
+    ids = any(t.dim() == 2 and not t.dtype.is_floating_point and t.dtype != torch.bool
+              for t in leaves)
+    return MIN_TOKENS if ids else 0
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [leaf for item in x for leaf in _leaves(item)]
+    return [x]
 
 
 def _counts(merges, n_tokens: int, prefix: int, min_tokens: int = 0) -> list[int]:

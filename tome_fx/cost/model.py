@@ -79,6 +79,7 @@ class CostModel:
     original: tuple[list[float], float] | None = None  # (FLOPs per block, outside blocks)
     counts: tuple[int, ...] = ()  # tokens entering each block without merging
     links: tuple[int, ...] = ()  # the block whose tokens enter each block; -1: its own count
+    floor: int = 0  # the fidelity floor (cost.floor): no merge leaves fewer tokens
 
     @property
     def num_blocks(self) -> int:
@@ -87,7 +88,7 @@ class CostModel:
     def limit(self, i: int, tokens: int) -> int:
         if not self.enabled[i]:
             return 0
-        limit = merge_limit(tokens, self.prefix)
+        limit = min(merge_limit(tokens, self.prefix), max(tokens - self.floor, 0))
         return min(limit, self.caps[i]) if self.caps else limit
 
     def flow(self, schedule: Sequence[int]) -> tuple[list[int], list[int], list[int]]:

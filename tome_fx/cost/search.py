@@ -133,6 +133,11 @@ def _fit(cm: CostModel, weights: list[float], hi: float, close: float,
     return _adjust(cm, sched(top), hi, close, pinned)
 
 
+def _kept(cm: CostModel) -> str:
+    return (f", keeping min_tokens={cm.floor} tokens (min_tokens=0: no floor; or longer example "
+            f"inputs)") if cm.floor else ""
+
+
 def candidates(cm: CostModel, budget: float, strategy: str = "auto",
                notes: list | None = None, calib: Calibration | None = None,
                family: bool = True) -> dict[str, list[int]]:
@@ -152,7 +157,7 @@ def candidates(cm: CostModel, budget: float, strategy: str = "auto",
         raise ValueError(
             f"flops_budget={budget} is below the smallest reachable FLOP ratio "
             f"{floor / orig:.4f} for this model and input size (merging the most every block "
-            f"allows); pass flops_budget >= {math.ceil(floor / orig * 1e4) / 1e4}")
+            f"allows{_kept(cm)}); pass flops_budget >= {math.ceil(floor / orig * 1e4) / 1e4}")
     close = (budget - _CLOSE) * orig
     shapes = _shapes(num)
     names = [strategy] if strategy != "auto" else list(shapes) if family else [DATA_FREE]
