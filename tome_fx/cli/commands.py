@@ -91,7 +91,8 @@ def _optimize(args, src, inputs, calibration=None):
     if fixed is not None:
         inputs = fit_batch(inputs, fixed)
     fast = api.optimize(src.target, r=args.r_value, flops_budget=args.flops_budget,
-                        example_inputs=inputs, calibration=calibration)
+                        example_inputs=inputs, calibration=calibration,
+                        min_tokens=getattr(args, "min_tokens", "auto"))
     return fast, inputs
 
 
@@ -156,7 +157,7 @@ def report(args) -> int:
         inputs = fit_batch(inputs, fixed)
     data, fast = rep.build(src.target, src.model, inputs, r=args.r_value,
                            flops_budget=args.flops_budget, strategy=args.strategy,
-                           calibration=calib, evaluate=evaluate,
+                           calibration=calib, evaluate=evaluate, min_tokens=args.min_tokens,
                            bar=bar_factory(args, STDERR))
     data["source"] = args.source
     if data["request"]["r"] is not None:

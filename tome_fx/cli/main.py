@@ -94,6 +94,9 @@ def _common(p: argparse.ArgumentParser, default_batch: str, budget: bool = True)
                          help="keep at most this fraction of the original FLOPs, in (0, 1]")
         how.add_argument("--r", default=None, metavar="R",
                          help="tokens merged per block: an int or a list a,b,c (default 8)")
+        p.add_argument("--min-tokens", type=_floor, default="auto", metavar="N",
+                       help="no sample is merged below N tokens (default auto: 24 for text "
+                            "models, none for images; 0: no floor)")
     p.add_argument("--input-size", default=None, metavar="C,H,W",
                    help="one input's shape without the batch, e.g. 3,224,224 (default: what "
                         "the model declares)")
@@ -103,6 +106,18 @@ def _common(p: argparse.ArgumentParser, default_batch: str, budget: bool = True)
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="state dict to load into a timm:NAME model (strict)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _floor(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 0, got {text!r}")
+    return n
 
 
 def _seq_len(p: argparse.ArgumentParser) -> None:

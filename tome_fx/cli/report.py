@@ -15,6 +15,7 @@ from tabulate import tabulate
 
 from .. import cost
 from ..capture import capture
+from ..cost.floor import apply_floor, resolve_min_tokens
 from ..graph.batches import batched
 from ..methods import ToMe
 from ..api import check_calibration
@@ -68,21 +69,24 @@ def data_fidelity(model, fast, data, batch_size: int = 64, bar=None) -> dict:
 
 def build(target: Any, model: nn.Module, inputs, *, r: Any = None,
           flops_budget: float | None = None, strategy: str = "auto", calibration=None,
-          evaluate=None, bar=None):
+          evaluate=None, bar=None, min_tokens="auto"):
     """(report dict, rewritten module). ``target`` goes to the tome_fx API, ``model`` runs the
     original. The schedule is ``tome_fx.plan``'s for a budget (same cost model and search, on
     ``calibration`` inputs when given), or ``r`` as ``optimize`` reads it. Fidelity is measured
     on ``evaluate`` (a ``tome_fx.Data``) when given, else on ``inputs``."""
     captured = capture(target, inputs)
     cm = cost.CostModel.build(captured)
+    cm.floor = resolve_min_tokens(min_tokens, (captured.args, captured.kwargs))
     drift, notes = None, []
     if flops_budget is not None:
         calib = check_calibration(captured, calibration)
         schedule, drift = cost.search(cm, cost.check_budget(flops_budget), strategy, notes, calib)
     else:
         schedule = cm.clamp(parse_r(r, cm.num_blocks))
-    rw = rewrite(captured, ToMe(lambda n: list(schedule) + [0] * (n - len(schedule))))
+    rw = apply_floor(rewrite(captured, ToMe(lambda n: list(schedule) + [0] * (n - len(schedule)))),
+                     cm.floor, cm)
     fast = rw.graph_module
+    notes += [n for n in rw.plan.notes if n.startswith("min_tokens=")]
     plan = cost.to_plan(cm, rw.plan.r, flops_budget,
                         strategy if flops_budget is not None else None, drift, notes)
     fast.tome, fast.tome_counts = plan, rw.counts
