@@ -216,14 +216,15 @@ FAMILIES = [
     family("timm-xcit-cross_covariance", _timm("xcit_nano_12_p16_224", depth=2, img_size=64),
            _images(64), "refused", ("combined with a tensor", CROSS)),  # temperature; class attn
     family("timm-pit-pooling_stages", _timm("pit_ti_224", img_size=64), _images(64), "refused",
-           ("fails on merged tokens", "selects tokens by position")),  # pooling between stages
+           ("fails with every merge at r=0", "selects tokens by position")),  # pooled stages
     family("timm-convit-gpsa_then_mhsa", _timm("convit_tiny", depth=2, local_up_to_layer=1,
                                                 img_size=64), _images(64), "partly",
            ("softmax output goes to", "logits pass through permute"), 0.9),  # gated positional
     family("timm-levit-attention_biases", _timm("levit_128s", img_size=64), _images(64),
            "refused", (POSITION, "logits pass through add")),
     family("timm-crossvit-two_branches", _timm("crossvit_tiny_240", depth=((1, 1, 0),)),
-           _images(240), "refused", (CROSS, "fails on merged tokens", "concatenation along the token")),
+           _images(240), "refused", (CROSS, "fails with every merge at r=0",
+                                     "concatenation along the token")),
     # spatial-reduction keys are cross-attention; the last stage (global attention) merges and
     # its tokens are unmerged for the position generator's grid after it (unmerge="auto")
     family("timm-twins_pcpvt-spatial_reduction", _timm("twins_pcpvt_small", depths=(1, 1, 1, 1),
@@ -238,7 +239,7 @@ FAMILIES = [
     family("timm-flexivit", _timm("flexivit_small", depth=4, img_size=64), _images(64),
            "rewritten", prefix=1),
     family("timm-samvit-windows", _timm("samvit_base_patch16", depth=2, img_size=128),
-           _images(128), "refused", "no MLP residual branch"),  # windows partitioned around it
+           _images(128), "refused", "windowed attention"),  # one padded window: 8x8 -> 14x14
     family("timm-hiera-mask_unit_windows", _timm("hiera_tiny_224", stages=(1, 1, 1, 1)),
            _images(224), "refused", ("windowed or regrouped", CROSS)),  # mask units; pooled q
     family("timm-eva02-rotary", _timm("eva02_tiny_patch14_224", depth=2, img_size=56),

@@ -265,6 +265,14 @@ def _block(gm, index: int, core: Core, shapes) -> Block:
     attn_add, stream_in = _descendant_add(core.out)
     if stream_in not in gu.ancestors_within(core.keys, 40):
         raise _Refuse("the residual around the attention is not the attention's input")
+    shape = shapes.get(stream_in)
+    part = gu.window_partition(stream_in, core.keys, shapes, core.tokens)
+    if part is not None:  # before the MLP is looked for: windows are why, not what follows
+        raise _Refuse(f"windowed attention: the block regroups the tokens of the residual "
+                      f"stream {list(shape)} into windows of {core.tokens} ({part.name}: "
+                      f"{list(shapes[part])}); merging would mix windows")
+    if gu.is_tensor_shape(shape) and len(shape) != 3:
+        raise _Refuse(f"residual stream is not 3-D (shape {shape}): the tokens stay a grid")
     s, norm = attn_add, "pre"
     while len(s.users) == 1 and gu.is_norm(gm, next(iter(s.users))):
         s, norm = next(iter(s.users)), "post"
@@ -299,6 +307,11 @@ def _positional(node: Node, dependent: set) -> bool:
     return False
 
 
+def _table(node: Node, shapes) -> bool:
+    """Shaped like a table over positions: several non-trivial dims (not a scalar fill)."""
+    return gu.is_tensor_shape(shapes.get(node)) and sum(d > 1 for d in shapes[node]) >= 2
+
+
 def _position_term(gm, anchor: Node, shapes, dependent: set) -> str | None:
     """Why an attention's logits depend on token positions, or None.
 
@@ -313,6 +326,7 @@ def _position_term(gm, anchor: Node, shapes, dependent: set) -> str | None:
         for t in terms:  # a sum of masks: look at each term (an input mask + a bias table)
             if gu.is_add(t) and len(terms) < 8:
                 terms += [a for a in t.all_input_nodes if a not in terms]
+        terms += [t for t in gu.addends(mask) if _table(t, shapes)] if terms else []
         for t in terms:
             if _positional(t, dependent):
                 return (f"attention mask term {t.name} does not depend on the input: a bias or "
@@ -323,9 +337,8 @@ def _position_term(gm, anchor: Node, shapes, dependent: set) -> str | None:
     for _ in range(20):
         if not isinstance(node, Node) or gu.is_matmul(node):
             return None
-        terms = [a for a in node.all_input_nodes
-                 if _positional(a, dependent) and gu.is_tensor_shape(shapes.get(a))
-                 and sum(d > 1 for d in shapes[a]) >= 2]
+        terms = [t for a in node.all_input_nodes for t in (a, *gu.addends(a))
+                 if _positional(t, dependent) and _table(t, shapes)]
         if terms and (gu.is_add(node) or gu.is_call(node, *_MASKING)):
             return (f"attention logits are combined at {node.name} with {terms[0].name}, which "
                     "does not depend on the input: a bias or mask indexed by token position "

@@ -67,6 +67,8 @@ def check_drop(ctx: Context, drop: Drop) -> str | None:
             continue
         if n.op == "output":
             return "the model's output keeps the token dimension"
+        if any(n in c.nodes for c in ctx.matches.cores):  # attention pooling after the blocks
+            return f"attention {n.name} after the last block reads the tokens past the prefix"
         reason = classify(gm, n, token_inputs[0], tdims, shapes_a, prefix, flow, size_of, offset)
         if reason or flow.pools:
             return reason or f"{n.name} pools over tokens"

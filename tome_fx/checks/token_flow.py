@@ -144,13 +144,18 @@ def _run(ctx: Context, r, probe=()):
     return rec.shapes, None, [(b.mlp_add, why) for b, why in rec.wrong]
 
 
-def _fixed_table(node: Node, shapes: dict, dep: set) -> str | None:
+def _fixed_table(node: Node, shapes_a: dict, shapes_b: dict, dep: set) -> str | None:
     """Reason a node failed on merged tokens if it combines them with a fixed table (a tensor
-    with several non-trivial dims that does not depend on the input: rotary or position
-    embedding, position bias), else None."""
-    for i in (node.all_input_nodes if node is not None else ()):
-        s = shapes.get(i)
-        if i not in dep and gu.is_tensor_shape(s) and sum(d > 1 for d in s) >= 2:
+    that does not depend on the input and spans the original token count: rotary or position
+    embedding, position bias), else None. Other input-independent tensors (an attention pool's
+    learned query) are no position table."""
+    inputs = node.all_input_nodes if node is not None else ()
+    tokens = {shapes_a[i][d] for i in inputs if i in shapes_a
+              for d in gu.token_dims(shapes_a.get(i), shapes_b.get(i)) if d != "nested"}
+    for i in inputs:
+        s = shapes_a.get(i)
+        if (i not in dep and gu.is_tensor_shape(s) and sum(d > 1 for d in s) >= 2
+                and tokens & set(s)):
             return (f"{node.name} combines merged tokens with {i.name}, a fixed {list(s)} "
                     "table that does not depend on the input (rotary or position embedding, "
                     "position bias): merged tokens have no single position")
@@ -173,10 +178,12 @@ def check_token_flow(ctx: Context) -> Flow:
     failed = next((err for err in (err_a, err_b, err_real) if err is not None), None)
     if failed is not None:
         node, exc = failed
-        flow.unsafe.append((node, _fixed_table(node, shapes_a, dep)
-                            or f"fails on merged tokens: {one_line(exc)}"))
-        if failed is err_a:
+        if failed is err_a:  # nothing merged: the rewrite itself does not fit, no table is why
+            flow.unsafe.append((node, f"fails with every merge at r=0: {one_line(exc)}"))
             return flow
+        merged = shapes_b if failed is err_b else shapes_real  # the failed run's shapes
+        flow.unsafe.append((node, _fixed_table(node, shapes_a, merged, dep)
+                            or f"fails on merged tokens: {one_line(exc)}"))
     _classify_all(ctx, flow, shapes_a, shapes_b, dep, None if failed is None else failed[0])
     return flow
 

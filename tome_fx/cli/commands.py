@@ -104,7 +104,9 @@ def _r_applied(args, plan) -> str:
     if args.r_value is None or not plan.blocks:
         return line
     asked = parse_r(args.r_value, len(plan.blocks))
-    capped = [b.index for b, want in zip(plan.blocks, asked) if b.r < want and not b.dropped]
+    refused = {s.site for s in plan.skipped}  # merging nothing for their reason, not capped
+    capped = [b.index for b, want in zip(plan.blocks, asked)
+              if b.r < want and not b.dropped and b.site not in refused]
     if capped:
         line += (f" (--r {args.r} capped in block(s) {', '.join(map(str, capped))}: a block "
                  f"merges at most half its unprotected tokens)")

@@ -33,11 +33,30 @@ def prop_attn_form(prop_attn) -> str | None:
     raise ValueError(f"prop_attn must be True, False, 'bias' or 'fold', got {prop_attn!r}")
 
 
-def _latest_size(sites, reach: list, keys: fx.Node):
-    """Sizes of the latest merge whose tokens reach ``keys``; None where no merge's do (the
-    keys of a cross-attention over other tokens, such as a UNet's text, are not merged)."""
+def _latest_site(sites, reach: list, keys: fx.Node):
+    """The latest merge whose tokens reach ``keys``; None where no merge's do (the keys of a
+    cross-attention over other tokens, such as a UNet's text, are not merged)."""
     before = [s for s, down in zip(sites, reach) if keys in down]
-    return before[-1].size if before else None
+    return before[-1] if before else None
+
+
+def _keys_size(ctx: Context, site, core) -> fx.Node | None:
+    """The sizes of the tokens ``core``'s keys hold: all of the merge's, or from ``offset`` on
+    when the keys read the stream past (part of) its protected prefix (an attention pool over
+    ``x[:, prefix:]``: timm's registers with a MAP head). Prefix tokens never merge, so the
+    offset is the one of the unmerged graph. None: the keys are other tokens (pooled between
+    stages, another branch's); the token-flow check names what made them."""
+    blocks = {b.index: b for b in ctx.matches.blocks}
+    block = blocks.get(site.block)
+    stream = ctx.shapes.get(block.merge_at) if block is not None else None
+    offset = stream[block.token_dim] - core.tokens if gu.is_tensor_shape(stream) else 0
+    if offset == 0:
+        return site.size
+    if not 0 < offset <= ctx.matches.prefix:
+        return None
+    with ctx.gm.graph.inserting_before(core.anchor):
+        return inserted(ctx.gm.graph.call_function(
+            operator.getitem, (site.size, (slice(None), slice(offset, None)))), "bias")
 
 
 def _fold(graph: fx.Graph, anchor: fx.Node, size: fx.Node, head_dim: int, v_dim: int) -> None:
@@ -66,7 +85,8 @@ def add_size_bias(ctx: Context, form: str = "bias") -> PassResult:
     count = folded = 0
     reach = [gu.descendants([s.merge]) for s in ctx.sites]
     for core in ctx.matches.cores:
-        size = _latest_size(ctx.sites, reach, core.keys)
+        site = _latest_site(ctx.sites, reach, core.keys)
+        size = None if site is None else _keys_size(ctx, site, core)
         if size is None:
             continue
         count += 1
