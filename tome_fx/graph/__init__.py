@@ -5,4 +5,4 @@ from .nodes import *  # noqa: F401,F403 - the op tables and recognisers (nodes._
 from .run import (ShapeRecorder, ValueRecorder, data_dependent, has_tensor, is_tensor_shape,
                   overriding, placeholder_values, record_shapes, record_values, run_interpreter,
                   token_dims)
-from .walk import ancestors_within, between, descendants, fixed_lead
+from .walk import ancestors_within, between, chains, descendants, fixed_lead
