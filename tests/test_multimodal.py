@@ -102,8 +102,7 @@ def test_clip_with_mask_holds_the_budget():
         assert _rel(fast(**inputs).text_embeds, model(**inputs).text_embeds) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["CLIPVisionModel", pytest.param(
-    "CLIPVisionModelWithProjection", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "CLIPVisionModelWithProjection"])
 def test_clip_vision_tower_alone(name):
     model, inputs = _model(name), _inputs(text=False)
     fast = tome_fx.optimize(model, r=8, example_inputs=inputs)
@@ -111,8 +110,7 @@ def test_clip_vision_tower_alone(name):
     _exact_at_r0(fast, model, inputs)
 
 
-@pytest.mark.parametrize("name", ["CLIPTextModel", pytest.param(
-    "CLIPTextModelWithProjection", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["CLIPTextModel", "CLIPTextModelWithProjection"])
 def test_clip_text_tower_alone_is_refused_as_causal(name):
     model, inputs = _model(name), _inputs(image=False)
     fast = tome_fx.optimize(model, r=4, example_inputs=inputs)
