@@ -8,7 +8,7 @@ becomes a ``Refusal`` with a reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Number
 
 import torch
@@ -47,6 +47,7 @@ class Block:
     mlp_add: Node
     norm: str  # "pre" | "post"
     token_dim: int  # token dimension of the stream at merge_at
+    stream: int = 0  # first block of the token stream it is in (a CLIP tower: ``gu.chains``)
 
     @property
     def name(self) -> str:
@@ -388,6 +389,8 @@ def find_blocks(gm: fx.GraphModule, shapes: dict) -> Matches:
                              "tokens": core.tokens, "heads": core.heads}
         block.merge_at.meta["tome"] = {"role": "merge_point", "block": block.index,
                                        "norm": block.norm}
+    heads = gu.chains([(b.stream_in, b.merge_at) for b in blocks])
+    blocks = [replace(b, stream=h) for b, h in zip(blocks, heads)]
     prefix = 0
     if blocks:
         prefix = find_prefix(gm, blocks[0].stream_in, shapes, dep, blocks[0].token_dim)

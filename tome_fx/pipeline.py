@@ -74,6 +74,13 @@ def block_plan(matches: Matches, sites, shapes, disabled: dict[int, str], fronte
     return Plan(tuple(rows), matches.prefix, tuple(skipped), frontend=frontend, notes=notes)
 
 
+def _upstream(sites, node: fx.Node, order: dict) -> list[int]:
+    """The blocks whose merged tokens reach ``node`` (another tower's merges do not), else
+    those whose merge comes before it."""
+    reach = [s.block for s in sites if node in gu.descendants([s.merge])]
+    return reach or [s.block for s in sites if order[s.merge] < order.get(node, len(order))]
+
+
 def protect_reads(reads: set, matches: Matches) -> int:
     """Grow the protected prefix over tokens read by position (BERT's pooler reads token 0),
     if together with the prefix they form a leading run; 0 if that does not apply."""
@@ -169,8 +176,7 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
         node, reason = min(unsafe, key=lambda nr: order.get(nr[0], 0))
         blame = getattr(method, "blame", None)  # local merges: the sites around the node
         upstream = blame(ctx, node) if blame else []
-        upstream = upstream or [s.block for s in ctx.sites
-                                if order[s.merge] < order.get(node, len(order))]
+        upstream = upstream or followed.info.blame.get(node) or _upstream(ctx.sites, node, order)
         for i in upstream or [s.block for s in ctx.sites]:  # unsafe nodes follow some merge
             disabled[i] = f"merged tokens would reach {node.name}: {reason}"
     gm, sites = ctx.gm, ctx.sites

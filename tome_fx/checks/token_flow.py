@@ -69,6 +69,7 @@ _LAYOUT_FUNCS |= {
 }
 _EXTREMES = {torch.max, torch.min, torch.amax, torch.amin, torch.argmax, torch.argmin,
              torch.logsumexp, _A.max, _A.min, _A.amax, _A.amin, _A.argmax, _A.argmin, _A.logsumexp}
+_ARGS, _ARGS_M = {torch.argmax, torch.argmin, _A.argmax, _A.argmin}, ("argmax", "argmin")
 
 
 @dataclass
@@ -182,7 +183,7 @@ def check_token_flow(ctx: Context) -> Flow:
             flow.unsafe.append((node, f"fails with every merge at r=0: {one_line(exc)}"))
             return flow
         merged = shapes_b if failed is err_b else shapes_real  # the failed run's shapes
-        flow.unsafe.append((node, _fixed_table(node, shapes_a, merged, dep)
+        flow.unsafe.append((node, _fixed_table(node, shapes_a, merged, dep) or _gather(node)
                             or f"fails on merged tokens: {one_line(exc)}"))
     _classify_all(ctx, flow, shapes_a, shapes_b, dep, None if failed is None else failed[0])
     return flow
@@ -320,7 +321,29 @@ def classify(gm, n, src, tdims, shapes, prefix, flow, size_of, offset) -> str | 
         if tdims.get(b) and (len(shapes[b]) - 2) in tdims[b]:
             return f"matmul contracts merged tokens ({n.name})"
         return None
+    if gu.is_call(n, {_A.index}):
+        return _gather(n) or f"advanced indexing over merged tokens ({n.name})"
     return f"unsupported op {name} on merged tokens ({n.name})"
+
+
+def _gather(n: Node) -> str | None:
+    """Why reading merged tokens at positions computed from the input is wrong, naming how the
+    positions are computed (CLIP's text pooler: the end-of-sequence token, by argmax); None
+    if ``n`` is no such read (an index by tensors)."""
+    idx = n.args[1] if len(n.args) > 1 else ()
+    idx = [i for i in (idx if isinstance(idx, (list, tuple)) else (idx,)) if isinstance(i, Node)]
+    if not idx or not (gu.is_call(n, {_A.index}) or n.target is operator.getitem):
+        return None
+    found = [a for i in idx for a in gu.ancestors_within(i, 20) if gu.is_call(a, _ARGS, _ARGS_M)]
+    how = "positions computed from the input"
+    if found:
+        src = found[0]
+        for _ in range(20):  # back along the data argument (a cast, ``== eos``, a view)
+            if src.op == "placeholder" or not src.args or not isinstance(src.args[0], Node):
+                break
+            src = src.args[0]
+        how = f"the {found[0].name} of {src.name} (a pooler reading the end-of-sequence token)"
+    return f"gathers tokens at {how} ({n.name}); merging moves the token it reads"
 
 
 def _check_index(n, src, in_shape, tin, prefix, offset, reads: set) -> str | None:
@@ -335,7 +358,8 @@ def _check_index(n, src, in_shape, tin, prefix, offset, reads: set) -> str | Non
             return None
         if 0 <= entry:
             reads.add(base + entry)
-        return f"reads token {entry} by position, which merging moves ({n.name})"
+        last = ", the last one (a pooler reading the last token)" if entry == -1 else ""
+        return f"reads token {entry} by position{last}, which merging moves ({n.name})"
     if isinstance(entry, slice):
         start = 0 if entry.start is None else entry.start
         if entry.step not in (None, 1) or not isinstance(start, int) or start < 0:
@@ -351,4 +375,4 @@ def _check_index(n, src, in_shape, tin, prefix, offset, reads: set) -> str | Non
         if isinstance(entry.stop, int) and 0 <= entry.stop and start == 0:
             reads.update(range(base + entry.stop))
         return f"slice [{entry.start}:{entry.stop}] selects tokens by position ({n.name})"
-    return f"advanced indexing over merged tokens ({n.name})"
+    return _gather(n) or f"advanced indexing over merged tokens ({n.name})"

@@ -36,6 +36,24 @@ def descendants(starts, through=None) -> set[Node]:
     return seen
 
 
+def chains(pairs) -> list[int]:
+    """For (entry, exit) node pairs in graph order (a block's stream input and its merge point),
+    the index of the first pair of the chain each continues: the latest earlier pair whose exit
+    is an ancestor of its entry, else itself. Two towers (CLIP's vision and text) are two chains:
+    tokens, sizes and padding of one never reach the other."""
+    heads: list[int] = []
+    for j, (entry, _) in enumerate(pairs):
+        up, todo = {entry}, [entry]
+        while todo:
+            for i in todo.pop().all_input_nodes:
+                if i not in up:
+                    up.add(i)
+                    todo.append(i)
+        before = [i for i in range(j) if pairs[i][1] in up]
+        heads.append(heads[before[-1]] if before else j)
+    return heads
+
+
 def between(start: Node, end: Node) -> list[Node]:
     """Nodes on def-use paths from ``start`` to ``end`` (``end`` included, ``start`` not),
     in graph order."""

@@ -40,31 +40,44 @@ class ToMe:
 
     def insert(self, ctx: Context, enabled: set[int]) -> list[MergeSite]:
         """A ``tome_merge`` in each enabled block with r > 0; ``size`` threads from merge to
-        merge, so every use of a merge point sees merged tokens."""
-        schedule, size, sites = self.schedule(len(ctx.matches.blocks)), None, []
-        prefix, start, tokens, of = ctx.matches.prefix, None, None, 0
+        merge of one token stream (``Block.stream``: each tower of CLIP its own), so every use
+        of a merge point sees merged tokens."""
+        schedule, sites = self.schedule(len(ctx.matches.blocks)), []
+        prefix = ctx.matches.prefix
+        streams: dict[int, _Stream] = {}  # each token stream threads its own sizes and counts
         for block in ctx.matches.blocks:
             r = schedule[block.index]
             if r <= 0 or block.index not in enabled:
                 continue
-            arg = r
+            arg, st = r, streams.setdefault(block.stream, _Stream())
             if self.scales:  # (kept, of): see kernels.tome.merge_count
-                if tokens is None:  # the first merge: its tokens are ``of``
-                    tokens = of = ctx.shapes[block.merge_at][block.token_dim]
-                tokens -= min(r, merge_limit(tokens, prefix))
-                arg = (tokens, of)
-            keys, transposed = block.core.keys, block.core.keys_transposed
+                if st.tokens is None:  # the first merge: its tokens are ``of``
+                    st.tokens = st.of = ctx.shapes[block.merge_at][block.token_dim]
+                st.tokens -= min(r, merge_limit(st.tokens, prefix))
+                arg = (st.tokens, st.of)
+            keys, transposed, size = block.core.keys, block.core.keys_transposed, st.size
             site = splice_merge(ctx.gm.graph, block, tome_merge,
                                 lambda x: (x, keys, size, arg, prefix, transposed), r=r)
-            if self.scales and sites:
-                start = start or _start_count(ctx.gm.graph, sites[0])
-                gu.set_merge_arg(site.merge, "start", start)
-            size = site.size
+            if self.scales and st.first is not None:
+                st.start = st.start or _start_count(ctx.gm.graph, st.first)
+                gu.set_merge_arg(site.merge, "start", st.start)
+            st.size, st.first = site.size, st.first or site
             sites.append(site)
         return sites
 
     def describe(self, plan: Plan, ctx: Context) -> Plan:
         return dataclasses.replace(plan, scales=True) if self.scales else plan
+
+
+@dataclass
+class _Stream:
+    """What the merges of one token stream thread from one to the next."""
+
+    size: object = None  # the latest merge's sizes
+    first: MergeSite | None = None
+    start: object = None  # ``_start_count`` of the first merge
+    tokens: int | None = None  # tokens left (``scales``)
+    of: int = 0  # tokens entering the first merge
 
 
 def _start_count(graph, first: MergeSite):

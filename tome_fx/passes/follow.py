@@ -17,6 +17,11 @@ Gathering is exact only if the side tensor is a per-token function of the token-
 with the token-aligned inputs permuted along the tokens: each side tensor must permute the same
 way (a causal, windowed or positional pattern does not). Failures are returned as unsafe nodes
 with a reason, and the caller switches the merges upstream of them off.
+
+Each token stream (``Block.stream``: a tower of CLIP or SigLIP) is followed on its own, with its
+own token-aligned inputs and the masks of its own attention: the text's padding never groups
+the image tokens, even where both towers have as many tokens. A side tensor is not followed into
+a graph output (the caller gets it as it was).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ Node = fx.Node
 @dataclass
 class Followed:
     unsafe: list[tuple[Node, str]] = field(default_factory=list)
-    groups: Node | None = None
+    blame: dict = field(default_factory=dict)  # unsafe node -> the blocks of its stream
 
 
 def _value_inputs(n: Node) -> list[Node]:
@@ -92,10 +97,27 @@ def _equivariance(ctx: Context, sources, checks) -> dict[Node, str]:
     for node, dims in checks.items():
         want = follow_tokens(base[node], perm.to(base[node].device), dims)
         got = moved[node]
-        if want.shape != got.shape or not _close(want, got):
+        if want.shape == got.shape and _close(want, got):
+            continue
+        if _causal(base[node]):
+            bad[node] = (f"causal attention: {node.name} is not a per-token function of the "
+                         "padding mask: each token sees only itself and earlier tokens, and a "
+                         "merged token would mix future positions")
+        else:
             bad[node] = (f"{node.name} is not a per-token function of the padding mask "
                          "(a causal, windowed or positional pattern cannot follow merged tokens)")
     return bad
+
+
+def _causal(mask) -> bool:
+    """A [..., N, N] mask that is one value above the diagonal and another somewhere on it:
+    each query sees no later key (whichever value blocks: bool or additive)."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] < 2:
+        return False
+    n = mask.shape[-1]
+    upper = mask[..., torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)]
+    blocked = upper.flatten()[0]
+    return bool((upper == blocked).all()) and bool((mask.diagonal(0, -2, -1) != blocked).any())
 
 
 def _close(a, b) -> bool:
@@ -121,30 +143,47 @@ def _padding(graph: fx.Graph, core, side: set) -> Node | None:
 
 
 def follow_side_tensors(ctx: Context) -> PassResult:
-    """Make the merges group-aware and re-index side tensors where they meet merged tokens."""
-    info, gm = Followed(), ctx.gm
-    if not ctx.sites:
-        return PassResult(gm, 0, info)
-    b0 = ctx.matches.blocks[0]
-    shapes, shape = ctx.shapes, ctx.shapes[b0.merge_at]
+    """Make the merges group-aware and re-index side tensors where they meet merged tokens,
+    in each token stream (two towers: each its own tokens and padding mask)."""
+    info, count = Followed(), 0
+    stream = {b.index: b.stream for b in ctx.matches.blocks}
+    first = {}  # stream -> its first block
+    for b in ctx.matches.blocks:
+        first.setdefault(b.stream, b)
+    streams: dict[int, list] = {}
+    for s in ctx.sites:
+        streams.setdefault(stream[s.block], []).append(s)
+    for head, sites in streams.items():
+        unsafe = len(info.unsafe)
+        count += _follow(ctx, first[head], [s.merge for s in sites], info)
+        for node, _ in info.unsafe[unsafe:]:  # the whole stream: its tokens are ordered
+            info.blame[node] = [s.block for s in sites]
+    return PassResult(finish(ctx.gm) if count else ctx.gm, count, info)
+
+
+def _follow(ctx: Context, b0, merges: list[Node], info: Followed) -> int:
+    """``follow_side_tensors`` for one stream: its first block ``b0``, its ``merges``. Appends
+    to ``info.unsafe``; returns how many side tensors were re-indexed."""
+    gm, shapes, shape, start = ctx.gm, ctx.shapes, ctx.shapes[b0.merge_at], len(info.unsafe)
     batch, tokens = shape[1 - b0.token_dim], shape[b0.token_dim]
     graph = gm.graph
-    merges = ctx.merges
     after = gu.descendants(merges)
     aligned = [p for p in graph.nodes if p.op == "placeholder"
                and gu.is_tensor_shape(shapes.get(p)) and shapes[p][0] == batch
                and len(shapes[p]) >= 2 and shapes[p][-1] == tokens
                and all(d == 1 for d in shapes[p][1:-1])]
     if not aligned:
-        return PassResult(gm, 0, info)
+        return 0
     side = _value_descendants(aligned) - after
+    # the masks of this stream's attention (another tower's mask is no concern of its merges)
+    own = {b.core.anchor for b in ctx.matches.blocks if b.stream == b0.stream}
     masks = [gu.arg(c.anchor, 3, "attn_mask", None) if c.kind == "sdpa" else c.mask
-             for c in ctx.matches.cores]
+             for c in ctx.matches.cores if c.anchor in own or c.keys in after]
     mask_nodes = [m for m in masks if isinstance(m, Node) and m in side]
 
     edges = []  # (consumer, side tensor, token dims)
-    for n in graph.nodes:
-        if n not in after or n.meta.get("tome", {}).get("inserted"):
+    for n in graph.nodes:  # an output returns a side tensor as it is (another tower's tokens)
+        if n not in after or n.op == "output" or n.meta.get("tome", {}).get("inserted"):
             continue
         for i in _value_inputs(n):
             if i in side:
@@ -152,7 +191,7 @@ def follow_side_tensors(ctx: Context) -> PassResult:
                 if dims:
                     edges.append((n, i, dims))
     if not edges and not mask_nodes:
-        return PassResult(gm, 0, info)
+        return 0
 
     # which token-aligned inputs define the groups; fixed tensors indexed by position are refused
     sources: set[Node] = set()
@@ -172,20 +211,20 @@ def follow_side_tensors(ctx: Context) -> PassResult:
                         {t: d for t, d in checks.items() if d})
     for t, why in bad.items():
         info.unsafe.append((t, why))
-    if info.unsafe:
-        return PassResult(gm, 0, info)
+    if len(info.unsafe) > start:
+        return 0
 
     # group-aware merges that also return the origin of each token
     last_ph = [p for p in graph.nodes if p.op == "placeholder"][-1]
     ordered = [p for p in aligned if p in sources]
     with graph.inserting_after(last_ph):
-        info.groups = inserted(graph.call_function(token_groups, tuple(ordered)), "groups")
-    pad = _padding(graph, ctx.matches.blocks[0].core, side)
+        groups = inserted(graph.call_function(token_groups, tuple(ordered)), "groups")
+    pad = _padding(graph, b0.core, side)
     origin = None
     origins = []
     for m in merges:
         gu.set_merge_arg(m, "origin", origin)
-        gu.set_merge_arg(m, "groups", info.groups)
+        gu.set_merge_arg(m, "groups", groups)
         if gu.takes_arg(m, "pad"):
             gu.set_merge_arg(m, "pad", pad)
         with graph.inserting_after(m):
@@ -203,4 +242,4 @@ def follow_side_tensors(ctx: Context) -> PassResult:
                 made[key] = inserted(
                     graph.call_function(follow_tokens, (t, before[-1], dims)), "follow")
         n.replace_input_with(t, made[key])
-    return PassResult(finish(gm), len(made), info)
+    return len(made)
