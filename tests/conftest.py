@@ -22,12 +22,9 @@ def _no_floor(request, monkeypatch):
     tests are about merging itself, so they run without it (vision models get no floor by
     default anyway). Tests marked ``floor_default`` (tests/test_floor.py) keep the default."""
     if request.node.get_closest_marker("floor_default") is None:
-        import tome_fx.api
+        import tome_fx.cost.floor
 
-        monkeypatch.setitem(tome_fx.api.optimize.__kwdefaults__, "min_tokens", 0)
-        defaults = list(tome_fx.api.plan.__defaults__)
-        defaults[-1] = 0  # plan's last positional default is min_tokens
-        monkeypatch.setattr(tome_fx.api.plan, "__defaults__", tuple(defaults))
+        monkeypatch.setattr(tome_fx.cost.floor, "MIN_TOKENS", 0)  # what "auto" resolves to
 
 
 @pytest.fixture(scope="session")

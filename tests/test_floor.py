@@ -203,3 +203,15 @@ def test_pt2_keeps_the_floor(tmp_path):
         out = loaded(*SHORT)
         out = out["last_hidden_state"] if isinstance(out, dict) else out[0]
         torch.testing.assert_close(out, _state(model, SHORT), rtol=0, atol=1e-5)
+
+
+def test_cli_min_tokens_flag(capsys):
+    """``--min-tokens``: auto (default), an int >= 0, anything else a one-line usage error."""
+    from tome_fx.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["report", "m.pt"]).min_tokens == "auto"
+    assert parser.parse_args(["bench", "m.pt", "--min-tokens", "0"]).min_tokens == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "m.pt", "--min-tokens", "-1", "-o", "f.onnx"])
+    assert "expected 'auto' or an int >= 0, got '-1'" in capsys.readouterr().err
