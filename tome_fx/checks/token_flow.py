@@ -241,12 +241,20 @@ def _classify_all(ctx: Context, flow: Flow, shapes_a, shapes_b, dep, failed) -> 
                            for i in token_inputs if len(tdims[i]) == 1]
             continue
         reason = classify(gm, n, src, tdims, shapes_a, prefix, flow, size_of, offset)
-        if not reason and gu.is_index(n) and tdims[src] != ("nested",) and len(tdims[src]) == 1:
+        if not reason and _reads_positions(n, src, tdims, shapes_a):
             flow.index_reads.append(Exit(n, src, tdims[src][0], offset.get(src, 0),
                                          "a read by position, which left padding moves"))
         if reason:
             flow.unsafe.append((n, reason))
             _fold_exit(flow, n, src, tdims, offset, reason)
+
+
+def _reads_positions(n: Node, src: Node, tdims, shapes) -> bool:
+    """Whether index op ``n`` picks tokens of ``src`` by position (not a full slice)."""
+    if not gu.is_index(n) or tdims[src] == ("nested",) or len(tdims[src]) != 1:
+        return False
+    entry = gu.index_entry(n, shapes.get(src), tdims[src][0])
+    return not (isinstance(entry, slice) and entry.start in (None, 0) and entry.stop is None)
 
 
 def _fold_exit(flow: Flow, n: Node, src: Node, tdims, offset, why: str) -> None:

@@ -40,20 +40,19 @@ def _latest_site(sites, reach: list, keys: fx.Node):
     return before[-1] if before else None
 
 
-def _keys_size(ctx: Context, site, core) -> fx.Node | None:
+def _keys_size(ctx: Context, site, core) -> fx.Node:
     """The sizes of the tokens ``core``'s keys hold: all of the merge's, or from ``offset`` on
     when the keys read the stream past (part of) its protected prefix (an attention pool over
     ``x[:, prefix:]``: timm's registers with a MAP head). Prefix tokens never merge, so the
-    offset is the one of the unmerged graph. None: the keys are other tokens (pooled between
-    stages, another branch's); the token-flow check names what made them."""
+    offset is the one of the unmerged graph."""
     blocks = {b.index: b for b in ctx.matches.blocks}
     block = blocks.get(site.block)
     stream = ctx.shapes.get(block.merge_at) if block is not None else None
     offset = stream[block.token_dim] - core.tokens if gu.is_tensor_shape(stream) else 0
-    if offset == 0:
-        return site.size
     if not 0 < offset <= ctx.matches.prefix:
-        return None
+        # other tokens (pooled between stages): the sizes do not fit, the run fails there and
+        # the merges upstream of these keys are switched off (not the ones after them)
+        return site.size
     with ctx.gm.graph.inserting_before(core.anchor):
         return inserted(ctx.gm.graph.call_function(
             operator.getitem, (site.size, (slice(None), slice(offset, None)))), "bias")
