@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..graph.run import placeholder_values
+from ..graph.walk import ancestors
 
 MAX_TOKENS = 1 << 16  # a table holding more is not checked (one run of its lookup at that length)
 # lookup op -> (table argument, index argument); the indexed dimension of the table
@@ -64,28 +65,18 @@ def _state_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for i in todo.pop().all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return seen
-
-
 def _cheap(gm: fx.GraphModule, index: fx.Node, most: int = 200) -> bool:
     """Whether ``index`` is computed from inputs, buffers and shapes in a few ops (positions
     are; an index computed by the network's weights, routing tokens, is not run again)."""
     params = {name for name, _ in gm.named_parameters()}
-    up = _ancestors(index)
+    up = ancestors(index)
     return len(up) <= most and not any(n.op == "get_attr" and n.target in params for n in up)
 
 
 def _subgraph(gm: fx.GraphModule, wanted: list[fx.Node]) -> fx.GraphModule:
     """The ops ``wanted`` are computed from (every placeholder kept, in order): what a lookup
     reads, run alone on inputs of another length."""
-    need = set().union(*(_ancestors(n) for n in wanted))
+    need = set().union(*(ancestors(n) for n in wanted))
     graph, copies = fx.Graph(), {}
     for n in gm.graph.nodes:
         if n in need or n.op == "placeholder":

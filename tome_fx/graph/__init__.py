@@ -7,4 +7,4 @@ from .run import (ShapeRecorder, ValueRecorder, data_dependent, has_tensor, is_t
                   overriding, placeholder_values, record_shapes, record_values, run_interpreter,
                   token_dims)
 from .terms import addends, window_partition
-from .walk import ancestors_within, between, chains, descendants, fixed_lead
+from .walk import ancestors, ancestors_within, between, chains, descendants, fixed_lead

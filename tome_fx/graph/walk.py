@@ -23,6 +23,17 @@ def ancestors_within(node: Node, depth: int) -> set[Node]:
     return seen
 
 
+def ancestors(node: Node) -> set[Node]:
+    """``node`` and every node it is computed from."""
+    seen, todo = {node}, [node]
+    while todo:
+        for i in todo.pop().all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return seen
+
+
 def descendants(starts, through=None) -> set[Node]:
     """Nodes reachable from ``starts`` along def-use edges (``starts`` excluded unless
     reached again). ``through(user, node)``: follow only edges it accepts."""
@@ -43,12 +54,7 @@ def chains(pairs) -> list[int]:
     tokens, sizes and padding of one never reach the other."""
     heads: list[int] = []
     for j, (entry, _) in enumerate(pairs):
-        up, todo = {entry}, [entry]
-        while todo:
-            for i in todo.pop().all_input_nodes:
-                if i not in up:
-                    up.add(i)
-                    todo.append(i)
+        up = ancestors(entry)
         before = [i for i in range(j) if pairs[i][1] in up]
         heads.append(heads[before[-1]] if before else j)
     return heads
