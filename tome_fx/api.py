@@ -172,10 +172,10 @@ def rewrite_for_budget(captured: Captured, flops_budget: float, prop_attn: bool 
                        unmerge: str | bool = "auto", calibration: Any = None,
                        min_tokens: int = 0) -> Rewrite:
     """The ToMe rewrite with the schedule ``plan`` picks; the module's ``.tome`` is that plan."""
-    chosen, cm = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
-                                 calibration, min_tokens)
+    chosen, _ = plan_for_budget(captured, flops_budget, strategy, prop_attn, drop, unmerge,
+                                calibration, min_tokens)
     return apply_floor(rewrite_planned(captured, dataclasses.replace(chosen, scales=True),
-                                       prop_attn, drop, unmerge), min_tokens, cm)
+                                       prop_attn, drop, unmerge), min_tokens)
 
 
 def rewrite_planned(captured: Captured, chosen: Plan, prop_attn: bool | str = True,

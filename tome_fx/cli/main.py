@@ -109,15 +109,13 @@ def _common(p: argparse.ArgumentParser, default_batch: str, budget: bool = True)
 
 
 def _floor(text: str):
-    if text == "auto":
-        return text
+    """``--min-tokens``: what ``optimize(min_tokens=)`` takes (``cost.floor.check_min_tokens``)."""
+    from ..cost.floor import check_min_tokens
+
     try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 0, got {text!r}")
-    return n
+        return check_min_tokens(text if text == "auto" else int(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 0, got {text!r}") from None
 
 
 def _seq_len(p: argparse.ArgumentParser) -> None:

@@ -84,7 +84,7 @@ def build(target: Any, model: nn.Module, inputs, *, r: Any = None,
     else:
         schedule = cm.clamp(parse_r(r, cm.num_blocks))
     rw = apply_floor(rewrite(captured, ToMe(lambda n: list(schedule) + [0] * (n - len(schedule)))),
-                     cm.floor, cm)
+                     cm.floor)
     fast = rw.graph_module
     notes += [n for n in rw.plan.notes if n.startswith("min_tokens=")]
     plan = cost.to_plan(cm, rw.plan.r, flops_budget,

@@ -2,11 +2,11 @@
 
 Schedules scale with the token count (``kernels.tome.merge_count``), so without a floor a
 6-token sentence loses half its tokens at ``flops_budget=0.5`` and its embedding its meaning
-(trained MiniLM: cosine 0.16 to the original; ``benchmarks/short_inputs.py``). The floor is an
+(trained MiniLM: cosine 0.12 to the original; ``benchmarks/short_inputs.py``). The floor is an
 argument of every ``tome_merge`` (per sample, at any runtime length, arithmetic only), set
-after the rewrite so the plan and the cost model keep the schedule itself: the plan's table
-and ratio are the schedule's, and its note says where the floor merges less and what that
-costs at the example inputs.
+after the rewrite; the budget search keeps it too (``CostModel.floor``), so at the example
+inputs the plan's ratio is what the module spends. The plan's note says below which length the
+floor binds, and where an ``r`` schedule merges less at the example inputs.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import dataclasses
 from numbers import Integral
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .. import graph as gu
 from ..kernels.tome import merge_count, merge_limit, tome_merge
-from .model import CostModel
 
 MIN_TOKENS = 24  # "auto" on token ids: the least multiple of 8 keeping every sentence of
 # benchmarks/short_inputs.py at cosine >= 0.9 on the trained MiniLM at flops_budget=0.5
@@ -45,18 +45,9 @@ def resolve_min_tokens(min_tokens, inputs) -> int:
     its size, and ToMe's own schedules, r=16 on ViT-B, end below the floor)."""
     if min_tokens != "auto":
         return min_tokens
-    leaves = [t for t in _leaves(inputs) if isinstance(t, torch.Tensor)]
-    ids = any(t.dim() == 2 and not t.dtype.is_floating_point and t.dtype != torch.bool
-              for t in leaves)
+    ids = any(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.dtype.is_floating_point
+              and t.dtype != torch.bool for t in tree_leaves(inputs))
     return MIN_TOKENS if ids else 0
-
-
-def _leaves(x):
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (list, tuple)):
-        return [leaf for item in x for leaf in _leaves(item)]
-    return [x]
 
 
 def _counts(merges, n_tokens: int, prefix: int, min_tokens: int = 0) -> list[int]:
@@ -71,10 +62,9 @@ def _counts(merges, n_tokens: int, prefix: int, min_tokens: int = 0) -> list[int
     return out
 
 
-def apply_floor(rewrite, min_tokens: int, cm: CostModel | None = None):
+def apply_floor(rewrite, min_tokens: int):
     """Set the floor on every ToMe merge of ``rewrite`` (a ``pipeline.Rewrite``) and note in its
-    plan what it changes; ``cm``: the cost model the schedule was searched on (then the note
-    gives the FLOP ratio at the example inputs with the floor). Returns ``rewrite``."""
+    plan what it changes. Returns ``rewrite``."""
     gm, plan = rewrite.graph_module, rewrite.plan
     merges = [m for m in gu.merge_nodes(gm) if m.target is tome_merge]
     if not min_tokens or not merges:
@@ -95,11 +85,6 @@ def apply_floor(rewrite, min_tokens: int, cm: CostModel | None = None):
     if less:
         note += (f"; at the example inputs ({n0} tokens) block(s) {_span(less)} merge less "
                  f"(r {' '.join(map(str, plain))} -> {' '.join(map(str, floored))})")
-        if cm is not None:
-            schedule = [0] * cm.num_blocks
-            for b, f in zip(blocks, floored):
-                schedule[b] = f
-            note += f", FLOP ratio there {cm.flops(schedule) / cm.flops_original:.4f}"
     kept = tuple(n for n in plan.notes if not n.startswith("min_tokens="))  # a plan reapplied
     rewrite.plan = dataclasses.replace(plan, notes=kept + (note,))
     gm.tome = rewrite.plan

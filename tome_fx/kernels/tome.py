@@ -112,6 +112,13 @@ def merge_count(r, n_tokens: int, prefix: int, start=None, min_tokens: int = 0):
     return n_tokens - torch.sym_max(remain, prefix)
 
 
+def _batch_count(r, n_tokens: int, prefix: int, start, min_tokens: int):
+    """The tokens a merge of the batch's ``n_tokens`` takes away: ``merge_count`` within
+    ``merge_limit``."""
+    return torch.sym_min(merge_count(r, n_tokens, prefix, start, min_tokens),
+                         merge_limit(n_tokens, prefix))
+
+
 def padded_plan(n_tokens: int, metric, r, prefix: int, origin, groups, start, pad,
                 min_tokens: int = 0):
     """The merge plan (see ``bipartite_plan``) of a padded batch: each sample is matched and
@@ -181,8 +188,7 @@ def _sample_counts(n_tokens: int, r, prefix: int, start, pad, real, best, min_to
     want = torch.as_tensor(merge_count(r, real, prefix, own, min_tokens), device=real.device)
     r_i = torch.minimum(want, ((real - prefix) // 2).clamp(min=0))
     r_i = torch.minimum(r_i, (best > float("-inf")).sum(1)).clamp(min=0)
-    batch_r = torch.sym_min(merge_count(r, n_tokens, prefix, start, min_tokens),
-                            merge_limit(n_tokens, prefix))
+    batch_r = _batch_count(r, n_tokens, prefix, start, min_tokens)
     # a left-padded sample keeps one padding slot: the model reads its slot 0, a padding token,
     # by position (RoBERTa's pooler), and unmerging maps every padding token there
     padded = torch.zeros_like(real) if pad is None else pad[:, 0].long().expand(real.shape[0])
@@ -198,8 +204,7 @@ def match_tokens(n_tokens: int, keys, r: int, prefix: int, keys_transposed: bool
     """The merge plan ``tome_merge`` applies to ``n_tokens`` tokens (see ``bipartite_plan``),
     or None where it merges nothing. ``r``/``start``/``min_tokens``: see ``merge_count``;
     ``origin``/``groups``/``pad``: see ``tome_merge``."""
-    r_batch = torch.sym_min(merge_count(r, n_tokens, prefix, start, min_tokens),
-                            merge_limit(n_tokens, prefix))
+    r_batch = _batch_count(r, n_tokens, prefix, start, min_tokens)
     if isinstance(r_batch, int) and r_batch <= 0:  # a symbolic count (torch.compile) takes no branch
         return None
     metric = keys_metric(keys, keys_transposed)
