@@ -19,7 +19,7 @@ LAYERS = [
     ("passes",),  # graph transforms
     ("checks",),  # analyses that return reasons
     ("pipeline",),  # the one fix-point rewrite
-    ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
+    ("rules",),  # ToMe, ToMato, ToMeSD: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
     ("compiling", "track", "export_files", "exporting"),  # compile, token sources, ONNX/.pt2
     ("timing", "data", "diffusion", "distributed"),  # throughput, bars; real inputs;

@@ -14,7 +14,7 @@ from flops import counted_flops
 from tome_fx.capture import capture
 from tome_fx.cost.tomesd import rewrite_tomesd
 from tome_fx.diffusion import default_inputs
-from tome_fx.methods.tomesd import from_options
+from tome_fx.rules.tomesd import from_options
 
 MERGES = {"sd15": lambda: sd15(size=8), "sdxl": lambda: sdxl(size=16, layers=(1, 1, 1)), "dit": dit, "pixart": pixart, "sd3": sd3, "svd": svd,
           "motion": motion, "controlnet": controlnet}

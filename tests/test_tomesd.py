@@ -20,7 +20,7 @@ from tome_fx.capture import capture
 from tome_fx.cost.tomesd import rewrite_tomesd
 from tome_fx.diffusion import default_inputs
 from tome_fx.kernels.tomesd import split_grid, tomesd_match, tomesd_merge, tomesd_unmerge
-from tome_fx.methods.tomesd import from_options
+from tome_fx.rules.tomesd import from_options
 
 
 def _rewrite(captured, budget=None, **options):

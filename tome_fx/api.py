@@ -26,9 +26,9 @@ from .diffusion import default_inputs as diffusion_inputs
 from .exporting import Exported
 from .exporting import export as export_module
 from .graph.batches import fit_batch, static_batch
-from .methods import ToMato, ToMe
-from .methods.tomato import check_args as check_tomato_args
-from .methods.tomesd import from_options as tomesd_method
+from .rules import ToMato, ToMe
+from .rules.tomato import check_args as check_tomato_args
+from .rules.tomesd import from_options as tomesd_method
 from .passes.size_bias import prop_attn_form
 from .passes.unmerge import check_mode
 from .pipeline import Rewrite

@@ -17,7 +17,7 @@ from .. import cost
 from ..capture import capture
 from ..cost.floor import apply_floor, resolve_min_tokens
 from ..graph.batches import batched
-from ..methods import ToMe
+from ..rules import ToMe
 from ..api import check_calibration
 from ..pipeline import rewrite
 from ..schedule import parse_r

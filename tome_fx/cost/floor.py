@@ -52,7 +52,7 @@ def resolve_min_tokens(min_tokens, inputs) -> int:
 
 def _counts(merges, n_tokens: int, prefix: int, min_tokens: int = 0) -> list[int]:
     """The r each merge applies to one sample of ``n_tokens`` tokens (a chain of merges, as
-    ``methods.ToMe`` inserts them; ``start`` is the first merge's count)."""
+    ``rules.ToMe`` inserts them; ``start`` is the first merge's count)."""
     out, start = [], n_tokens
     for r in merges:
         k = max(0, min(merge_count(r, n_tokens, prefix, start, min_tokens),

@@ -36,7 +36,7 @@ import torch.fx as fx
 from .. import graph as gu
 from ..capture import Captured
 from ..kernels.tome import merge_limit
-from ..methods import ToMe
+from ..rules import ToMe
 from ..pipeline import rewrite
 from ..plans import Plan, Skipped
 from .flops import merge_flops, run_flops

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..capture import Captured, capture
 from ..kernels.tomato import tomato_flops
-from ..methods.tomato import LAST_BLOCK, UNCHANGED, ToMato, check_args, sim_source
+from ..rules.tomato import LAST_BLOCK, UNCHANGED, ToMato, check_args, sim_source
 from ..passes.drop import NO_PREFIX
 from ..pipeline import Rewrite, analyse, rewrite
 from .model import CostModel

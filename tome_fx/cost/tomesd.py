@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from .. import graph as gu
 from ..capture import Captured
 from ..kernels.tomesd import removed_count
-from ..methods.local import LocalBlock
-from ..methods.tomesd import ToMeSD
+from ..rules.local import LocalBlock
+from ..rules.tomesd import ToMeSD
 from ..pipeline import Rewrite, rewrite
 from ..plans import LevelPlan
 from .flops import run_flops

@@ -1,6 +1,6 @@
 """Splice a merge call into a block's merge point (between its attention residual and MLP).
 
-The methods (``tome_fx.methods``) decide where and with which kernel; this is the one place
+The insertion rules (``tome_fx.rules``) decide where and with which kernel; this is the one place
 that rewires the graph around a merge, whichever the kernel.
 """
 from __future__ import annotations

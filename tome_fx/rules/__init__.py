@@ -1,10 +1,10 @@
-"""Merging methods: each is a kernel and an insertion rule, handed to ``pipeline.rewrite``.
+"""Insertion rules: each method's kernel and where it goes, handed to ``pipeline.rewrite``.
 
-A method object has:
+A rule object has:
 
 * ``prepare(ctx) -> {block: reason}``: blocks it refuses on this graph (may raise ValueError for
   arguments that do not fit the model); ToMeSD replaces the matched blocks with its own sites
-  (``methods.local``: one per merged op) here;
+  (``rules.local``: one per merged op) here;
 * ``enabled(ctx, disabled, dropping) -> set[int]``: the blocks it merges in this round;
 * ``insert(ctx, enabled) -> list[MergeSite]``: splice its merge calls (``passes.merge``);
 * ``drop_blocker(ctx, disabled) -> str | None``: why unread tokens must not be dropped;
