@@ -24,6 +24,7 @@ LAYERS = [
     ("compiling", "track", "export_files", "exporting"),  # compile, token sources, ONNX/.pt2
     ("timing", "data", "diffusion", "distributed"),  # throughput, bars; real inputs;
     # diffusers models; the processes torchrun starts
+    ("methods",),  # the plug-ins optimize(method=...) looks up: checks, capture, budget, wrap
     ("api",),  # optimize / explain / plan / compile
     ("results", "sweep"),  # accuracy vs compute on real data; its table, JSON and plot
     ("cli",),  # tome-fx
@@ -153,3 +154,77 @@ def test_no_six_lines_written_twice():
             if first != where:
                 repeated.append(f"{where[0]}:{where[1]} repeats {first[0]}:{first[1]}")
     assert not repeated, "\n".join(repeated)
+
+
+# api and pipeline know no method: optimize looks the method up (tome_fx.methods.registry)
+NO_METHOD_NAMES = ("api", "pipeline")
+PLAN_ATTRIBUTE = "tome"  # ``module.tome``: every method's plan travels under it, not a method
+
+
+def _method_words() -> set[str]:
+    """Every registered method's name and the class names of its plug-in and insertion rule."""
+    import tome_fx
+    from tome_fx import rules
+    words = set(tome_fx.method_names())
+    words |= {type(tome_fx.get_method(n)).__name__ for n in tome_fx.method_names()}
+    words |= set(rules.__all__)
+    return {w.lower() for w in words}
+
+
+def _docstrings(tree) -> set[int]:
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)}
+
+
+def _method_names_in(path: str, words: set[str]) -> list[str]:
+    """``line: word`` for every method name among the code's names (identifiers, attributes,
+    imported modules, arguments) and the words of its strings; docstrings and comments aside."""
+    import re
+    tree = ast.parse(open(path).read())
+    docs, found = _docstrings(tree), []
+    for node in ast.walk(tree):
+        texts = []
+        if isinstance(node, ast.Name):
+            texts = [node.id]
+        elif isinstance(node, ast.Attribute) and node.attr != PLAN_ATTRIBUTE:
+            texts = [node.attr]
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            texts = [node.name]
+        elif isinstance(node, ast.arg):
+            texts = [node.arg]
+        elif isinstance(node, ast.keyword) and node.arg:
+            texts = [node.arg]
+        elif isinstance(node, ast.alias):
+            texts = [node.name, node.asname or ""]
+        elif isinstance(node, ast.ImportFrom):
+            texts = [node.module or ""]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docs:
+            texts = [node.value]
+        for text in texts:
+            found += [f"{node.lineno}: {w}" for part in text.split(".")
+                      for w in re.findall(r"\w+", part) if w.lower() in words]
+    return found
+
+
+@pytest.mark.parametrize("layer", NO_METHOD_NAMES)
+def test_api_and_pipeline_name_no_method(layer):
+    """Adding a method must not touch api.py or pipeline.py: neither names one."""
+    found = _method_names_in(MODULES[f"tome_fx.{layer}"], _method_words())
+    assert not found, f"tome_fx/{layer}.py names a method: " + ", ".join(found)
+
+
+def test_method_name_check_can_fail(tmp_path):
+    """The check above sees a method name as a string, an import, an identifier or a class."""
+    fake = tmp_path / "api_fake.py"
+    fake.write_text('"""ToMe in a docstring is fine."""\n'
+                    'from .methods.tomato import x  # comment: tomesd\n'
+                    'def f(method, m):\n'
+                    '    """tome here too."""\n'
+                    '    m.tome = 1\n'
+                    '    if method == "tome":\n'
+                    '        return ToMeSD(f"method={method!r} (ToMe)")\n')
+    found = _method_names_in(str(fake), _method_words())
+    assert sorted(found) == ["2: tomato", "6: tome", "7: ToMe", "7: ToMeSD"]

@@ -12,10 +12,14 @@ from .sources import SEED, Source, SourceError
 DENOISERS = ("unet", "transformer")  # the pipeline component tome_fx rewrites
 
 
+CLI_METHODS = ("tome", "tomesd")  # the methods this command line has options for
+
+
 def add_options(p) -> None:
-    p.add_argument("--method", choices=["tome", "tomesd"], default=None,
+    from ..methods import method_names
+    p.add_argument("--method", choices=method_names(), default=None,
                    help="tome (default) or tomesd: ToMeSD's local merging (the default for a "
-                        "diffusers model directory)")
+                        "diffusers model directory); the others from tome_fx.optimize(method=)")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
                    help="tomesd: share of tokens merged in each merged op, in [0, 1) "
                         "(default 0.5 without --flops-budget)")
@@ -99,6 +103,10 @@ def uses_tomesd(args, src: Source) -> bool:
     from ..diffusion import is_diffusers
 
     method = getattr(args, "method", None)
+    if method is not None and method not in CLI_METHODS:
+        raise ValueError(f"--method {method} has no command-line options yet: use "
+                         f"tome_fx.optimize(model, method={method!r}, ...), or --method "
+                         f"{' or '.join(CLI_METHODS)}")
     if method == "tomesd" and not is_diffusers(src.model):
         raise ValueError(f"--method tomesd needs a diffusers model: a pipeline folder with "
                          f"model_index.json (its unet/ or transformer/) or a diffusers model "
