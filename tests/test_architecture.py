@@ -22,7 +22,7 @@ LAYERS = [
     ("methods",),  # ToMe, ToMato: a kernel and an insertion rule each
     ("cost",),  # FLOP model, schedule search, calibration
     ("compiling", "track", "export_files", "exporting"),  # compile, token sources, ONNX/.pt2
-    ("timing", "data", "diffusion", "distributed"),  # throughput, bars; real inputs;
+    ("timing", "data", "diffusion", "distributed", "todo_front"),  # throughput, bars; real inputs;
     # diffusers models; the processes torchrun starts
     ("api",),  # optimize / explain / plan / compile
     ("results", "sweep"),  # accuracy vs compute on real data; its table, JSON and plot

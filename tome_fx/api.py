@@ -35,6 +35,7 @@ from .pipeline import Rewrite
 from .pipeline import rewrite as run_pipeline
 from .plans import Plan
 from .schedule import parse_r
+from .todo_front import optimize_todo
 
 TOMATO_ARGS = ("sim_threshold", "similarity", "block", "grid")
 
@@ -278,8 +279,14 @@ def optimize(
                    "calibration": calibration is not None}
         return _optimize_tomesd(model, r, flops_budget, example_inputs, compile, tomato,
                                 [k for k, v in ignored.items() if v])
+    if method == "todo":  # temporary: the plug-in registry replaces this branch
+        ignored = {"r": r is not None, "strategy": strategy != "auto",
+                   "calibration": calibration is not None}
+        return optimize_todo(model, flops_budget=flops_budget, example_inputs=example_inputs,
+                             compile=compile, options=tomato,
+                             unused=[k for k, v in ignored.items() if v])
     if method != "tome":
-        raise ValueError(f"method must be 'tome', 'tomato' or 'tomesd', got {method!r}")
+        raise ValueError(f"method must be 'tome', 'tomato', 'tomesd' or 'todo', got {method!r}")
     if tomato:
         raise TypeError(f"unexpected arguments for method='tome': {', '.join(sorted(tomato))}")
     if planned is not None:  # the schedule is given: no r and no search

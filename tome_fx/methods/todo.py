@@ -16,7 +16,6 @@ next; other levels are left alone (the authors pick them by channel width, 320 a
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -37,9 +36,11 @@ LAYOUT = (torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_vi
           torch.ops.aten.clone, torch.ops.aten.unflatten, torch.ops.aten.flatten)
 
 
-def side(factor: float) -> Fraction:
-    """A per-side factor as a fraction (a budget's real-valued factors: 1/64 steps)."""
-    return Fraction(factor).limit_denominator(64)
+def sides(factor) -> tuple[Fraction, Fraction]:
+    """A level's factor (one for both sides, or a budget's (rows, columns) pair, real-valued)
+    as fractions: the kept grid is ``h * den // num`` by ``w * den // num``."""
+    pair = factor if isinstance(factor, tuple) else (factor, factor)
+    return tuple(Fraction(f).limit_denominator(1 << 16) for f in pair)
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,9 @@ class ToDo:
                 why = f"{why}; similarity merging after it would need one match for both"
             h, w = b.hw
             if why is None and level and self.branch == "downsample":
-                f = side(self.factor[level - 1])
-                if f > 1 and (h * f.denominator // f.numerator < 1
-                              or w * f.denominator // f.numerator < 1):
-                    why = f"the {h}x{w} grid is smaller than the downsample factor {float(f):g}"
+                fh, fw = sides(self.factor[level - 1])
+                if h * fh.denominator // fh.numerator < 1 or w * fw.denominator // fw.numerator < 1:
+                    why = f"the {h}x{w} grid is smaller than the downsample factor {self.show(level)}"
             if why is None and level and self.branch == "similarity" and (
                     h < self.sy or w < self.sx) and self.ratio[level - 1] > 0:
                 why = f"the {h}x{w} grid is smaller than one {self.sy}x{self.sx} window"
@@ -107,7 +107,7 @@ class ToDo:
         if not level or self.branch == "none":
             return False
         if self.branch == "downsample":
-            return side(self.factor[level - 1]) > 1
+            return max(sides(self.factor[level - 1])) > 1
         return self.ratio[level - 1] > 0
 
     def enabled(self, ctx: Context, disabled: dict, dropping: bool) -> set[int]:
@@ -159,15 +159,14 @@ class ToDo:
         """The reduction call on ``x`` (its tokens on dim -2)."""
         start, frames = getattr(b, "start", 0), getattr(b, "frames", 1)
         if self.branch == "downsample":
-            f = side(self.factor[level - 1])
-            num, den = f.numerator, f.denominator
-            new = []
-            for n in (h, w):
-                scaled = n if den == 1 else inserted(
-                    graph.call_function(operator.mul, (n, den)), "shape")
-                new.append(inserted(graph.call_function(operator.floordiv, (scaled, num)),
+            fs, new = sides(self.factor[level - 1]), []
+            for n, f in zip((h, w), fs):
+                scaled = n if f.denominator == 1 else inserted(
+                    graph.call_function(operator.mul, (n, f.denominator)), "shape")
+                new.append(inserted(graph.call_function(operator.floordiv, (scaled, f.numerator)),
                                     "shape"))
-            pool = num if den == 1 and self.method in POOLS else None
+            whole = fs[0] == fs[1] and fs[0].denominator == 1  # the authors' pool
+            pool = fs[0].numerator if whole and self.method in POOLS else None
             args = (x, h, w, new[0], new[1], self.method, start, frames, pool, self.prop_attn)
             fn = todo_downsample
         else:
@@ -198,9 +197,13 @@ class ToDo:
         return dataclasses.replace(plan, blocks=rows, method="todo", notes=tuple(notes),
                                    levels=tuple(levels))
 
+    def show(self, level: int) -> str:
+        fh, fw = sides(self.factor[level - 1])
+        return f"{float(fh):.4g}" if fh == fw else f"{float(fh):.4g}x{float(fw):.4g}"
+
     def how(self, level: int) -> str:
         if self.branch == "downsample":
-            return f"{self.method}, factor {float(side(self.factor[level - 1])):g}"
+            return f"{self.method}, factor {self.show(level)}"
         return f"similarity, ratio {self.ratio[level - 1]:g}, {self.sx}x{self.sy} windows"
 
 
@@ -267,6 +270,3 @@ def reachable(switch: float, stop: float, secondary: str) -> set[str]:
         points |= {min(max(v + d, 0.0), 1.0) for d in (-1e-9, 0.0, 1e-9)}
     return {branch_at(u * 1000, switch, stop, secondary) for u in points}
 
-
-def least_side(tokens: int) -> float:
-    return math.sqrt(max(tokens, 1))
