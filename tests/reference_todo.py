@@ -31,10 +31,11 @@ def _resize(x, cur_h, cur_w, new_h, new_w, method):
 
 
 def _bipartite(x, w, h, sx, sy, r):
-    """Top-left destinations (no randomness), the most similar ``r`` sources averaged in."""
+    """Top-left destinations (no randomness), the most similar ``r`` sources averaged in;
+    and how many tokens each merged token holds."""
     b, n, c = x.shape
     if r <= 0:
-        return x
+        return x, x.new_ones(b, n)
     hs, ws = h // sy, w // sx
     flag = torch.zeros(h, w, dtype=torch.int64)
     flag[:hs * sy:sy, :ws * sx:sx] = -1
@@ -52,14 +53,17 @@ def _bipartite(x, w, h, sx, sy, r):
     moved = src.gather(1, gone[..., None].expand(-1, -1, c))
     where = target.gather(1, gone)[..., None].expand(-1, -1, c)
     dst = dst.scatter_reduce(1, where, moved, reduce="mean")
-    return torch.cat([unm, dst], 1)
+    held = x.new_ones(b, n_dst).scatter_add(1, where[..., 0], x.new_ones(b, r))
+    return torch.cat([unm, dst], 1), torch.cat([x.new_ones(b, unm.shape[1]), held], 1)
 
 
 class ReferenceToDo:
     """``ReferenceToDo(unet, widths=(c1, c2), **args).apply()``: the processors and the hook."""
 
-    def __init__(self, unet, widths, **args):
-        self.unet, self.widths = unet, widths
+    def __init__(self, unet, widths, prop=False, **args):
+        """``prop``: merged keys carry their sizes, ``log(size)`` added to the logits of an
+        explicit softmax (proportional attention)."""
+        self.unet, self.widths, self.prop = unet, widths, prop
         self.args = {**DEFAULTS, **args}
         self.info = {}
 
@@ -77,6 +81,7 @@ class ReferenceToDo:
         return self.unet
 
     def reduce(self, x):
+        """(keys/values input, sizes or None)."""
         a, (height, width) = self.args, self.info["size"]
         ds = int(math.ceil(math.sqrt(height * width // x.shape[1])))
         if x.shape[-1] == self.widths[0]:
@@ -84,21 +89,21 @@ class ReferenceToDo:
         elif x.shape[-1] == self.widths[1]:
             factor, ratio = a["downsample_factor_level_2"], a["ratio_level_2"]
         else:
-            return x
+            return x, None
         u = self.info["t"] / 1000
         if u <= a["timestep_threshold_stop"]:
-            return x
+            return x, None
         method = a["merge_method"] if u > a["timestep_threshold_switch"] \
             else a["secondary_merge_method"]
         cur_h, cur_w = height // ds, width // ds
         if method == "downsample" and factor > 1:
             return _resize(x, cur_h, cur_w, cur_h // factor, cur_w // factor,
-                           a["downsample_method"])
+                           a["downsample_method"]), None
         if method == "similarity" and ratio > 0:
             assert not a["use_rand"], "the reference merges without randomness"
             return _bipartite(x, math.ceil(width / ds), math.ceil(height / ds), a["sx"],
                               a["sy"], int(x.shape[1] * ratio))
-        return x
+        return x, None
 
 
 class _Processor:
@@ -110,11 +115,16 @@ class _Processor:
         assert encoder_hidden_states is None and attention_mask is None
         b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)
-        kv = self.owner.reduce(hidden_states)
+        kv, size = self.owner.reduce(hidden_states)
         k, v = attn.to_k(kv), attn.to_v(kv)
         heads = attn.heads
         split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        q, k, v = split(q), split(k), split(v)
+        if self.owner.prop and size is not None:
+            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + size.log()[:, None, None]
+            out = logits.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, -1, heads * (out.shape[-1]))
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor

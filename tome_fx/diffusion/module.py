@@ -144,7 +144,9 @@ class DiffusionModule(nn.Module):
 
     @property
     def tome_counts(self) -> dict:
-        return self.graph.tome_counts
+        """The rewrite counts of the graph the last call ran (as ``.tome``)."""
+        last = self._last or (self._entries[0] if self._entries else None)
+        return last.module.tome_counts if last is not None else self.graph.tome_counts
 
     @property
     def tome_inputs(self) -> tuple:

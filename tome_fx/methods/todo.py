@@ -79,7 +79,7 @@ class ToDo:
         refused = {}
         for b in blocks:
             level = levels.get(b.downsample)
-            users, why = kv_inputs(b, ctx.shapes) if level else ([], None)
+            _, users, why = kv_inputs(b, ctx.shapes) if level else (None, [], None)
             if users is not None and why and self.branch == "downsample":
                 why = None if not self.prop_attn else (  # fold_size takes [B, N] sizes
                     f"{why}: reduced at SDPA's inputs, where prop_attn is not supported")
@@ -130,8 +130,8 @@ class ToDo:
             if b.index not in enabled:
                 continue
             level = levels[b.downsample]
-            users, _ = kv_inputs(b, ctx.shapes)
-            at = b.merge_at if users else None
+            at, users, _ = kv_inputs(b, ctx.shapes)
+            at = at if users else None
             with graph.inserting_after(b.grid):
                 h = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 2)),
                              "shape")
@@ -214,30 +214,36 @@ def _weight(gm, node) -> bool:
         return False
 
 
-def kv_inputs(b: LocalBlock, shapes) -> tuple[list, str | None]:
-    """(the users of ``b.merge_at`` that lead to the keys and values but not to the queries,
-    None); ([], why) where the keys pass a position table after their projection, so they are
-    reduced at SDPA's inputs; (None, why) where they cannot be reduced."""
+def kv_inputs(b: LocalBlock, shapes) -> tuple:
+    """(the attention's input: ``b.merge_at`` or past per-token ops after it that queries and
+    keys share, its users that lead to the keys and values but not to the queries, None);
+    (at, [], why) where the keys pass a position table after their projection, so they are
+    reduced at SDPA's inputs; (at, None, why) where they cannot be reduced."""
     core, vals = b.core, values_of(b.core)
     if vals is None or core.kind != "sdpa":
-        return None, "the attention is not one SDPA call with its own values"
-    q_path = _paths(b.merge_at, [core.query])
-    kv_path = _paths(b.merge_at, [core.keys, vals])
-    users = [u for u in b.merge_at.users if u in kv_path]
-    shared = [u for u in users if u in q_path]
-    if shared:
-        return None, (f"{shared[0].name} computes queries and keys together (a fused projection): "
-                    "the keys cannot be reduced without the queries")
-    tokens = shapes[b.merge_at][1]
+        return b.merge_at, None, "the attention is not one SDPA call with its own values"
+    gm, at = b.merge_at.graph.owning_module, b.merge_at
+    while True:  # past per-token ops shared by queries and keys (adaLN's modulation)
+        q_path, kv_path = _paths(at, [core.query]), _paths(at, [core.keys, vals])
+        users = [u for u in at.users if u in kv_path]
+        shared = [u for u in users if u in q_path]
+        if not shared:
+            break
+        if (len(shared) > 1 or len(users) > 1 or gu.is_linear(gm, shared[0])
+                or shapes.get(shared[0]) != shapes.get(at)):
+            return at, None, (f"{shared[0].name} computes queries and keys together (a fused "
+                          "projection): the keys cannot be reduced without the queries")
+        at = shared[0]
+    tokens = shapes[at][1]
     for n in kv_path:
         for i in n.all_input_nodes:
             s = shapes.get(i)
-            if (i is not b.merge_at and i not in kv_path and gu.is_tensor_shape(s)
+            if (i is not at and i not in kv_path and gu.is_tensor_shape(s)
                     and not _weight(b.merge_at.graph.owning_module, i)
                     and tokens in s and sum(d > 1 for d in s) >= 2):
-                return [], (f"the keys pass {n.name}, which combines them with {i.name}, a "
+                return at, [], (f"the keys pass {n.name}, which combines them with {i.name}, a "
                             f"{list(s)} table (rotary or position embedding)")
-    return users, None
+    return at, users, None
 
 
 def kv_counts(gm, args, kwargs) -> dict[int, int]:
