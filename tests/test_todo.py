@@ -15,7 +15,7 @@ from diffusion_models import call, diffusers, hunyuan, relative, sdxl
 from flops import counted_flops
 from reference_todo import ReferenceToDo
 from tome_fx.capture import capture
-from tome_fx.cost.todo import rewrite_todo
+from tome_fx.cost.todo import KeyCost, rewrite_todo, search_grids
 from tome_fx.diffusion import default_inputs
 from tome_fx.kernels.todo import todo_downsample, todo_similarity
 from tome_fx.kernels.tomesd import tomesd_match, tomesd_merge
@@ -72,7 +72,8 @@ def test_downsample_kernel_reduces_each_frame_and_keeps_text():
     x = torch.cat([text0, grid.reshape(b, -1, c), text1], 1)
     out, size = todo_downsample(x, h, w, 2, 3, "avg_pool", start=2, frames=frames, factor=2,
                                 sizes=True)
-    pooled = torch.nn.functional.avg_pool2d(grid.reshape(b * frames, h, w, c).permute(0, 3, 1, 2), 2)
+    frames_first = grid.reshape(b * frames, h, w, c).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.avg_pool2d(frames_first, 2)
     want = torch.cat([text0, pooled.permute(0, 2, 3, 1).reshape(b, -1, c), text1], 1)
     torch.testing.assert_close(out, want)
     assert size[..., 0].tolist() == [[1, 1] + [4.0] * 18 + [1, 1, 1]] * b
@@ -215,8 +216,20 @@ def test_budget_lands_in_the_window():
     out = tome_fx.optimize(model, method="todo", flops_budget=0.7, example_inputs=inputs)
     ratio = counted_flops(lambda: out(**inputs)) / counted_flops(lambda: model(**inputs))
     assert 0.69 <= ratio <= 0.7
-    with pytest.raises(ValueError, match="below the least reachable FLOP ratio"):
-        tome_fx.optimize(model, method="todo", flops_budget=0.1, example_inputs=inputs)
+
+
+def test_budget_search_on_the_closed_form():
+    """FLOPs linear in kept keys: level 1 alone where it reaches, then level 2; out of reach
+    names the least ratio (both levels down to one key)."""
+    cost = KeyCost(1000.0, {1: (8, 8), 2: (4, 4)}, {1: 2.0, 2: 10.0})
+    grids = search_grids(cost, 0.9)  # 50 keys of level 1 at most
+    kept = {lv: h * w for lv, (h, w) in grids.items()}
+    assert kept[2] == 16 and 0.89 <= cost.flops(kept) / 1000 <= 0.9
+    grids = search_grids(cost, 0.8)  # level 1 reaches 0.874 alone: level 2 too
+    kept = {lv: h * w for lv, (h, w) in grids.items()}
+    assert kept[2] < 16 and 0.79 <= cost.flops(kept) / 1000 <= 0.8
+    with pytest.raises(ValueError, match="below the least reachable FLOP ratio 0.7240"):
+        search_grids(cost, 0.7)
 
 
 def test_compiled_branch_has_no_graph_break(unet, captured):

@@ -280,11 +280,9 @@ def optimize(
         return _optimize_tomesd(model, r, flops_budget, example_inputs, compile, tomato,
                                 [k for k, v in ignored.items() if v])
     if method == "todo":  # temporary: the plug-in registry replaces this branch
-        ignored = {"r": r is not None, "strategy": strategy != "auto",
-                   "calibration": calibration is not None}
         return optimize_todo(model, flops_budget=flops_budget, example_inputs=example_inputs,
-                             compile=compile, options=tomato,
-                             unused=[k for k, v in ignored.items() if v])
+                             compile=compile, options={**tomato, "prop_attn": prop_attn == "fold"},
+                             unused=[k for k, v in (("r", r), ("calibration", calibration)) if v])
     if method != "tome":
         raise ValueError(f"method must be 'tome', 'tomato', 'tomesd' or 'todo', got {method!r}")
     if tomato:

@@ -9,6 +9,9 @@ diffusers model comes back as a ``DiffusionModule`` whose graphs are one per cal
 own branch. A batch of per-sample timesteps that fall in different branches is a ValueError (one
 graph runs per call). A model that is not a diffusers model has no per-call wrapper: it gets the
 one branch its thresholds allow at every timestep, or a ValueError when they allow several.
+Through ``optimize``, whose own ``prop_attn`` defaults to True, ``prop_attn="fold"`` turns on
+key/value sizes (proportional attention, folded into one SDPA); anything else leaves them off,
+as the authors do.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def todo_method(options: dict, budget: bool) -> tuple[ToDo, Switch]:
     method = ToDo("downsample", (float(o["downsample_factor"]),
                                  float(o["downsample_factor_level_2"])),
                   (float(o["ratio"]), float(o["ratio_level_2"])), o["downsample_method"],
-                  o["sx"], o["sy"], o["use_rand"], seed, o["prop_attn"])
+                  o["sx"], o["sy"], o["use_rand"], seed=seed, prop_attn=o["prop_attn"])
     switch = Switch(o["timestep_threshold_switch"], o["timestep_threshold_stop"],
                     o["secondary_merge_method"])
     return method, switch
@@ -161,8 +164,9 @@ def optimize_todo(model: nn.Module, *, flops_budget=None, example_inputs=None, c
         if len(branches) > 1:
             raise ValueError(f"method='todo' on {type(model).__name__} (not a diffusers model: no "
                              f"wrapper reads each call's timestep) would need branches "
-                             f"{', '.join(sorted(branches))}; pass timestep_threshold_switch=-1 and "
-                             "timestep_threshold_stop=-1 for the downsample branch at every step")
+                             f"{', '.join(sorted(branches))}; pass timestep_threshold_switch=-1 "
+                             "and timestep_threshold_stop=-1 for the downsample branch at every "
+                             "step")
         captured = capture(model, example_inputs)
         found = dataclasses.replace(method, branch=branches.pop())
         if flops_budget is not None:

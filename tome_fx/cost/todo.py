@@ -132,10 +132,11 @@ def fit_budget(captured: Captured, method: ToDo, budget: float) -> ToDo:
         (h, w), (nh, nw) = cost.grid[lv], chosen[lv]
         factor[lv - 1] = (Fraction(h, nh), Fraction(w, nw))
         ratio[lv - 1] = min((h * w - nh * nw + 0.5) / (h * w), 0.999)
+    kept = {lv: nh * nw for lv, (nh, nw) in chosen.items()}
     note = (f"flops_budget={budget:g}: kept grids "
             + ", ".join(f"level {lv} {nh}x{nw} of {cost.grid[lv][0]}x{cost.grid[lv][1]}"
                         for lv, (nh, nw) in sorted(chosen.items()))
-            + f" (FLOP ratio {cost.flops({lv: nh * nw for lv, (nh, nw) in chosen.items()}) / cost.original:.4f}"
+            + f" (FLOP ratio {cost.flops(kept) / cost.original:.4f}"
             " in the downsample branch; the similarity branch keeps as many keys where its "
             "windows allow)")
     return dataclasses.replace(method, factor=tuple(factor), ratio=tuple(ratio),

@@ -57,8 +57,8 @@ class ToDo:
     use_rand: bool = False
     seed: int = 0
     prop_attn: bool = False
-    notes: tuple = ()
     unmerge: bool = False  # queries keep every token: nothing to unmerge
+    notes: tuple = ()
 
     def sites(self, ctx: Context) -> list[LocalBlock]:
         return [b for b in ctx.matches.blocks if isinstance(b, LocalBlock)]
@@ -89,7 +89,8 @@ class ToDo:
             if why is None and level and self.branch == "downsample":
                 fh, fw = sides(self.factor[level - 1])
                 if h * fh.denominator // fh.numerator < 1 or w * fw.denominator // fw.numerator < 1:
-                    why = f"the {h}x{w} grid is smaller than the downsample factor {self.show(level)}"
+                    why = (f"the {h}x{w} grid is smaller than the downsample factor "
+                           f"{self.show(level)}")
             if why is None and level and self.branch == "similarity" and (
                     h < self.sy or w < self.sx) and self.ratio[level - 1] > 0:
                 why = f"the {h}x{w} grid is smaller than one {self.sy}x{self.sx} window"
@@ -181,8 +182,8 @@ class ToDo:
         the keys kept and how."""
         kept = kv_counts(ctx.gm, ctx.args, ctx.kwargs)
         sites = self.sites(ctx)
-        rows = tuple(dataclasses.replace(row, kind="attn", norm="kv", r=row.tokens_in
-                                         - kept.get(b.index, row.tokens_in), tokens_out=row.tokens_in)
+        rows = tuple(dataclasses.replace(row, kind="attn", norm="kv", tokens_out=row.tokens_in,
+                                         r=row.tokens_in - kept.get(b.index, row.tokens_in))
                      for row, b in zip(plan.blocks, sites))
         notes, levels = list(plan.notes), []
         for ds, level in sorted(self.levels(sites).items()):
