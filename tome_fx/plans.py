@@ -129,7 +129,7 @@ class Plan:
         if self.scales:
             lines.append("the schedule scales with the token count: each block merges its share "
                          "(r / tokens) of the tokens it gets; r is the count at the example inputs")
-        if self.method == "tomesd":
+        if self.method in ("tomesd", "todo"):
             lines.insert(1, self.level_table())
         elif self.method != "tome":
             how = (f"threshold {self.sim_threshold:g}" if self.sim_threshold is not None

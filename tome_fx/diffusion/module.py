@@ -17,6 +17,10 @@ cache, the way torch.compile guards and recompiles:
   attributes, processors, submodules, hooks, the parameters' dtype and device), so a change
   made straight on the model, or ``.to()``/``.half()``, is captured anew on the next call
   (graphs of an earlier dtype or device stay cached for when the model goes back);
+* with a ``variant`` (a function of the call's keyword inputs, e.g. of the timestep's value,
+  read on the host), its value is part of the key and the builder gets it as a third argument:
+  a method whose computation depends on such a value (a timestep switch) gets one graph per
+  value, and each call runs only its own;
 * a method called through this module (``enable_freeu``, ``set_attn_processor``,
   ``fuse_qkv_projections``, LoRA loading, ...), an attribute set on it and
   ``load_state_dict`` drop the cache.
@@ -102,12 +106,13 @@ class DiffusionModule(nn.Module):
     last call ran (its level table is at that graph's capture size; the ratio per level holds
     at every size)."""
 
-    def __init__(self, model: nn.Module, build: Callable, inputs: dict, first: nn.Module):
+    def __init__(self, model: nn.Module, build: Callable, inputs: dict, first: nn.Module,
+                 variant: Callable[[dict], Any] | None = None):
         super().__init__()
         self.model = model  # .to(), .train(), parameters() reach the real model
         self.training = model.training  # the graphs are stored in the model's mode
         own = {"_build": build, "_signature": inspect.signature(model.forward),
-               "_example": inputs, "_entries": [], "_last": None}
+               "_example": inputs, "_entries": [], "_last": None, "_variant": variant}
         self.__dict__.update(own)
         self._store(self._call_key(inputs), state_fingerprint(model), first, inputs)
 
@@ -139,7 +144,9 @@ class DiffusionModule(nn.Module):
 
     @property
     def tome_counts(self) -> dict:
-        return self.graph.tome_counts
+        """The rewrite counts of the graph the last call ran (as ``.tome``)."""
+        last = self._last or (self._entries[0] if self._entries else None)
+        return last.module.tome_counts if last is not None else self.graph.tome_counts
 
     @property
     def tome_inputs(self) -> tuple:
@@ -204,7 +211,8 @@ class DiffusionModule(nn.Module):
         return out
 
     def _call_key(self, inputs: dict):
-        return tuple((n, _key(v)) for n, v in inputs.items()), self.model.training
+        key = tuple((n, _key(v)) for n, v in inputs.items()), self.model.training
+        return key if self._variant is None else (*key, self._variant(inputs))
 
     def _run(self, key, inputs: dict):
         sizes, state = _sizes(inputs), state_fingerprint(self.model)
@@ -222,7 +230,8 @@ class DiffusionModule(nn.Module):
 
     def _capture(self, key, state: int, inputs: dict, quiet: bool = False) -> _Entry:
         start = time.perf_counter()
-        module = self._build(self.model, inputs)
+        extra = () if self._variant is None else (key[2],)
+        module = self._build(self.model, inputs, *extra)
         entry = self._store(key, state, module, inputs)
         if not quiet:
             shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in inputs.items()

@@ -1,5 +1,5 @@
 """ToMeSD: local merging around the ops of every transformer block on a 2-D token grid
-(kernel: ``kernels.tomesd``; where: ``methods.local``).
+(kernel: ``kernels.tomesd``; where: ``rules.local``).
 
 Per transformer block one match is computed on the block's input tokens; each chosen op (the
 self-attention, and with ``merge_crossattn``/``merge_mlp`` the cross-attention and the MLP) runs
