@@ -177,6 +177,10 @@ def test_state_changes_reach_the_graph():
     unet = sd15()
     fast = tome_fx.optimize(unet, method="tomesd", ratio=0.5, use_rand=False)
     x, e = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    torch.compile(unet)  # compiling the original (to compare) marks it, changes nothing
+    assert len(fast.graphs) == 1
+    fast(x, 500, e)
+    assert len(fast.graphs) == 1  # no capture again
     fast.set_attn_processor(AttnProcessor())  # the classic (non-SDPA) processor
     assert not fast.graphs
     assert type(unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn1."

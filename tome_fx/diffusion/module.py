@@ -66,6 +66,10 @@ def _key(value):
     return value if isinstance(value, _SCALARS) else ("object", type(value).__name__)
 
 
+# the call key holds the mode; torch.compile(model) marks the model it wraps, changing nothing
+_NOT_STATE = ("training", "_is_torch_compile")
+
+
 def state_fingerprint(model: nn.Module) -> int:
     """A hash of what a captured graph bakes in besides the weights' values: per module its
     scalar attributes, the identity of every other attribute (processors, submodules,
@@ -74,7 +78,7 @@ def state_fingerprint(model: nn.Module) -> int:
     for mod in model.modules():
         for name, v in mod.__dict__.items():
             t = type(v)
-            if name == "training":  # the call key holds the mode
+            if name in _NOT_STATE:
                 continue
             if t in _SCALARS:
                 out.append((name, v))

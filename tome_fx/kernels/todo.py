@@ -14,6 +14,8 @@ stands for (1 for tokens passed through), for proportional attention.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,24 +24,30 @@ from .tomesd import tomesd_match, tomesd_merge
 POOLS = ("max_pool", "avg_pool")
 
 
-def _split(x: torch.Tensor, h: int, w: int, start: int, frames: int):
-    """(tokens before, the grids ``[B', h*w, C]`` with frames in the batch, tokens after)."""
+def _split(x: torch.Tensor, h: int, w: int, start: int, frames: int, only: bool = False):
+    """(tokens before, the grids ``[B', h*w, C]`` with frames in the batch, tokens after);
+    ``only``: every token is the grid's (nothing before or after)."""
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     flat = x.reshape(-1, n, c)
+    if only:
+        return lead, None, flat.reshape(-1, h * w, c), None
     end = start + frames * h * w
     grid = flat[:, start:end].reshape(-1, h * w, c)  # [B'*frames, h*w, C]
     return lead, flat[:, :start], grid, flat[:, end:]
 
 
 def _join(lead, before, grid, after, frames: int, size_of_grid=None):
-    b, c = before.shape[0], grid.shape[-1]
-    tokens = grid.reshape(b, -1, c)
-    out = torch.cat([before, tokens, after], 1)
+    b, c = math.prod(lead), grid.shape[-1]
+    out = grid.reshape(b, -1, c)
+    if before is not None:
+        out = torch.cat([before, out, after], 1)
     out = out.reshape(*lead, out.shape[1], c)
     if size_of_grid is None:
         return out
-    ones = lambda t: t.new_ones(t.shape[0], t.shape[1], 1)  # noqa: E731
-    size = torch.cat([ones(before), size_of_grid.reshape(b, -1, 1).to(grid.dtype), ones(after)], 1)
+    size = size_of_grid.reshape(b, -1, 1).to(grid.dtype)
+    if before is not None:
+        ones = lambda t: t.new_ones(t.shape[0], t.shape[1], 1)  # noqa: E731
+        size = torch.cat([ones(before), size, ones(after)], 1)
     return out, size.reshape(*lead, size.shape[1], 1)
 
 
@@ -57,10 +65,10 @@ def _resize(img: torch.Tensor, new_h: int, new_w: int, method: str, factor) -> t
 
 def todo_downsample(x: torch.Tensor, h: int, w: int, new_h: int, new_w: int, method: str,
                     start: int = 0, frames: int = 1, factor: int | None = None,
-                    sizes: bool = False):
+                    sizes: bool = False, only: bool = False):
     """``x`` with its ``h x w`` grid tokens (row-major, per frame) resized to ``new_h x new_w``
     by ``method`` (``"max_pool"``, ``"avg_pool"`` or an ``F.interpolate`` mode)."""
-    lead, before, grid, after = _split(x, h, w, start, frames)
+    lead, before, grid, after = _split(x, h, w, start, frames, only)
     c = grid.shape[-1]
     img = grid.transpose(1, 2).reshape(-1, c, h, w)
     small = _resize(img, new_h, new_w, method, factor)
@@ -74,11 +82,11 @@ def todo_downsample(x: torch.Tensor, h: int, w: int, new_h: int, new_w: int, met
 def todo_similarity(x: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
                     ratio: float = 0.5, use_rand: bool = False, seed: int = 0, salt: int = 0,
                     step: torch.Tensor | None = None, start: int = 0, frames: int = 1,
-                    sizes: bool = False):
+                    sizes: bool = False, only: bool = False):
     """``x`` with ``int(h*w*ratio)`` grid tokens of each frame averaged into their most similar
     window destination (ToMeSD's bipartite matching on ``x`` itself). ``use_rand`` is off for an
     odd batch, as the authors do (a prompt and its unconditional twin share no batch then)."""
-    lead, before, grid, after = _split(x, h, w, start, frames)
+    lead, before, grid, after = _split(x, h, w, start, frames, only)
     rand = use_rand and grid.shape[0] % 2 == 0
     match = tomesd_match(grid, h, w, sx, sy, ratio, None, rand, seed, salt, step)
     out = tomesd_merge(grid, match)

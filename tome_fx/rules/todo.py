@@ -144,7 +144,7 @@ class ToDo:
             size = None
             for src in sources:
                 with graph.inserting_before(point):
-                    call = x = self._reduce(graph, src, h, w, level, step, b)
+                    call = x = self._reduce(graph, src, h, w, level, step, b, ctx.shapes.get(src))
                     if self.prop_attn:
                         x = inserted(graph.call_function(operator.getitem, (call, 0)), "kv")
                         size = inserted(graph.call_function(operator.getitem, (call, 1)), "size")
@@ -156,9 +156,11 @@ class ToDo:
         ctx.gm.recompile()
         return []
 
-    def _reduce(self, graph, x, h, w, level: int, step, b: LocalBlock):
-        """The reduction call on ``x`` (its tokens on dim -2)."""
+    def _reduce(self, graph, x, h, w, level: int, step, b: LocalBlock, shape):
+        """The reduction call on ``x`` (its tokens on dim -2, ``shape`` at capture)."""
         start, frames = getattr(b, "start", 0), getattr(b, "frames", 1)
+        # every token is the grid's (a UNet): no split and join around the reduction
+        only = start == 0 and gu.is_tensor_shape(shape) and shape[-2] == frames * b.tokens
         if self.branch == "downsample":
             fs, new = sides(self.factor[level - 1]), []
             for n, f in zip((h, w), fs):
@@ -168,11 +170,11 @@ class ToDo:
                                     "shape"))
             whole = fs[0] == fs[1] and fs[0].denominator == 1  # the authors' pool
             pool = fs[0].numerator if whole and self.method in POOLS else None
-            args = (x, h, w, new[0], new[1], self.method, start, frames, pool, self.prop_attn)
+            args = (x, h, w, new[0], new[1], self.method, start, frames, pool, self.prop_attn, only)
             fn = todo_downsample
         else:
             args = (x, h, w, self.sx, self.sy, self.ratio[level - 1], self.use_rand, self.seed,
-                    b.group, step, start, frames, self.prop_attn)
+                    b.group, step, start, frames, self.prop_attn, only)
             fn = todo_similarity
         return inserted(graph.call_function(fn, args), "kv_reduce", site=b.index,
                         branch=self.branch)
