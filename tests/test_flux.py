@@ -133,10 +133,12 @@ def _vae():
         norm_num_groups=32, shift_factor=0.0).eval()  # scale factor 1: image = latent size
 
 
-def test_flux_pipeline_two_sizes(model):
+@pytest.mark.parametrize("ratio", [0.5, pytest.param(0.0, marks=pytest.mark.slow)])
+def test_flux_pipeline_two_sizes(model, ratio):
     """``pipe.transformer = optimize(pipe.transformer)`` in a FluxPipeline of small components
     (text embeddings given: no tokenizer offline): images at 16x16 and 24x16 (8x8 and 12x8
-    packed grids, each captured for its ids); at ratio 0 the same images as the model's."""
+    packed grids, each captured for its ids) that differ from the model's at ratio 0.5 and
+    equal them at ratio 0."""
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
@@ -150,18 +152,15 @@ def test_flux_pipeline_two_sizes(model):
 
     sizes = ((16, 16), (24, 16))
     plain = [images(h, w) for h, w in sizes]
-    for ratio in (0.0, 0.5):
-        pipe.transformer = tome_fx.optimize(model, method="tomesd", ratio=ratio,
-                                            use_rand=False,
-                                            example_inputs=flux_inputs(8, 8, text=TEXT))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours = [images(h, w) for h, w in sizes]
-        for (h, w), a, b in zip(sizes, ours, plain):
-            assert a.shape == b.shape == (1, 3, h, w) and torch.isfinite(a).all()
-            assert relative(a, b) <= 1e-6 if ratio == 0 else relative(a, b) > 1e-4
-        assert pipe.transformer.tome.blocks[0].r == (32 if ratio else 0)
-    pipe.transformer = model
+    pipe.transformer = tome_fx.optimize(model, method="tomesd", ratio=ratio, use_rand=False,
+                                        example_inputs=flux_inputs(8, 8, text=TEXT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = [images(h, w) for h, w in sizes]
+    assert pipe.transformer.tome.blocks[0].r == int(64 * ratio)  # the 8x8 example's plan
+    for (h, w), a, b in zip(sizes, ours, plain):
+        assert a.shape == b.shape == (1, 3, h, w) and torch.isfinite(a).all()
+        assert relative(a, b) <= 1e-6 if ratio == 0 else relative(a, b) > 1e-4
 
 
 def test_wan_sites_frames_grid():
@@ -175,3 +174,48 @@ def test_wan_sites_frames_grid():
     assert [(s.frames, s.hw, s.start, s.tokens) for s in attn] == [(3, (4, 4), 0, 48)]
     with pytest.raises(ValueError, match="frames x an h x w grid"):
         tome_fx.optimize(model, method="tomesd", ratio=0.5, example_inputs=inputs)
+
+
+class _Patchy(torch.nn.Module):
+    """A DiT block on 2x2 patches cut from the latent by a reshape (as Lumina-Next cuts them),
+    with no rotary embedding: its tokens are the 8 x 8 grid of patches of a 16 x 16 latent."""
+
+    def __init__(self, c=4, p=2, d=32):
+        super().__init__()
+        self.p = p
+        self.embed, self.norm = torch.nn.Linear(c * p * p, d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.out = torch.nn.Linear(d, c * p * p)
+
+    def patches(self, sample):
+        b, c, h, w = sample.shape
+        p = self.p
+        x = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return self.embed(x.flatten(3).flatten(1, 2))
+
+    def attend(self, y):
+        q, k, v = self.qkv(y).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                         .transpose(1, 2).flatten(2))
+
+    def forward(self, sample, timestep):
+        x = self.patches(sample)
+        x = x + self.attend(self.norm(x))
+        return self.out(x)
+
+
+def test_patches_cut_by_reshape():
+    """The grid of a latent patchified by a reshape is its h/p x w/p patches: ToMeSD merges on
+    it, equal to the kernels applied by hand on the 8 x 8 grid."""
+    from tome_fx.kernels.tomesd import tomesd_match, tomesd_merge, tomesd_unmerge
+    torch.manual_seed(0)
+    model = _Patchy().eval()
+    inputs = {"sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([1.0, 2.0])}
+    rw = _rewrite(model, inputs, ratio=0.5)
+    assert [lv.grid for lv in rw.plan.levels] == [(8, 8)]
+    with torch.no_grad():
+        x = model.patches(inputs["sample"])
+        match = tomesd_match(x, 8, 8, 2, 2, 0.5)
+        ref = model.out(x + tomesd_unmerge(model.attend(tomesd_merge(model.norm(x), match)),
+                                           match))
+        assert relative(rw.graph_module(**inputs), ref) <= 1e-6

@@ -216,7 +216,8 @@ def grid_frames(gm: fx.GraphModule, stream: Node, tokens: int, shapes,
             continue
         dims = (dims[0], dims[dim])
         h, w = shapes[grid][-2:]
-        if len(shapes[grid]) == 4 and h * w == tokens and axes.is_grid(dims, h, w):
+        p = axes.patch_of(dims, h, w) if len(shapes[grid]) == 4 else 0
+        if p and (h // p) * (w // p) == tokens:
             return grid, 1, ""
         atoms = axes.token_atoms(dims)
         if len(shapes[grid]) == 5 and atoms == (("f", shapes[grid][2]), ("h", h), ("w", w)):
@@ -289,7 +290,9 @@ def _grid(gm, shapes, inputs, core, stream) -> tuple[tuple | None, str]:
     if grid is not None:
         seq = shapes[core.query][-2]
         start = seq - tokens if seq > tokens and image_last(core.query, tokens, shapes) else 0
-        return (grid, tuple(shapes[grid][-2:]), frames, start, None), ""
+        h, w = shapes[grid][-2:]
+        p = math.isqrt(h * w * frames // tokens)  # patches cut by a reshape: p x p each
+        return (grid, (h // p, w // p), frames, start, None), ""
     packed, reason = find_ids_grid(gm, shapes, *inputs, stream, core.query)
     if packed is None:
         return None, reason or why

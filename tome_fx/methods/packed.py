@@ -9,7 +9,9 @@ a ``ShapeError`` that makes a ``DiffusionModule`` capture the new grid).
 
 Text tokens come before the image tokens where they share a sequence (joint attention
 ``cat([text, image])``, single-stream blocks): ``start`` is where the image tokens begin in the
-attention's token dimension, and the kernels leave the tokens before them unmerged.
+attention's token dimension, and the kernels leave the tokens before them unmerged. A
+single-stream block's attention and MLP read one normalised input and one projection takes both
+outputs, so merging that input merges the MLP's image tokens too (its text tokens stay).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,8 @@ class ToMeSD:
                 continue
             match = made.get(b.group)
             if match is None:
-                match = made[b.group] = self._match(graph, b, levels[b.downsample], step)
+                patch = ctx.shapes[b.grid][-1] // b.hw[1] if b.grid is not None else 1
+                match = made[b.group] = self._match(graph, b, levels[b.downsample], step, patch)
             if b.op == "crossattn":  # merged queries are unmerged after it (token flow check)
                 b.core.anchor.meta.setdefault("tome", {})["local"] = True
             inside = set(gu.between(b.merge_at, b.op_out))  # the op's own nodes
@@ -154,7 +156,7 @@ class ToMeSD:
         ctx.gm.recompile()
         return sites
 
-    def _match(self, graph, b: LocalBlock, ratio: float, step):
+    def _match(self, graph, b: LocalBlock, ratio: float, step, patch: int = 1):
         """The group's match node, after its input tokens; the grid read from the graph."""
         if b.ids is not None:  # the width read at capture; the ids checked at every call
             w = b.hw[1]
@@ -166,6 +168,11 @@ class ToMeSD:
             h = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 2)), "shape")
         with graph.inserting_after(h):
             w = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 3)), "shape")
+        if patch > 1:  # the grid of p x p patches cut from it by a reshape
+            with graph.inserting_after(w):
+                h = inserted(graph.call_function(operator.floordiv, (h, patch)), "shape")
+            with graph.inserting_after(h):
+                w = inserted(graph.call_function(operator.floordiv, (w, patch)), "shape")
         with graph.inserting_after(w):
             return self._match_node(graph, b, h, w, ratio, step)
 
