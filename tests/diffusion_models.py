@@ -206,3 +206,16 @@ def hunyuan(size=16, layers=2):
         num_attention_heads=2, attention_head_dim=16, in_channels=4, patch_size=2,
         sample_size=size, hidden_size=32, num_layers=layers, cross_attention_dim=32,
         cross_attention_dim_t5=32, pooled_projection_dim=16, text_len=8, text_len_t5=8).eval()
+
+
+def flux_inputs(h: int, w: int, batch: int = 2, text: int = 8, seed: int = 0) -> dict:
+    """Inputs of ``flux()`` for an ``h x w`` grid of packed tokens, ``img_ids`` row-major as
+    FluxPipeline's ``_prepare_latent_image_ids`` builds them."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    return {"hidden_states": torch.randn(batch, h * w, 16, generator=g),
+            "timestep": torch.full((batch,), 0.5),
+            "encoder_hidden_states": torch.randn(batch, text, 32, generator=g),
+            "pooled_projections": torch.randn(batch, 16, generator=g),
+            "img_ids": ids, "txt_ids": torch.zeros(text, 3)}

@@ -17,25 +17,28 @@ from tome_fx.diffusion import default_inputs
 from tome_fx.rules.tomesd import from_options
 
 MERGES = {"sd15": lambda: sd15(size=8), "sdxl": lambda: sdxl(size=16, layers=(1, 1, 1)), "dit": dit, "pixart": pixart, "sd3": sd3, "svd": svd,
-          "motion": motion, "controlnet": controlnet}
+          "motion": motion, "controlnet": controlnet, "flux": flux}
 # the model, and what the one-line error must say
 REFUSED = {
-    "flux": (flux, "its image tokens are a model input ([B, tokens, C]: the latent is packed "
-                   "into tokens before the model, as Flux packs 2x2 latent patches)"),
     "cogvideox": (cogvideox, "its tokens are frames x an h x w grid (a video transformer)"),
     "wan": (wan, "its tokens are frames x an h x w grid (a video transformer)"),
-    # its patches are cut from the latent by a reshape: no [B, C, h, w] tensor of the tokens
-    "lumina_next": (lumina_next, "the tokens do not form a 2-D grid"),
+    # its patches are cut from the latent by a reshape (a grid of 2x2 patches), RoPE per token
+    "lumina_next": (lumina_next, "merges nothing in LuminaNextDiT2DModel: layers.0.attn1 (attn): "
+                                 "rotary position embedding on the queries and keys "
+                                 "(image_rotary_emb): merged tokens have no per-token rotary "
+                                 "position"),
     # RoPE per token (image_rotary_emb) on the queries and keys: merged tokens have none
-    "hunyuan": (hunyuan, "merges nothing in HunyuanDiT2DModel: blocks.0.attn1 (attn): merged "
-                         "tokens would reach"),
+    "hunyuan": (hunyuan, "merges nothing in HunyuanDiT2DModel: blocks.0.attn1 (attn): rotary "
+                         "position embedding on the queries and keys (image_rotary_emb_0, "
+                         "image_rotary_emb_1): merged tokens have no per-token rotary position"),
     # capture fails before ToMeSD sees it: torch.export cannot take its RoPE position ids at a
     # dynamic image size in this torch (slow: fx and export both try)
     "lumina2": (lumina2, "torch.export failed on Lumina2Transformer2DModel"),
 }
 SLOW = {"lumina2"}
-# ControlNet's config has no sample size (the default latent is 64x64, its image 512x512)
-SIZES = {"controlnet": (4, 16, 16)}
+# ControlNet's config has no sample size (the default latent is 64x64, its image 512x512);
+# Flux's default is 64x64 packed tokens: 16x16 keeps it fast
+SIZES = {"controlnet": (4, 16, 16), "flux": (256, 16)}
 TEMPORAL = "temporal attention: its tokens are frames"
 
 

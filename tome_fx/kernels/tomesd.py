@@ -7,14 +7,21 @@ destination are averaged into it. ``tomesd_match`` computes that once per transf
 ``tomesd_merge`` applies it to the input of an op (attention, cross-attention or MLP) and
 ``tomesd_unmerge`` copies each merged token of the op's output back to every position it holds.
 
-A match is ``(where, count)``: ``where[b, i]`` is the merged position of token ``i`` (unmerged
-sources first, in descending similarity as in the authors' code, then the destinations in window
-order) and ``count[b, j]`` how many tokens merged position ``j`` holds; ``None`` when nothing
-merges. Merging is a scatter-add over ``where`` divided by ``count``, unmerging one gather.
+A match is ``(where, count, rep)``: ``where[b, i]`` is the merged position of token ``i``
+(unmerged sources first, in descending similarity as in the authors' code, then the destinations
+in window order), ``count[b, j]`` how many tokens merged position ``j`` holds and ``rep[b, j]``
+the token whose position it keeps (its destination, or itself); ``None`` when nothing merges.
+Merging is a scatter-add over ``where`` divided by ``count``, unmerging one gather.
+
+Tokens before the grid's (text tokens in front of the image ones, as Flux's single-stream
+blocks and joint attention ``cat([text, image])`` lay them out) pass unmerged: their count is
+the input's token count less the match's, so it needs no argument.
 """
 from __future__ import annotations
 
 import torch
+
+from ..errors import ShapeError
 
 _MASK = (1 << 31) - 1  # 31-bit hash arithmetic: products stay inside int64
 
@@ -76,12 +83,13 @@ def split_grid(h: int, w: int, sx: int, sy: int, off: torch.Tensor) -> torch.Ten
 def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
                  ratio: float = 0.5, r: int | None = None, use_rand: bool = False,
                  seed: int = 0, salt: int = 0, step: torch.Tensor | None = None):
-    """The match of ``metric`` ``[B, h*w, C]`` (the block's input tokens), or None when no
-    token merges. ``r`` overrides ``ratio`` (tokens removed, clamped to the sources). With
+    """The match of ``metric`` ``[B, P + h*w, C]`` (the block's input tokens; the ``P`` tokens
+    before the grid's are never merged), or None when no token merges. ``r`` overrides ``ratio`` (tokens removed, clamped to the sources). With
     ``use_rand`` each window's destination is a hash of (``seed``, ``salt``, the value of
     ``step``): a new pattern per denoising step, the same one for the same step (a prompt and
     its unconditional twin in separate calls, or a rerun), and no random state is touched."""
-    batch, tokens = metric.shape[0], metric.shape[1]
+    batch, tokens = metric.shape[0], h * w
+    metric = metric[:, metric.shape[1] - tokens:]
     r = removed_count(tokens, h, w, sx, sy, ratio, r)
     if r <= 0:
         return None
@@ -105,22 +113,60 @@ def tomesd_match(metric: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
         1, order, torch.cat([dst_where, src_where], 1))
     count = torch.zeros(batch, tokens - r, dtype=metric.dtype, device=metric.device)
     count = count.scatter_add(1, where, torch.ones_like(where, dtype=metric.dtype))
-    return where, count
+    src = order[:, n_dst:].gather(1, ranked[:, r:])  # unmerged sources, in merged order
+    return where, count, torch.cat([src, order[:, :n_dst]], 1)
+
+
+def _prefix(x: torch.Tensor, n: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` split along ``dim`` into the tokens before the grid's and the grid's ``n``."""
+    p = x.shape[dim] - n
+    return x.narrow(dim, 0, p), x.narrow(dim, p, n)
 
 
 def tomesd_merge(x: torch.Tensor, match) -> torch.Tensor:
-    """``x`` ``[B, N, C]`` with each merged group averaged: ``[B, N - r, C]``."""
+    """``x`` ``[B, P + N, C]`` with each merged group of the grid's ``N`` averaged:
+    ``[B, P + N - r, C]``."""
     if match is None:
         return x
-    where, count = match
+    where, count = match[0], match[1]
+    head, x = _prefix(x, where.shape[1])
     index = where.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     total = x.new_zeros(x.shape[0], count.shape[1], x.shape[-1]).scatter_add(1, index, x)
-    return total / count.unsqueeze(-1).to(x.dtype)
+    return torch.cat([head, total / count.unsqueeze(-1).to(x.dtype)], 1)
 
 
 def tomesd_unmerge(y: torch.Tensor, match) -> torch.Tensor:
-    """``y`` ``[B, N - r, C]`` back to ``[B, N, C]``: every token gets its group's row."""
+    """``y`` ``[B, P + N - r, C]`` back to ``[B, P + N, C]``: every token gets its group's row."""
     if match is None:
         return y
-    where = match[0]
-    return y.gather(1, where.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+    head, y = _prefix(y, match[1].shape[1])
+    return torch.cat([head, y.gather(1, match[0].unsqueeze(-1).expand(-1, -1, y.shape[-1]))], 1)
+
+
+def tomesd_table(table: torch.Tensor, match) -> torch.Tensor:
+    """A per-token table ``[1, P + N, ...]`` (rotary cos or sin) at the merged tokens:
+    ``[B, P + N - r, ...]``, each merged token at the position it keeps (``rep``)."""
+    if match is None:
+        return table
+    rep = match[2]
+    head, grid = _prefix(table, match[0].shape[1])
+    batch, rest = rep.shape[0], grid.shape[2:]
+    index = rep.reshape(batch, -1, *(1,) * len(rest)).expand(batch, rep.shape[1], *rest)
+    picked = grid.expand(batch, *grid.shape[1:]).gather(1, index)
+    return torch.cat([head.expand(batch, *head.shape[1:]), picked], 1)
+
+
+def grid_rows(ids: torch.Tensor, w: int) -> int:
+    """Rows of the ``? x w`` grid that position ids ``[N, 3]`` (row in column 1, column in 2,
+    row-major, as FluxPipeline lays them out) must be; a ``ShapeError`` (one line) when they
+    are another grid, so a module captured for one grid is never run on another."""
+    n = ids.shape[0]
+    pos = torch.arange(n, device=ids.device)
+    ok = (ids[:, 1] == pos // w).all() & (ids[:, 2] == pos % w).all()
+    message = (f"img_ids are not the row-major grid of width {w} this module was captured "
+               "for; capture it again for this image size")
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif n % w or not bool(ok):
+        raise ShapeError(message)
+    return n // w

@@ -178,6 +178,19 @@ def is_grid(dims, h: int, w: int) -> bool:
     return token_atoms(dims) == (("h", h), ("w", w))
 
 
+def patch_of(dims, h: int, w: int) -> int:
+    """``p`` when the tokens (dimension 1) are the ``h/p x w/p`` grid of ``p x p`` patches cut
+    from the source by a reshape (Lumina-Next patchifies so), 1 for the plain grid, else 0."""
+    atoms = token_atoms(dims)
+    if atoms == (("h", h), ("w", w)):
+        return 1
+    if len(atoms) != 2 or not atoms[0][0].startswith("h/"):
+        return 0
+    p = atoms[0][0][2:]
+    ok = p.isdigit() and atoms == ((f"h/{p}", h // int(p)), (f"w/{p}", w // int(p)))
+    return int(p) if ok else 0
+
+
 def from_batch(dims) -> bool:
     """Whether the tokens come from the source's batch (frames moved out of it)."""
     return any(a[0].split("/")[0].split("%")[0] == "b" for a in token_atoms(dims))

@@ -11,9 +11,11 @@ the same here.
 
 Only spatial self-attention over a grid merges: a block's grid is a ``[B, C, h, w]`` tensor
 whose ``h`` and ``w`` dimensions are, traced through the layout ops between them (``axes``),
-the block's token dimension, row-major. Temporal attention (video UNets move the grid into the
-batch and attend over the frames, which may number ``h*w``), frames x grid tokens (video
-transformers) and packed latents (Flux) are refused, each with its reason. A block's level is
+the block's token dimension, row-major; or ``[B, C, F, h, w]`` whose frames x grid are the
+tokens (video transformers: a site with ``frames=F``); or, for a latent packed into tokens before
+the model (Flux), the grid its ``img_ids`` input gives (``packed``), the image tokens after the
+text ones (``start``). Temporal attention (video UNets move the grid into the batch and attend
+over the frames, which may number ``h*w``) is refused with its reason. A block's level is
 ``ceil(sqrt(latent pixels // tokens))`` (the authors' formula), the latent being the model's
 ``sample``/``hidden_states`` input the grid comes from (else its first 4-D or 5-D input), never
 another image input: a ControlNet's conditioning image is 8x the latent's side.
@@ -29,6 +31,7 @@ import torch.fx as fx
 from .. import graph as gu
 from ..match import Block, Core, Refusal, site_name
 from . import axes
+from .packed import find_ids_grid, image_last
 
 Node = fx.Node
 OPS = ("attn", "crossattn", "mlp")
@@ -59,6 +62,9 @@ class LocalBlock(Block):
     hw: tuple = (0, 0)
     downsample: int = 1  # ceil(sqrt(input pixels // tokens)), as the authors' code
     op_out: Node | None = None  # the op's output, unmerged before the residual add
+    frames: int = 1  # grids per token sequence (row-major, frame by frame)
+    start: int = 0  # first image token in the attention's token dimension (text before it)
+    ids: Node | None = None  # the position-ids input the grid comes from (Flux), else None
 
     @property
     def name(self) -> str:
@@ -71,7 +77,8 @@ class LocalBlock(Block):
 
     @property
     def tokens(self) -> int:
-        return self.hw[0] * self.hw[1]
+        """The image tokens (every frame's grid)."""
+        return self.frames * self.hw[0] * self.hw[1]
 
 
 def values_of(core: Core) -> Node | None:
@@ -131,7 +138,8 @@ def _residual_adds(core: Core, shapes) -> list[tuple[Node, Node]]:
                     continue
                 desc.add(u)
                 if gu.is_add(u):
-                    others = [a for a in u.args[:2] if isinstance(a, Node) and a not in desc]
+                    others = [_uncast(a, feeds) for a in u.args[:2]
+                              if isinstance(a, Node) and a not in desc]
                     if (len(others) == 1 and others[0] in feeds and _stream(shapes.get(others[0]))
                             and shapes.get(others[0]) == shapes.get(u)):
                         found.append((u, others[0]))
@@ -139,6 +147,20 @@ def _residual_adds(core: Core, shapes) -> list[tuple[Node, Node]]:
                 nxt.append(u)
         frontier = nxt
     return found
+
+
+def _uncast(node: Node, feeds: set) -> Node:
+    """``node``, or the node of ``feeds`` it casts (Wan adds ``x.float()``, a cast of its own
+    beside the one its norm reads)."""
+    while node not in feeds and gu.is_call(node, gu.CAST) and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _op_output(add: Node, stream: Node) -> Node:
+    """The residual add's other side than the stream (or a cast of it)."""
+    a, b = add.args[:2]
+    return a if _uncast(b, {stream}) is stream else b
 
 
 def _next_branch(add: Node) -> tuple[Node, Node, set] | None:
@@ -179,6 +201,14 @@ def find_grid(gm: fx.GraphModule, stream: Node, tokens: int, shapes,
     ``stream`` (row-major), traced through the ops between them (``axes``); else None and why
     not: temporal attention (the tokens come from the batch, where the frames are), frames x
     grid (video transformers), packed latents, or no grid. ``dim``: the tokens' dimension."""
+    grid, frames, why = grid_frames(gm, stream, tokens, shapes, dim)
+    return (grid, "") if grid is not None and frames == 1 else (None, why)
+
+
+def grid_frames(gm: fx.GraphModule, stream: Node, tokens: int, shapes,
+                dim: int = 1) -> tuple[Node | None, int, str]:
+    """``find_grid``, with frames: a ``[B, C, F, h, w]`` ancestor whose ``F x h x w`` are the
+    tokens is a grid of ``F`` frames. (grid, frames, why not)."""
     why = None
     for grid in _candidates(stream, shapes):
         dims = axes.trace_axes(grid, stream, shapes, gm)
@@ -186,9 +216,12 @@ def find_grid(gm: fx.GraphModule, stream: Node, tokens: int, shapes,
             continue
         dims = (dims[0], dims[dim])
         h, w = shapes[grid][-2:]
-        if len(shapes[grid]) == 4 and h * w == tokens and axes.is_grid(dims, h, w):
-            return grid, ""
+        p = axes.patch_of(dims, h, w) if len(shapes[grid]) == 4 else 0
+        if p and (h // p) * (w // p) == tokens:
+            return grid, 1, ""
         atoms = axes.token_atoms(dims)
+        if len(shapes[grid]) == 5 and atoms == (("f", shapes[grid][2]), ("h", h), ("w", w)):
+            return grid, shapes[grid][2], VIDEO
         if axes.from_batch(dims) and atoms[-2:] != (("h", h), ("w", w)):
             why = why or TEMPORAL
         elif len(atoms) > 2 and atoms[-2:] == (("h", h), ("w", w)):
@@ -196,7 +229,7 @@ def find_grid(gm: fx.GraphModule, stream: Node, tokens: int, shapes,
     if why is None and step_input(gm, shapes) is not None:  # a diffusion model
         latent = latent_input(gm, shapes, gu.ancestors_within(stream, 100_000))
         why = PACKED if latent is not None and len(shapes[latent]) == 3 else None
-    return None, why or NO_GRID
+    return None, 1, why or NO_GRID
 
 
 LATENT_NAMES = ("sample", "hidden_states")  # diffusers' names for the noisy latent
@@ -243,13 +276,33 @@ def _ungrouped(gm, shapes, cores, grouped) -> list[Refusal]:
     return out
 
 
-def _site(index, op, core, group, metric, stream, add, out, merge_at, grid, hw, ds):
+def _site(index, op, core, group, metric, stream, add, out, merge_at, found):
+    grid, hw, ds, frames, start, ids = found
     return LocalBlock(index, core, stream, add, merge_at, add, "pre", 1, op=op, group=group,
-                      metric=metric, grid=grid, hw=hw, downsample=ds, op_out=out)
+                      metric=metric, grid=grid, hw=hw, downsample=ds, op_out=out, frames=frames,
+                      start=start, ids=ids)
 
 
-def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], list[Refusal]]:
-    """Every op ToMeSD can merge around, grouped by transformer block, and the refusals."""
+def _grid(gm, shapes, inputs, core, stream) -> tuple[tuple | None, str]:
+    """(grid, hw, frames, start, ids) of the group's tokens, or None and why not."""
+    tokens = shapes[stream][1]
+    grid, frames, why = grid_frames(gm, stream, tokens, shapes)
+    if grid is not None:
+        seq = shapes[core.query][-2]
+        start = seq - tokens if seq > tokens and image_last(core.query, tokens, shapes) else 0
+        h, w = shapes[grid][-2:]
+        p = math.isqrt(h * w * frames // tokens)  # patches cut by a reshape: p x p each
+        return (grid, (h // p, w // p), frames, start, None), ""
+    packed, reason = find_ids_grid(gm, shapes, *inputs, stream, core.query)
+    if packed is None:
+        return None, reason or why
+    return (None, packed.hw, 1, packed.start, packed.ids), ""
+
+
+def find_local(gm: fx.GraphModule, shapes, cores,
+               inputs: tuple = ((), {})) -> tuple[list[LocalBlock], list[Refusal]]:
+    """Every op ToMeSD can merge around, grouped by transformer block, and the refusals.
+    ``inputs``: the example's (args, kwargs), where a grid is an input's values (Flux's ids)."""
     sites: list[LocalBlock] = []
     refusals: list[Refusal] = []
     groups: list[tuple] = []  # (self-attention core, add, stream)
@@ -263,18 +316,17 @@ def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], lis
     refusals += _ungrouped(gm, shapes, cores, {id(g[0]) for g in groups})
     largest = None
     for g, (core, add, stream) in enumerate(groups):
-        tokens = shapes[stream][1]
-        grid, why = find_grid(gm, stream, tokens, shapes)
-        if grid is None:
+        found, why = _grid(gm, shapes, inputs, core, stream)
+        if found is None:
             refusals.append(Refusal(site_name(core.anchor), why))
             continue
-        hw = tuple(shapes[grid][2:4])
-        pixels = _pixels(gm, grid, shapes)
+        grid, hw, frames, start, ids = found
+        tokens = hw[0] * hw[1]  # one frame's
+        pixels = _pixels(gm, grid, shapes) if grid is not None else None
         largest = max(largest or 0, tokens)
         ds = int(math.ceil(math.sqrt(pixels // tokens))) if pixels else 0  # 0: fixed below
         targets = [t for t in (core.query, core.keys, values_of(core)) if t is not None]
-        chain = [("attn", core, add, add.args[0] if add.args[1] is stream else add.args[1],
-                  stream, targets)]
+        chain = [("attn", core, add, _op_output(add, stream), stream, targets)]
         at = add
         while True:
             nxt = _next_branch(at)
@@ -296,8 +348,9 @@ def find_local(gm: fx.GraphModule, shapes, cores) -> tuple[list[LocalBlock], lis
                 refusals.append(Refusal(site_name(c.anchor), f"no single input of the {op} "
                                         "with the stream's tokens to merge"))
                 continue
-            sites.append(_site(len(sites), op, c, g, stream, s, a, out, merge_at, grid, hw, ds))
+            sites.append(_site(len(sites), op, c, g, stream, s, a, out, merge_at,
+                               (grid, hw, ds, frames, start, ids)))
     if largest:  # no image input: the level relative to the finest grid
-        sites = [s if s.downsample else dataclasses.replace(
-            s, downsample=int(math.ceil(math.sqrt(largest // s.tokens)))) for s in sites]
+        sites = [s if s.downsample else dataclasses.replace(s, downsample=int(math.ceil(
+            math.sqrt(largest // (s.hw[0] * s.hw[1]))))) for s in sites]
     return sites, refusals

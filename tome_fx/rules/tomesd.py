@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 
 from .. import graph as gu
-from ..kernels.tomesd import tomesd_match, tomesd_merge, tomesd_unmerge
+from ..kernels.tomesd import grid_rows, tomesd_match, tomesd_merge, tomesd_unmerge
 from ..passes.base import Context, inserted
 from ..passes.merge import MergeSite
 from ..plans import Plan
-from .local import NO_GRID, OPS, LocalBlock, find_local, step_input, values_of
+from .joint import follow_joint_split, follow_tables, position_tables, rope_reason
+from .local import NO_GRID, OPS, VIDEO, LocalBlock, find_local, step_input
 
 NO_SITES = "a transformer block over a 2-D token grid"
 
@@ -84,7 +85,7 @@ class ToMeSD:
         """Replaces the matched ToMe blocks with the local sites (one per op of every
         transformer block on a grid); refuses windows that do not fit the grid."""
         m = ctx.matches
-        blocks, refusals = find_local(ctx.gm, ctx.shapes, m.cores)
+        blocks, refusals = find_local(ctx.gm, ctx.shapes, m.cores, (ctx.args, ctx.kwargs))
         if not blocks:
             reasons = sorted({r.reason for r in refusals}, key=lambda r: (r == NO_GRID, r))
             why = "; ".join(reasons) or "no attention"
@@ -93,7 +94,12 @@ class ToMeSD:
         refused = {}
         for b in blocks:
             h, w = b.hw
-            if h < self.sy or w < self.sx:
+            tables = position_tables(b, ctx.shapes) if b.op != "mlp" else []
+            if b.frames > 1:
+                refused[b.index] = VIDEO
+            elif tables and b.ids is None:  # a grid the kernels cannot give positions
+                refused[b.index] = rope_reason(tables)
+            elif h < self.sy or w < self.sx:
                 refused[b.index] = (f"the {h}x{w} grid is smaller than one {self.sy}x{self.sx} "
                                     "window (sy x sx)")
         return refused
@@ -127,7 +133,8 @@ class ToMeSD:
                 continue
             match = made.get(b.group)
             if match is None:
-                match = made[b.group] = self._match(graph, b, levels[b.downsample], step)
+                patch = ctx.shapes[b.grid][-1] // b.hw[1] if b.grid is not None else 1
+                match = made[b.group] = self._match(graph, b, levels[b.downsample], step, patch)
             if b.op == "crossattn":  # merged queries are unmerged after it (token flow check)
                 b.core.anchor.meta.setdefault("tome", {})["local"] = True
             inside = set(gu.between(b.merge_at, b.op_out))  # the op's own nodes
@@ -142,22 +149,38 @@ class ToMeSD:
                                 "local_unmerge", site=b.index)
             b.attn_add.replace_input_with(b.op_out, back)
             if b.op == "attn":
-                _follow_joint_split(graph, b, x, ctx.shapes)
+                follow_joint_split(graph, b, x, ctx.shapes)
+            if b.ids is not None:  # rotary tables at the merged tokens' positions
+                follow_tables(graph, b, match, ctx.shapes)
             sites.append(MergeSite(b.index, match, x, None))
         ctx.gm.recompile()
         return sites
 
-    def _match(self, graph, b: LocalBlock, ratio: float, step):
+    def _match(self, graph, b: LocalBlock, ratio: float, step, patch: int = 1):
         """The group's match node, after its input tokens; the grid read from the graph."""
+        if b.ids is not None:  # the width read at capture; the ids checked at every call
+            w = b.hw[1]
+            with graph.inserting_after(b.metric):
+                h = inserted(graph.call_function(grid_rows, (b.ids, w)), "shape")
+            with graph.inserting_after(h):
+                return self._match_node(graph, b, h, w, ratio, step)
         with graph.inserting_after(b.metric):
             h = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 2)), "shape")
         with graph.inserting_after(h):
             w = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 3)), "shape")
+        if patch > 1:  # the grid of p x p patches cut from it by a reshape
+            with graph.inserting_after(w):
+                h = inserted(graph.call_function(operator.floordiv, (h, patch)), "shape")
+            with graph.inserting_after(h):
+                w = inserted(graph.call_function(operator.floordiv, (w, patch)), "shape")
+        with graph.inserting_after(w):
+            return self._match_node(graph, b, h, w, ratio, step)
+
+    def _match_node(self, graph, b: LocalBlock, h, w, ratio: float, step):
         args = (b.metric, h, w, self.sx, self.sy, ratio, None, self.use_rand,
                 self.seed, b.group, step)
-        with graph.inserting_after(w):
-            return inserted(graph.call_function(tomesd_match, args), "merge", block=b.index,
-                            method="tomesd")
+        return inserted(graph.call_function(tomesd_match, args), "merge", block=b.index,
+                        method="tomesd")
 
     def blame(self, ctx: Context, node) -> list[int]:
         """The sites whose merged span (merge to unmerge) holds ``node``."""
@@ -172,63 +195,6 @@ class ToMeSD:
         rows = tuple(dataclasses.replace(row, kind=b.op, norm="local")
                      for row, b in zip(plan.blocks, self.sites(ctx)) if b.op in self.ops)
         return dataclasses.replace(plan, blocks=rows, method="tomesd")
-
-
-def _follow_joint_split(graph, b: LocalBlock, x, shapes) -> None:
-    """MM-DiT joint attention runs on [image tokens, text tokens] and splits its output at the
-    image token count, which export bakes (``out[:, :N]``, ``out[:, N:]``): the split point
-    becomes the merged count, read from the merged tokens ``x``."""
-    n, seen, frontier = b.tokens, set(), [b.core.out]
-    count = None
-    for _ in range(8):  # a few layout ops after the attention
-        nxt = []
-        for node in frontier:
-            for u in list(node.users):
-                if u in seen:
-                    continue
-                seen.add(u)
-                s = shapes.get(node)
-                if (gu.packet(u) is torch.ops.aten.slice and gu.is_tensor_shape(s) and len(s) > 1
-                        and s[1] > n and gu.arg(u, 1, "dim", 0) == 1):
-                    # bounds as export bakes them, or symbolic (dynamic image sizes): by value
-                    start, end = (_int_value(v, shapes) for v in
-                                  (gu.arg(u, 2, "start", None), gu.arg(u, 3, "end", None)))
-                    start = 0 if start is None else start
-                    if (start, end) == (0, n) or (start == n and (end is None or isinstance(
-                            end, int) and end >= s[1])):
-                        if count is None:
-                            with graph.inserting_after(x):
-                                count = inserted(graph.call_function(
-                                    torch.ops.aten.sym_size.int, (x, 1)), "shape")
-                        gu.set_arg(u, 3 if start == 0 else 2, "end" if start == 0 else "start",
-                                   count)
-                        u.meta["tome"] = {"role": "joint_split", "inserted": True}
-                        continue
-                nxt.append(u)
-        frontier = nxt
-    if count is None:
-        return
-    for cat in (b.core.query, b.core.keys, values_of(b.core)):  # [image, text] along the tokens
-        if gu.is_call(cat, gu.CAT) and x in gu.ancestors_within(cat.args[0][0], 12):
-            cat.meta["tome"] = {"role": "joint_cat", "inserted": True}  # the split follows it
-
-
-ARITH = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-         operator.floordiv: operator.floordiv}
-
-
-def _int_value(v, shapes, depth: int = 12):
-    """The value of a slice bound: an int, or a symbolic size (dynamic image sizes) computed
-    from recorded shapes; None when not known."""
-    if v is None or isinstance(v, int) or not isinstance(v, fx.Node) or depth == 0:
-        return v if isinstance(v, int) or v is None else None
-    if v.target is torch.ops.aten.sym_size.int:
-        s = shapes.get(v.args[0])
-        return s[v.args[1]] if gu.is_tensor_shape(s) else None
-    if v.target in ARITH and len(v.args) == 2:
-        a, b = (_int_value(x, shapes, depth - 1) for x in v.args)
-        return None if a is None or b is None else ARITH[v.target](a, b)
-    return None
 
 
 OPTIONS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn",
