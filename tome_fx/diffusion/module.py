@@ -39,13 +39,17 @@ import torch.nn as nn
 
 from ..capture.guards import input_check_hook
 from ..errors import ShapeError
+from ..kernels.tomesd import grid_rows, is_grid
 from .inputs import STEP_NAMES
 
 _SCALARS = (bool, int, float, str, type(None))
 # attribute reads of the model that change nothing (no cache drop when called)
 _READERS = ("parameters", "named_parameters", "buffers", "named_buffers", "modules",
             "named_modules", "children", "named_children", "num_parameters", "get_submodule",
-            "get_parameter", "get_buffer", "extra_repr", "save_pretrained", "state_dict")
+            "get_parameter", "get_buffer", "extra_repr", "save_pretrained", "state_dict",
+            # diffusers' CacheMixin: pipelines enter a cache context every step and reset it
+            # after the last; hooks that enable_cache adds change the state fingerprint
+            "cache_context", "_reset_stateful_cache")
 _OWN = ("model", "training", "forward")  # attributes that stay on this module
 
 
@@ -97,10 +101,18 @@ class _Entry:
     """One captured graph: the call key and model state it serves, and whether it takes any
     size (export's guards check sizes) or only the sizes it was captured at (``sizes``)."""
 
-    __slots__ = ("key", "state", "module", "sizes")
+    __slots__ = ("key", "state", "module", "sizes", "widths")
 
     def __init__(self, key, state, module, sizes):
         self.key, self.state, self.module, self.sizes = key, state, module, sizes
+        self.widths = _grid_widths(module)
+
+    def takes(self, inputs: dict) -> bool:
+        """Whether image position ids (Flux's ``img_ids``) are the grid the graph reads, checked
+        on the host: a compiled graph's own check could not be caught (a device assert)."""
+        ids = inputs.get("img_ids")
+        return not self.widths or not isinstance(ids, torch.Tensor) or \
+            all(is_grid(ids, w) for w in self.widths)
 
 
 class DiffusionModule(nn.Module):
@@ -221,11 +233,14 @@ class DiffusionModule(nn.Module):
     def _run(self, key, inputs: dict):
         sizes, state = _sizes(inputs), state_fingerprint(self.model)
         for entry in self._entries:
-            if (entry.key, entry.state) != (key, state) or entry.sizes not in (None, sizes):
+            if (entry.key, entry.state) != (key, state) or entry.sizes not in (None, sizes) \
+                    or not entry.takes(inputs):
                 continue
             try:
                 out = entry.module(**inputs)
-            except ShapeError:  # its guards refuse these sizes (checked before any compute)
+            except Exception as exc:  # its guards refuse these sizes (checked before compute)
+                if not _refused(exc):
+                    raise
                 continue
             self.__dict__["_last"] = entry
             return out
@@ -294,6 +309,25 @@ def batched_step(inputs: dict, like: dict | None = None) -> None:
                 and not t.is_floating_point():
             t = t.to(example.dtype)
         inputs[name] = t
+
+
+def _grid_widths(module: nn.Module) -> set:
+    """The grid widths a graph reads its image position ids at (``kernels.tomesd.grid_rows``)."""
+    graph = getattr(getattr(module, "_orig_mod", module), "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return set()
+    return {n.args[1] for n in graph.nodes if n.op == "call_function" and n.target is grid_rows}
+
+
+def _refused(exc: BaseException) -> bool:
+    """A ``ShapeError``, or one torch.compile wrapped (its cause): the graph does not take
+    these inputs (a guard, or a check such as Flux's image grid)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ShapeError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _sizes(inputs: dict) -> tuple:

@@ -161,12 +161,21 @@ def grid_rows(ids: torch.Tensor, w: int) -> int:
     row-major, as FluxPipeline lays them out) must be; a ``ShapeError`` (one line) when they
     are another grid, so a module captured for one grid is never run on another."""
     n = ids.shape[0]
-    pos = torch.arange(n, device=ids.device)
-    ok = (ids[:, 1] == pos // w).all() & (ids[:, 2] == pos % w).all()
+    ok = _grid_ok(ids, w)
     message = (f"img_ids are not the row-major grid of width {w} this module was captured "
                "for; capture it again for this image size")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # a DiffusionModule checks on the host first (is_grid)
         torch._assert_async(ok, message)
     elif n % w or not bool(ok):
         raise ShapeError(message)
     return n // w
+
+
+def _grid_ok(ids: torch.Tensor, w: int) -> torch.Tensor:
+    pos = torch.arange(ids.shape[0], device=ids.device)
+    return (ids[:, 1] == pos // w).all() & (ids[:, 2] == pos % w).all()
+
+
+def is_grid(ids: torch.Tensor, w: int) -> bool:
+    """Whether position ids ``[N, 3]`` are the row-major grid of width ``w`` (on the host)."""
+    return ids.shape[0] % w == 0 and bool(_grid_ok(ids, w))
