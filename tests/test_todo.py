@@ -215,11 +215,11 @@ def test_rotary_keys_are_reduced_after_the_rotary_embedding():
 # budget, compile, export
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_budget_lands_in_the_window():
-    """SDXL-shaped at a 64x64 latent (attention dominates): counted FLOP ratio in
-    [0.69, 0.70]; a budget below reach names the least ratio."""
-    model = sdxl(size=64)
+    """SDXL-shaped (no attention at the first level, three transformer layers at the next) at a
+    64x64 latent, where attention is enough of the FLOPs to reach 0.7: counted FLOP ratio in
+    [0.69, 0.70] (~30 s)."""
+    model = sdxl(size=64, layers=(1, 3, 1))
     inputs = default_inputs(model)
     out = tome_fx.optimize(model, method="todo", flops_budget=0.7, example_inputs=inputs)
     ratio = counted_flops(lambda: out(**inputs)) / counted_flops(lambda: model(**inputs))
