@@ -199,3 +199,11 @@ def test_wan_budget_lands():
     fast = tome_fx.optimize(model, method="todo", flops_budget=0.7, example_inputs=inputs)
     ratio = counted_flops(lambda: fast(**inputs)) / counted_flops(lambda: model(**inputs))
     assert 0.69 <= ratio <= 0.7
+
+
+def test_flux_branch_compiles_without_graph_break(captured):
+    """The downsample graph (grid_rows' check included) compiles as one graph."""
+    inputs = flux_inputs(*GRID, text=TEXT)
+    gm = rewrite_todo(captured, ToDo()).graph_module
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")  # a graph break raises
+    torch.testing.assert_close(sample(compiled, inputs), sample(gm, inputs))

@@ -6,7 +6,12 @@ Per self-attention over a 2-D grid, the reduction goes on the attention's normal
 the output has the input's tokens and nothing is unmerged. Where the keys pass a position table
 after their projection (rotary embedding), the reduction goes on SDPA's key and value inputs
 instead (after the table), for the downsample branch; similarity merging there is refused (keys
-and values would need one match).
+and values would need one match). A table is found where the keys' path multiplies in a
+per-token tensor, including values written in place into the keys' buffer (Wan fills
+``empty_like(k)`` slice by slice), at the image's or the joint sequence's token count (Flux:
+text then image). The kernels reduce only the image tokens (``start``: the text before them)
+frame by frame (``frames``: a video transformer's grids, never mixed), on the grid of the
+site: a ``[B, C, (F,) h, w]`` tensor's last two sizes, or Flux's ``img_ids`` rows.
 
 One graph serves one *branch* (``"downsample"``, ``"similarity"`` or ``"none"``): the timestep
 switch picks the graph (``diffusion.module``'s ``variant``), never both computations per call.
