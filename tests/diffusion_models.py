@@ -219,3 +219,27 @@ def flux_inputs(h: int, w: int, batch: int = 2, text: int = 8, seed: int = 0) ->
             "encoder_hidden_states": torch.randn(batch, text, 32, generator=g),
             "pooled_projections": torch.randn(batch, 16, generator=g),
             "img_ids": ids, "txt_ids": torch.zeros(text, 3)}
+
+
+def tiny_vae():
+    """An AutoencoderKL of one level: scale factor 1, so the image is the latent's size."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(32,), down_block_types=(
+        "DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), latent_channels=4,
+        norm_num_groups=32, shift_factor=0.0).eval()
+
+
+def flux_images(model, sizes, text: int = 8, steps: int = 2, fast=None) -> list:
+    """A FluxPipeline of small components around ``model`` (text embeddings given: no
+    tokenizer offline), ``pipe.transformer = fast`` if given; its images at each (height,
+    width) of ``sizes``, from fixed seeds."""
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
+    if fast is not None:
+        pipe.transformer = fast
+    prompt = torch.randn(1, text, 32, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(1, 16, generator=torch.Generator().manual_seed(2))
+    return [pipe(prompt_embeds=prompt, pooled_prompt_embeds=pooled, height=h, width=w,
+                 num_inference_steps=steps, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images for h, w in sizes]

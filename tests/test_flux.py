@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from diffusion_models import flux, flux_inputs, relative, wan
+from diffusion_models import flux, flux_images, flux_inputs, relative, wan
 from flops import counted_flops
 
 diffusers = pytest.importorskip("diffusers")
@@ -133,42 +133,24 @@ def test_another_grid_is_captured_anew(model):
     assert len(compiled.graphs) == 2
 
 
-def _vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(block_out_channels=(32,), down_block_types=(
-        "DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), latent_channels=4,
-        norm_num_groups=32, shift_factor=0.0).eval()  # scale factor 1: image = latent size
-
-
 @pytest.mark.parametrize("ratio", [0.5, pytest.param(0.0, marks=pytest.mark.slow)])
 def test_flux_pipeline_two_sizes(model, ratio):
     """``pipe.transformer = optimize(pipe.transformer)`` in a FluxPipeline of small components
     (text embeddings given: no tokenizer offline): images at 16x16 and 24x16 (8x8 and 12x8
     packed grids, each captured for its ids) that differ from the model's at ratio 0.5 and
     equal them at ratio 0."""
-    pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=None,
-        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
-    text = torch.randn(1, TEXT, 32, generator=torch.Generator().manual_seed(1))
-    pooled = torch.randn(1, 16, generator=torch.Generator().manual_seed(2))
-
-    def images(h, w):
-        return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=h, width=w,
-                    num_inference_steps=2, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
-
     sizes = ((16, 16), (24, 16))
-    plain = [images(h, w) for h, w in sizes]
-    pipe.transformer = tome_fx.optimize(model, method="tomesd", ratio=ratio, use_rand=False,
-                                        example_inputs=flux_inputs(8, 8, text=TEXT))
+    plain = flux_images(model, sizes, TEXT)
+    fast = tome_fx.optimize(model, method="tomesd", ratio=ratio, use_rand=False,
+                            example_inputs=flux_inputs(8, 8, text=TEXT))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ours = [images(h, w) for h, w in sizes]
-    assert pipe.transformer.tome.blocks[0].r == int(64 * ratio)  # the 8x8 example's plan
+        ours = flux_images(model, sizes, TEXT, fast=fast)
+    assert fast.tome.blocks[0].r == int(64 * ratio)  # the 8x8 example's plan
     # the example's graph takes both grids (width 8); the pipeline's cache_context every step
     # and its cache reset after the last step keep it (they captured again every step)
     assert not [c for c in caught if "captured" in str(c.message)]
-    assert len(pipe.transformer.graphs) == 1
+    assert len(fast.graphs) == 1
     for (h, w), a, b in zip(sizes, ours, plain):
         assert a.shape == b.shape == (1, 3, h, w) and torch.isfinite(a).all()
         assert relative(a, b) <= 1e-6 if ratio == 0 else relative(a, b) > 1e-4

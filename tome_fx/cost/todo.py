@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from ..capture import Captured
 from ..rules.local import LocalBlock
-from ..rules.todo import ToDo, kv_counts
+from ..rules.todo import ToDo, kv_removed
 from ..pipeline import Rewrite, rewrite
 from .flops import run_flops
 from .search import check_budget
@@ -65,11 +65,10 @@ def build_cost(captured: Captured, method: ToDo) -> KeyCost:
         factor = tuple((2.0, 1.0) if i + 1 == lv else (1.0, 1.0) for i in range(2))
         probe = dataclasses.replace(method, branch="downsample", factor=factor)
         rw = rewrite(captured, probe, prop_attn=False, drop=False)
-        kept = kv_counts(rw.graph_module, *inputs)
-        if not kept:  # every site of the level refused: no slope
+        if not kv_removed(rw.graph_module, *inputs):  # every site of the level refused: no slope
             continue
         fewer = sum(run_flops(rw.graph_module, inputs).flops.values())
-        removed = hw[0] * hw[1] - hw[0] * (hw[1] // 2)
+        removed = hw[0] * hw[1] - (hw[0] // 2) * hw[1]  # factor 2 on the rows
         slope[lv] = (original - fewer) / removed
     return KeyCost(original, {lv: grid[lv] for lv in slope}, slope)
 

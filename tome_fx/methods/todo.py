@@ -3,7 +3,10 @@ from the token grid downsampled (``kernels.todo``, ``rules.todo``, ``cost.todo``
 option names and defaults (``DEFAULTS``), their one-line checks, and the module it returns.
 
 The timestep switch: ``t/1000 > timestep_threshold_switch`` runs the downsample branch, else
-``secondary_merge_method``; ``t/1000 <= timestep_threshold_stop`` runs the model unchanged. A
+``secondary_merge_method``; ``t/1000 <= timestep_threshold_stop`` runs the model unchanged.
+``t`` is on the 0..1000 schedule: a model that multiplies its step input by a constant first
+(Flux: ``timestep * 1000``, its pipeline passing ``t / 1000``) is read with that constant
+(``rules.todo.step_scale``, from the captured graph), so Flux's 0.5 is step 500. A
 diffusers model comes back as a ``DiffusionModule`` whose graphs are one per call signature
 *and branch* (its ``variant`` reads the timestep on the host), so each call computes only its
 own branch. A batch of per-sample timesteps that fall in different branches is a ValueError (one
@@ -29,7 +32,7 @@ from ..diffusion import default_inputs as diffusion_inputs
 from ..diffusion.inputs import STEP_NAMES
 from ..diffusion.module import _key, state_fingerprint
 from ..kernels.todo import POOLS
-from ..rules.todo import BRANCHES, ToDo, branch_at, reachable
+from ..rules.todo import BRANCHES, ToDo, branch_at, reachable, step_scale
 from ..rules.tomesd import check_ratio
 from .common import check_model, finish
 from .registry import Method, OptimizeCall, register_method
@@ -49,6 +52,7 @@ class Switch:
     switch: float
     stop: float
     secondary: str
+    scale: float = 1.0  # the model's step input is t / scale (rules.todo.step_scale)
 
     def __call__(self, inputs: dict) -> str:
         name = next((n for n in STEP_NAMES if n in inputs), None)
@@ -56,7 +60,7 @@ class Switch:
             raise ValueError("method='todo' reads the timestep of every call: the model's call "
                              f"has no {' or '.join(STEP_NAMES)} input")
         values = torch.as_tensor(inputs[name]).detach().flatten().tolist()
-        found = {branch_at(float(v), self.switch, self.stop, self.secondary) for v in values}
+        found = {branch_at(float(v) * self.scale, self.switch, self.stop, self.secondary) for v in values}
         if len(found) > 1:
             raise ValueError(f"method='todo': the batch's timesteps {sorted(set(values))} fall "
                              f"in different branches ({', '.join(sorted(found))}); one graph runs "
@@ -177,10 +181,11 @@ class ToDoMethod(Method):
         inputs = call_inputs(model, diffusion_inputs(model) if call.example_inputs is None
                              else call.example_inputs)
         build = Builder(method, call.compile)
+        captured = capture(model, inputs, image_sizes=True)
+        build.last = (build.key(model, inputs), captured)
+        switch = dataclasses.replace(switch, scale=step_scale(captured.graph_module))
         if budget is not None:  # the budget's factors and ratios, at the example's size
-            captured = capture(model, inputs, image_sizes=True)
             build.method = fit_budget(captured, method, budget)
-            build.last = (build.key(model, inputs), captured)
         first = build(model, inputs, switch(inputs))
         return DiffusionModule(model, build, inputs, first, variant=switch)
 

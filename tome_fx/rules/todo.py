@@ -6,7 +6,12 @@ Per self-attention over a 2-D grid, the reduction goes on the attention's normal
 the output has the input's tokens and nothing is unmerged. Where the keys pass a position table
 after their projection (rotary embedding), the reduction goes on SDPA's key and value inputs
 instead (after the table), for the downsample branch; similarity merging there is refused (keys
-and values would need one match).
+and values would need one match). A table is found where the keys' path multiplies in a
+per-token tensor, including values written in place into the keys' buffer (Wan fills
+``empty_like(k)`` slice by slice), at the image's or the joint sequence's token count (Flux:
+text then image). The kernels reduce only the image tokens (``start``: the text before them)
+frame by frame (``frames``: a video transformer's grids, never mixed), on the grid of the
+site: a ``[B, C, (F,) h, w]`` tensor's last two sizes, or Flux's ``img_ids`` rows.
 
 One graph serves one *branch* (``"downsample"``, ``"similarity"`` or ``"none"``): the timestep
 switch picks the graph (``diffusion.module``'s ``variant``), never both computations per call.
@@ -21,13 +26,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+import torch.fx as fx
 
 from .. import graph as gu
 from ..kernels.todo import POOLS, todo_downsample, todo_similarity
+from ..kernels.tomesd import grid_rows
 from ..passes.base import Context, inserted
 from ..passes.size_bias import _fold
 from ..plans import LevelPlan, Plan
-from .local import LocalBlock, _paths, find_local, step_input, values_of
+from .local import STEP_INPUTS, LocalBlock, _paths, find_local, step_input, values_of
 
 BRANCHES = ("downsample", "similarity", "none")
 NO_SITES = "a self-attention over a 2-D token grid"
@@ -68,7 +75,7 @@ class ToDo:
         reduced without its queries, or whose grid the chosen reduction does not fit, is
         refused with the reason."""
         m = ctx.matches
-        blocks, refusals = find_local(ctx.gm, ctx.shapes, m.cores)
+        blocks, refusals = find_local(ctx.gm, ctx.shapes, m.cores, (ctx.args, ctx.kwargs))
         blocks = [dataclasses.replace(b, index=i)
                   for i, b in enumerate(b for b in blocks if b.op == "attn")]
         if not blocks:
@@ -133,14 +140,10 @@ class ToDo:
             level = levels[b.downsample]
             at, users, _ = kv_inputs(b, ctx.shapes)
             at = at if users else None
-            with graph.inserting_after(b.grid):
-                h = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 2)),
-                             "shape")
-                w = inserted(graph.call_function(torch.ops.aten.sym_size.int, (b.grid, 3)),
-                             "shape")
             sources = [at] if at is not None else [b.core.keys, values_of(b.core)]
             order = {n: i for i, n in enumerate(graph.nodes)}
             point = min(users, key=order.__getitem__) if users else b.core.anchor
+            h, w = grid_nodes(graph, b, ctx.shapes, point)
             size = None
             for src in sources:
                 with graph.inserting_before(point):
@@ -160,7 +163,7 @@ class ToDo:
         """The reduction call on ``x`` (its tokens on dim -2, ``shape`` at capture)."""
         start, frames = getattr(b, "start", 0), getattr(b, "frames", 1)
         # every token is the grid's (a UNet): no split and join around the reduction
-        only = start == 0 and gu.is_tensor_shape(shape) and shape[-2] == frames * b.tokens
+        only = start == 0 and gu.is_tensor_shape(shape) and shape[-2] == b.tokens
         if self.branch == "downsample":
             fs, new = sides(self.factor[level - 1]), []
             for n, f in zip((h, w), fs):
@@ -179,19 +182,25 @@ class ToDo:
         return inserted(graph.call_function(fn, args), "kv_reduce", site=b.index,
                         branch=self.branch)
 
+    def blame(self, ctx: Context, node) -> list[int]:
+        """The sites whose reduced keys or values reach ``node``."""
+        calls = [n for n in ctx.gm.graph.nodes
+                 if n.meta.get("tome", {}).get("role") == "kv_reduce"]
+        return sorted({n.meta["tome"]["site"] for n in calls if node in gu.descendants([n])})
+
     def describe(self, plan: Plan, ctx: Context) -> Plan:
         """Rows: one per self-attention, ``r`` the keys removed; notes: per level, the tokens,
         the keys kept and how."""
-        kept = kv_counts(ctx.gm, ctx.args, ctx.kwargs)
+        removed = kv_removed(ctx.gm, ctx.args, ctx.kwargs)
         sites = self.sites(ctx)
         rows = tuple(dataclasses.replace(row, kind="attn", norm="kv", tokens_out=row.tokens_in,
-                                         r=row.tokens_in - kept.get(b.index, row.tokens_in))
+                                         r=removed.get(b.index, 0))
                      for row, b in zip(plan.blocks, sites))
         notes, levels = list(plan.notes), []
         for ds, level in sorted(self.levels(sites).items()):
             here = [b for b in sites if b.downsample == ds]
-            k = min(kept.get(b.index, b.tokens) for b in here)
-            done = sum(b.index in kept for b in here)
+            k = min(b.tokens - removed.get(b.index, 0) for b in here)  # the image's keys
+            done = sum(b.index in removed for b in here)
             levels.append(LevelPlan(ds, here[0].hw, 1 - k / here[0].tokens,
                                     here[0].tokens - k, done))
             how = self.how(level) if done else "unchanged"
@@ -208,6 +217,22 @@ class ToDo:
         if self.branch == "downsample":
             return f"{self.method}, factor {self.show(level)}"
         return f"similarity, ratio {self.ratio[level - 1]:g}, {self.sx}x{self.sy} windows"
+
+
+def grid_nodes(graph, b: LocalBlock, shapes, point) -> tuple:
+    """(h, w) of the site's grid, computed before ``point``: the grid tensor's last two sizes
+    over its patch side, or (Flux) the rows of its ``img_ids`` at the width read at capture
+    (``grid_rows`` checks the ids at every call)."""
+    def call(fn, *args):
+        with graph.inserting_before(point):
+            return inserted(graph.call_function(fn, args), "shape")
+    if b.ids is not None:
+        return call(grid_rows, b.ids, b.hw[1]), b.hw[1]
+    rank, patch = len(shapes[b.grid]), shapes[b.grid][-1] // b.hw[1]
+    h, w = (call(torch.ops.aten.sym_size.int, b.grid, rank - d) for d in (2, 1))
+    if patch > 1:  # p x p patches cut from the grid by a reshape
+        h, w = call(operator.floordiv, h, patch), call(operator.floordiv, w, patch)
+    return h, w
 
 
 def _weight(gm, node) -> bool:
@@ -237,20 +262,40 @@ def kv_inputs(b: LocalBlock, shapes) -> tuple:
             return at, None, (f"{shared[0].name} computes queries and keys together (a fused "
                           "projection): the keys cannot be reduced without the queries")
         at = shared[0]
-    tokens = shapes[at][1]
-    for n in kv_path:
+    tokens, seq = shapes[at][1], shapes[core.query][-2]  # seq: text tokens too (joint)
+    region = kv_path | _written(at, kv_path)
+    for n in region:
         for i in n.all_input_nodes:
             s = shapes.get(i)
-            if (i is not at and i not in kv_path and gu.is_tensor_shape(s)
+            if (i is not at and i not in region and gu.is_tensor_shape(s)
                     and not _weight(b.merge_at.graph.owning_module, i)
-                    and tokens in s and sum(d > 1 for d in s) >= 2):
+                    and (tokens in s or seq in s) and sum(d > 1 for d in s) >= 2):
                 return at, [], (f"the keys pass {n.name}, which combines them with {i.name}, a "
                             f"{list(s)} table (rotary or position embedding)")
     return at, users, None
 
 
-def kv_counts(gm, args, kwargs) -> dict[int, int]:
-    """Site -> keys kept, by running the graph with its reductions (example inputs)."""
+VIEWS = LAYOUT + (torch.ops.aten.slice, torch.ops.aten.select)
+
+
+def _written(at, kv_path: set) -> set:
+    """Nodes whose values an in-place op writes into a tensor on the keys' path (Wan's rotary
+    embedding fills ``empty_like(k)`` slice by slice), with the paths from ``at`` to them."""
+    writes = []
+    for n in at.graph.nodes:
+        name = getattr(gu.packet(n), "__name__", "")
+        if not (name.endswith("_") and n.args and isinstance(n.args[0], fx.Node)):
+            continue
+        base = n.args[0]
+        while base not in kv_path and gu.packet(base) in VIEWS:
+            base = base.args[0]
+        if base in kv_path:
+            writes.append(n)
+    return (_paths(at, writes) | set(writes)) if writes else set()
+
+
+def kv_removed(gm, args, kwargs) -> dict[int, int]:
+    """Site -> keys removed, by running the graph with its reductions (example inputs)."""
     calls = [n for n in gm.graph.nodes if n.meta.get("tome", {}).get("role") == "kv_reduce"]
     if not calls:
         return {}
@@ -259,8 +304,35 @@ def kv_counts(gm, args, kwargs) -> dict[int, int]:
     for n in calls:
         s = shapes.get(n)
         s = s[0] if isinstance(s, (tuple, list)) and not gu.is_tensor_shape(s) else s
-        out[n.meta["tome"]["site"]] = s[-2]
+        out[n.meta["tome"]["site"]] = shapes[n.args[0]][-2] - s[-2]
     return out
+
+
+PASS = VIEWS + tuple(gu.CAST) + (torch.ops.aten.expand, torch.ops.aten.unsqueeze)
+
+
+def step_scale(gm) -> float:
+    """How much the model multiplies its timestep input by before anything else reads it
+    (casts and layout ops passed): the input is then ``t / scale`` of the 0..1000 schedule the
+    thresholds are written for. Flux multiplies by 1000 (its pipeline passes ``t / 1000``);
+    a UNet, DiT or Wan reads the step as given (1). Read from the graph, so any model that
+    scales its step input in its forward is covered without naming its class."""
+    step = next((p for p in gm.graph.nodes if p.op == "placeholder" and p.name in STEP_INPUTS),
+                None)
+    todo, seen = [step] if step is not None else [], set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if gu.is_call(u, {torch.ops.aten.mul, operator.mul}, ("mul",)):
+                other = [a for a in u.args[:2] if a is not n]
+                if other and isinstance(other[0], (int, float)) and other[0] > 0:
+                    return float(other[0])
+            elif gu.packet(u) in PASS or gu.is_call(u, set(), ("to", "float", "expand")):
+                todo.append(u)
+    return 1.0
 
 
 def branch_at(t: float, switch: float, stop: float, secondary: str) -> str:
