@@ -133,3 +133,27 @@ def test_an_unmet_budget_warns_at_the_callers_line():
     with pytest.warns(UserWarning, match=r"^flops_budget=0.5 is not met") as caught:
         tome_fx.optimize(model, flops_budget=0.5, example_inputs=(x,))
     assert caught[0].filename == __file__
+
+
+def test_an_unsafe_graph_nothing_can_switch_off_is_an_error(monkeypatch):
+    """A rule that leaves an unsafe node the pipeline cannot trace to a merge (no site, no
+    blame) stops with a one-line RewriteError naming the node; it looped forever before."""
+    from tome_fx import pipeline
+    from tome_fx.capture import capture
+    from tome_fx.checks.token_flow import Flow
+    from tome_fx.errors import RewriteError
+    from tome_fx.rules import ToMe
+
+    model, x = _model()
+    flow = pipeline.check_token_flow
+
+    def unsafe(ctx):
+        found = flow(ctx)
+        out = next(n for n in ctx.gm.graph.nodes if n.op == "output")
+        return Flow(**{**found.__dict__, "unsafe": [(out.args[0], "a test's unsafe node")]})
+
+    monkeypatch.setattr(pipeline, "check_token_flow", unsafe)
+    nothing = ToMe(lambda n: [0] * n)  # merges nowhere: no site to switch off
+    with pytest.raises(RewriteError, match="no merge is left to switch off") as err:
+        pipeline.rewrite(capture(model, x), nothing)
+    assert "\n" not in str(err.value)

@@ -35,3 +35,7 @@ def one_line(exc: BaseException) -> str:
     """First line of an exception message, for one-line errors."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+class RewriteError(TomeError, RuntimeError):
+    """The rewrite cannot make a graph safe (a method's rule let an unsafe site through)."""

@@ -23,7 +23,7 @@ from . import graph as gu
 from .capture import Captured
 from .checks.drop import check_drop
 from .checks.token_flow import check_token_flow
-from .errors import NoAttentionError
+from .errors import NoAttentionError, RewriteError
 from .match import Matches, find_blocks
 from .passes.base import Context
 from .passes.drop import NO_PREFIX, Drop, drop_unread
@@ -177,7 +177,11 @@ def rewrite(captured: Captured, method, *, prop_attn=True, drop: bool = True) ->
         blame = getattr(method, "blame", None)  # local merges: the sites around the node
         upstream = blame(ctx, node) if blame else []
         upstream = upstream or followed.info.blame.get(node) or _upstream(ctx.sites, node, order)
-        for i in upstream or [s.block for s in ctx.sites]:  # unsafe nodes follow some merge
+        fresh = [i for i in upstream or [s.block for s in ctx.sites] if i not in disabled]
+        if not fresh:  # nothing left to switch off: stop, never loop
+            raise RewriteError(f"{node.name} is unsafe ({reason}) and no merge is left to switch "
+                               "off (the method's rule should refuse that site)")
+        for i in fresh:  # unsafe nodes follow some merge
             disabled[i] = f"merged tokens would reach {node.name}: {reason}"
     gm, sites = ctx.gm, ctx.sites
     pooled = weight_pooling(ctx, flow.pools)
