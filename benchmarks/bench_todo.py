@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))  # the checkout's tome_fx, not an installed
 sys.path.insert(0, str(HERE.parent / "tests"))  # the authors' ToDo, as the tests check it
 import diffusers  # noqa: E402
 import tomesd  # noqa: E402
-from bench_tomesd import inductor_counter, positional, unet  # noqa: E402
+from bench_tomesd import inductor_counter, interleaved, positional, unet  # noqa: E402
 from flops import counted_flops  # noqa: E402
 from reference_todo import ReferenceToDo  # noqa: E402
 
@@ -112,20 +112,8 @@ def main() -> None:
             out = fn(inputs[first_key], **rest)
         return out.sample if hasattr(out, "sample") else out[0]
 
-    first, outputs = {}, {}
-    for key, fn in variants.items():  # warm-up (compilation) outside the timed rounds
-        t0 = time.perf_counter()
-        outputs[key] = run(fn)
-        first[key] = time.perf_counter() - t0
-        print(f"{key}: first call {first[key]:.1f} s", flush=True)
-    cpu, wall = {k: [] for k in variants}, {k: [] for k in variants}
+    first, outputs, cpu, wall = interleaved(variants, run, args.runs)
     keys = list(variants)
-    for i in range(args.runs):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            c0, w0 = time.process_time(), time.perf_counter()
-            run(variants[key])
-            cpu[key].append(time.process_time() - c0)
-            wall[key].append(time.perf_counter() - w0)
     flops = {}  # counted (tests/flops.py: every SDPA kernel registered), eager variants
     for key in keys:
         if key[1] == "eager":

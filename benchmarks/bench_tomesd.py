@@ -62,6 +62,29 @@ def inductor_counter():
     return CompileCounterWithBackend(compile_fx)
 
 
+def interleaved(variants: dict, run, runs: int, warmup: int = 1) -> tuple:
+    """(first-call seconds, outputs, CPU seconds, wall seconds) per variant: each called
+    ``warmup`` times (compilation outside the timed rounds), then ``runs`` round-robin rounds,
+    each starting one variant later, so load drift hits every variant alike."""
+    first, outputs = {}, {}
+    for key, fn in variants.items():
+        t0 = time.perf_counter()
+        outputs[key] = run(fn)
+        first[key] = time.perf_counter() - t0
+        print(f"{key}: first call {first[key]:.1f} s", flush=True)
+        for _ in range(warmup - 1):
+            run(fn)
+    cpu, wall = {k: [] for k in variants}, {k: [] for k in variants}
+    keys = list(variants)
+    for i in range(runs):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            c0, w0 = time.process_time(), time.perf_counter()
+            run(variants[key])
+            cpu[key].append(time.process_time() - c0)
+            wall[key].append(time.perf_counter() - w0)
+    return first, outputs, cpu, wall
+
+
 def graph_breaks(model, inputs, ratio: float) -> dict:
     """Dynamo graph breaks with random destinations (``use_rand=True``, the authors' default):
     the authors' patch forks a torch.Generator, tome_fx hashes a seed (no inductor run)."""
@@ -126,21 +149,8 @@ def main() -> None:
             out = fn(inputs["sample"], **rest)
         return out.sample if hasattr(out, "sample") else out[0]
 
-    first, outputs = {}, {}
-    for key, fn in variants.items():  # warm-up (compilation) outside the timed rounds
-        t0 = time.perf_counter()
-        outputs[key] = run(fn)
-        first[key] = time.perf_counter() - t0
-        for _ in range(args.warmup - 1):
-            run(fn)
-    cpu, wall = {k: [] for k in variants}, {k: [] for k in variants}
+    first, outputs, cpu, wall = interleaved(variants, run, args.runs, args.warmup)
     keys = list(variants)
-    for i in range(args.runs):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            c0, w0 = time.process_time(), time.perf_counter()
-            run(variants[key])
-            cpu[key].append(time.process_time() - c0)
-            wall[key].append(time.perf_counter() - w0)
     ref = outputs[("original", "eager")]
     rows = []
     for key in keys:
