@@ -224,6 +224,7 @@ def test_budget_lands_in_the_window():
     out = tome_fx.optimize(model, method="todo", flops_budget=0.7, example_inputs=inputs)
     ratio = counted_flops(lambda: out(**inputs)) / counted_flops(lambda: model(**inputs))
     assert 0.69 <= ratio <= 0.7
+    assert out.tome.ratio == pytest.approx(ratio, abs=1e-3)  # the plan prices itself
 
 
 def test_budget_search_on_the_closed_form():

@@ -22,10 +22,16 @@ from .flops import run_flops
 from .search import check_budget
 
 
-def rewrite_todo(captured: Captured, method: ToDo) -> Rewrite:
+def rewrite_todo(captured: Captured, method: ToDo, price: bool = True) -> Rewrite:
     """The ToDo rewrite of ``captured`` in ``method``'s branch; ``counts["kv_reduce"]``: the
-    self-attentions whose keys and values are reduced."""
+    self-attentions whose keys and values are reduced. ``price``: the plan's FLOPs, counted on
+    the example inputs (one run of the captured and one of the rewritten graph)."""
     rw = rewrite(captured, method, prop_attn=False, drop=False)
+    if price:
+        inputs = (captured.args, captured.kwargs)
+        original, after = (sum(run_flops(gm, inputs).flops.values())
+                           for gm in (captured.graph_module, rw.graph_module))
+        rw.plan = dataclasses.replace(rw.plan, flops=int(after), flops_original=int(original))
     n = sum(1 for x in rw.graph_module.graph.nodes
             if x.meta.get("tome", {}).get("role") == "kv_reduce"
             and x.meta["tome"].get("site") is not None)
