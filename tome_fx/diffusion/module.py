@@ -238,9 +238,7 @@ class DiffusionModule(nn.Module):
                 continue
             try:
                 out = entry.module(**inputs)
-            except Exception as exc:  # its guards refuse these sizes (checked before compute)
-                if not _refused(exc):
-                    raise
+            except ShapeError:  # its guards refuse these sizes (checked before any compute)
                 continue
             self.__dict__["_last"] = entry
             return out
@@ -317,17 +315,6 @@ def _grid_widths(module: nn.Module) -> set:
     if not isinstance(graph, fx.Graph):
         return set()
     return {n.args[1] for n in graph.nodes if n.op == "call_function" and n.target is grid_rows}
-
-
-def _refused(exc: BaseException) -> bool:
-    """A ``ShapeError``, or one torch.compile wrapped (its cause): the graph does not take
-    these inputs (a guard, or a check such as Flux's image grid)."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, ShapeError):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
 
 
 def _sizes(inputs: dict) -> tuple:

@@ -36,7 +36,7 @@ def _split(x: torch.Tensor, h: int, w: int, start: int, frames: int, only: bool 
     return lead, flat[:, :start], grid, flat[:, end:]
 
 
-def _join(lead, before, grid, after, frames: int, size_of_grid=None):
+def _join(lead, before, grid, after, size_of_grid=None):
     b, c = math.prod(lead), grid.shape[-1]
     out = grid.reshape(b, -1, c)
     if before is not None:
@@ -74,9 +74,9 @@ def todo_downsample(x: torch.Tensor, h: int, w: int, new_h: int, new_w: int, met
     small = _resize(img, new_h, new_w, method, factor)
     out = small.reshape(-1, c, new_h * new_w).transpose(1, 2)
     if not sizes:
-        return _join(lead, before, out, after, frames)
+        return _join(lead, before, out, after)
     each = out.new_full(out.shape[:2], 1.0) * ((h * w) / (new_h * new_w))
-    return _join(lead, before, out, after, frames, each)
+    return _join(lead, before, out, after, each)
 
 
 def todo_similarity(x: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
@@ -91,6 +91,6 @@ def todo_similarity(x: torch.Tensor, h: int, w: int, sx: int = 2, sy: int = 2,
     match = tomesd_match(grid, h, w, sx, sy, ratio, None, rand, seed, salt, step)
     out = tomesd_merge(grid, match)
     if not sizes:
-        return _join(lead, before, out, after, frames)
+        return _join(lead, before, out, after)
     each = out.new_ones(out.shape[:2]) if match is None else match[1]
-    return _join(lead, before, out, after, frames, each)
+    return _join(lead, before, out, after, each)

@@ -58,7 +58,8 @@ def _keys_size(ctx: Context, site, core) -> fx.Node:
             operator.getitem, (site.size, (slice(None), slice(offset, None)))), "bias")
 
 
-def _fold(graph: fx.Graph, anchor: fx.Node, size: fx.Node, head_dim: int, v_dim: int) -> None:
+def fold_into_sdpa(graph: fx.Graph, anchor: fx.Node, size: fx.Node, head_dim: int,
+                   v_dim: int) -> None:
     """Rewire an SDPA call to ``fold_size``'s q, k, v and slice its output back."""
     scale = gu.arg(anchor, 6, "scale", None)
     scale = head_dim ** -0.5 if scale is None else scale  # the default, before the head dim grows
@@ -91,7 +92,7 @@ def add_size_bias(ctx: Context, form: str = "bias") -> PassResult:
         count += 1
         mask = gu.arg(core.anchor, 3, "attn_mask") if core.kind == "sdpa" else None
         if core.kind == "sdpa" and form == "fold" and mask is None:
-            _fold(graph, core.anchor, size, ctx.shapes[core.query][-1], ctx.shapes[core.anchor][-1])
+            fold_into_sdpa(graph, core.anchor, size, ctx.shapes[core.query][-1], ctx.shapes[core.anchor][-1])
             folded += 1
         elif core.kind == "sdpa":
             with graph.inserting_before(core.anchor):

@@ -32,7 +32,7 @@ from .. import graph as gu
 from ..kernels.todo import POOLS, todo_downsample, todo_similarity
 from ..kernels.tomesd import grid_rows
 from ..passes.base import Context, inserted
-from ..passes.size_bias import _fold
+from ..passes.size_bias import fold_into_sdpa
 from ..plans import LevelPlan, Plan
 from .local import STEP_INPUTS, LocalBlock, _paths, find_local, step_input, values_of
 
@@ -154,14 +154,14 @@ class ToDo:
                 for u in (users if at is not None else [b.core.anchor]):
                     u.replace_input_with(src, x)
             if self.prop_attn and size is not None and b.core.kind == "sdpa":
-                _fold(graph, b.core.anchor, size, ctx.shapes[b.core.query][-1],
+                fold_into_sdpa(graph, b.core.anchor, size, ctx.shapes[b.core.query][-1],
                       ctx.shapes[b.core.anchor][-1])
         ctx.gm.recompile()
         return []
 
     def _reduce(self, graph, x, h, w, level: int, step, b: LocalBlock, shape):
         """The reduction call on ``x`` (its tokens on dim -2, ``shape`` at capture)."""
-        start, frames = getattr(b, "start", 0), getattr(b, "frames", 1)
+        start, frames = b.start, b.frames
         # every token is the grid's (a UNet): no split and join around the reduction
         only = start == 0 and gu.is_tensor_shape(shape) and shape[-2] == b.tokens
         if self.branch == "downsample":
