@@ -83,6 +83,16 @@ def test_guide_quick_example_runs(name, guide, reference, capsys):
     assert ns["logits"].shape == expected.shape and torch.isfinite(ns["logits"]).all()
 
 
+@pytest.mark.slow  # a UNet captured by torch.export: about 30 s on a shared CPU
+def test_diffusion_guide_quick_example_runs(capsys):
+    assert '--8<-- "examples/docs/diffusion.py"' in (ROOT / "docs" / "guides" / "diffusion.md").read_text()
+    ns = runpy.run_path(str(ROOT / "examples" / "docs" / "diffusion.py"), run_name="__main__")
+    plan = ns["fast"].tome
+    assert any(row.r > 0 for row in plan.blocks) and plan.ratio < 1
+    assert str(plan) in capsys.readouterr().out
+    assert ns["noise"].shape == ns["latents"].shape and torch.isfinite(ns["noise"]).all()
+
+
 def test_readme_is_short_and_keeps_the_ci_lines():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 200
