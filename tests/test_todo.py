@@ -232,13 +232,36 @@ def test_budget_search_on_the_closed_form():
     names the least ratio (both levels down to one key)."""
     cost = KeyCost(1000.0, {1: (8, 8), 2: (4, 4)}, {1: 2.0, 2: 10.0})
     grids = search_grids(cost, 0.9)  # 50 keys of level 1 at most
-    kept = {lv: h * w for lv, (h, w) in grids.items()}
+    kept = {lv: h * w for lv, (_, h, w) in grids.items()}
     assert kept[2] == 16 and 0.89 <= cost.flops(kept) / 1000 <= 0.9
     grids = search_grids(cost, 0.8)  # level 1 reaches 0.874 alone: level 2 too
-    kept = {lv: h * w for lv, (h, w) in grids.items()}
+    kept = {lv: h * w for lv, (_, h, w) in grids.items()}
     assert kept[2] < 16 and 0.79 <= cost.flops(kept) / 1000 <= 0.8
     with pytest.raises(ValueError, match="below the least reachable FLOP ratio 0.7240"):
         search_grids(cost, 0.7)
+
+
+def test_similarity_budget_on_the_closed_form():
+    """Similarity merging keeps any count down to one key per window, and its matching adds a
+    level's overhead once that level is reduced at all."""
+    cost = KeyCost(1000.0, {1: (8, 8)}, {1: 2.0}, overhead={1: 6.0}, least={1: 16})
+    (k, nh, nw), = search_grids(cost, 0.95).values()
+    assert nh is None and 0.94 <= (1000 - 2.0 * (64 - k) + 6.0) / 1000 <= 0.95
+    with pytest.raises(ValueError, match=r"least reachable FLOP ratio 0\.9100 .* one key per window"):
+        search_grids(cost, 0.9)  # 48 keys removed at most: 1000 - 96 + 6
+
+
+def test_similarity_only_budget_lands(unet):
+    """Keys and values merged by similarity at every step (the switch past 1): the budget is met
+    in that branch, the matching's FLOPs included; counted at two timesteps."""
+    model, inputs = unet
+    out = tome_fx.optimize(model, method="todo", timestep_threshold_switch=1.0,
+                           prop_attn="fold", flops_budget=0.95, example_inputs=inputs)
+    for t in (999, 300):
+        x = at(inputs, t)
+        ratio = counted_flops(lambda: out(**x)) / counted_flops(lambda: model(**x))
+        assert 0.94 <= ratio <= 0.95, t
+    assert "in the similarity branch" in "\n".join(out.tome.notes)
 
 
 def test_compiled_branch_has_no_graph_break(unet, captured):

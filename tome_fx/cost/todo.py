@@ -5,13 +5,17 @@ ToDo keeps every query, so a self-attention's FLOPs are linear in its kept key c
 ``2*B*K*C*(d_k + d_v)``), and the model's FLOPs are the original's plus, per reduced site,
 ``slope * (K - N)``. The slope of each site is measured: one run of the graph with every
 site reduced, node by node (``run_flops``), the nodes between the reduction and the attention.
+The budget is met in the branch the steps take: the downsample branch where any step takes it
+(the authors' defaults: the first 80%), else the similarity branch, whose kept count is any
+integer down to one key per window, and whose matching adds FLOPs of its own per level (an
+intercept, measured with the slope from two merge ratios).
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from ..capture import Captured
@@ -44,39 +48,67 @@ def rewrite_todo(captured: Captured, method: ToDo, price: bool = True) -> Rewrit
 
 @dataclass
 class KeyCost:
-    """FLOPs as ``original - sum over levels slope[l] * (tokens[l] - kept[l])``."""
+    """FLOPs as ``original - sum over levels slope[l] * (tokens[l] - kept[l])``, plus
+    ``overhead[l]`` for each level reduced at all (similarity matching)."""
 
     original: float
     grid: dict  # ToDo level -> (h, w) at the example inputs
     slope: dict  # ToDo level -> FLOPs per key removed (every site of the level together)
+    overhead: dict = field(default_factory=dict)  # level -> FLOPs a reduction adds
+    least: dict = field(default_factory=dict)  # level -> fewest keys kept by similarity merging
 
     def flops(self, kept: dict) -> float:
-        return self.original - sum(self.slope[lv] * (h * w - kept.get(lv, h * w))
-                                   for lv, (h, w) in self.grid.items())
+        total = self.original
+        for lv, (h, w) in self.grid.items():
+            k = kept.get(lv, h * w)
+            total -= self.slope[lv] * (h * w - k)
+            total += self.overhead.get(lv, 0.0) if k < h * w else 0.0
+        return total
+
+    def options(self, level: int) -> list[tuple[int, int | None, int | None]]:
+        """(kept, rows, columns) ascending: grids for downsampling, any count for similarity."""
+        h, w = self.grid[level]
+        if level in self.least:
+            return [(k, None, None) for k in range(self.least[level], h * w + 1)]
+        return _grids(h, w)
 
 
 def build_cost(captured: Captured, method: ToDo) -> KeyCost:
-    """Measured: the model's FLOPs unchanged, and with each level's keys reduced by 2 per side
-    in turn (``run_flops``, the graph as rewritten)."""
+    """Measured in ``method.branch``: the model's FLOPs unchanged, and with each level's keys
+    reduced in turn (``run_flops``, the graph as rewritten): downsampled by 2 on the rows, or
+    (similarity) merged at two ratios, which gives the matching's intercept too."""
     inputs = (captured.args, captured.kwargs)
     base = rewrite(captured, dataclasses.replace(method, branch="none"), prop_attn=False,
                    drop=False)
     sites = [b for b in base.blocks if isinstance(b, LocalBlock)]
-    levels = ToDo.levels(sites)
     original = sum(run_flops(base.graph_module, inputs).flops.values())
-    grid, slope = {}, {}
-    for ds, lv in levels.items():
-        hw = next(b.hw for b in sites if b.downsample == ds)
-        grid[lv] = hw
-        factor = tuple((2.0, 1.0) if i + 1 == lv else (1.0, 1.0) for i in range(2))
-        probe = dataclasses.replace(method, branch="downsample", factor=factor)
+
+    def measure(lv: int, factor=1.0, ratio: float = 0.0) -> float | None:
+        one = lambda v, off: tuple(v if i + 1 == lv else off for i in range(2))  # noqa: E731
+        probe = dataclasses.replace(method, factor=one(factor, 1.0), ratio=one(ratio, 0.0))
         rw = rewrite(captured, probe, prop_attn=False, drop=False)
-        if not kv_removed(rw.graph_module, *inputs):  # every site of the level refused: no slope
-            continue
-        fewer = sum(run_flops(rw.graph_module, inputs).flops.values())
-        removed = hw[0] * hw[1] - (hw[0] // 2) * hw[1]  # factor 2 on the rows
-        slope[lv] = (original - fewer) / removed
-    return KeyCost(original, {lv: grid[lv] for lv in slope}, slope)
+        if not kv_removed(rw.graph_module, *inputs):  # every site of the level refused
+            return None
+        return sum(run_flops(rw.graph_module, inputs).flops.values())
+
+    grid, slope, overhead, least = {}, {}, {}, {}
+    for ds, lv in ToDo.levels(sites).items():
+        h, w = next(b.hw for b in sites if b.downsample == ds)
+        if method.branch == "similarity":
+            n, fewest = h * w, (h // method.sy) * (w // method.sx)
+            r1, r2 = (n - fewest) // 4, (n - fewest) // 2
+            f1, f2 = (measure(lv, ratio=(r + 0.5) / n) for r in (r1, r2))
+            if f1 is None or f2 is None or r2 <= r1:
+                continue
+            slope[lv] = (f1 - f2) / (r2 - r1)
+            overhead[lv], least[lv] = f1 - original + slope[lv] * r1, fewest
+        else:
+            fewer = measure(lv, factor=(2.0, 1.0))  # rows only
+            if fewer is None:
+                continue
+            slope[lv] = (original - fewer) / (h * w - (h // 2) * w)  # factor 2 on the rows
+        grid[lv] = (h, w)
+    return KeyCost(original, grid, slope, overhead, least)
 
 
 def _grids(h: int, w: int) -> list[tuple[int, int, int]]:
@@ -91,8 +123,8 @@ def _grids(h: int, w: int) -> list[tuple[int, int, int]]:
     return sorted((k, nh, nw) for k, (nh, nw) in out.items())
 
 
-def search_grids(cost: KeyCost, budget: float) -> dict[int, tuple[int, int]]:
-    """Level -> kept (rows, columns) with the FLOP ratio in [budget - 0.01, budget]: level 1
+def search_grids(cost: KeyCost, budget: float) -> dict[int, tuple[int, int | None, int | None]]:
+    """Level -> (kept, rows, columns) with the FLOP ratio in [budget - 0.01, budget]: level 1
     alone where it can, else level 1 with the fewest reductions of level 2. ValueError naming
     the least reachable ratio."""
     b = check_budget(budget)
@@ -100,27 +132,28 @@ def search_grids(cost: KeyCost, budget: float) -> dict[int, tuple[int, int]]:
     levels = sorted(cost.grid)
     if not levels:
         raise ValueError("flops_budget: no self-attention's keys can be reduced")
-    options = {lv: _grids(*cost.grid[lv]) for lv in levels}
-    chosen = {lv: cost.grid[lv] for lv in levels}
+    options = {lv: cost.options(lv) for lv in levels}
+    chosen = {lv: options[lv][-1] for lv in levels}  # every key kept
     first, second = levels[0], (levels[1:] or [None])[0]
     for k1, nh1, nw1 in reversed(options[first]):  # level 1 alone
         if low <= cost.flops({first: k1}) <= top:
-            return {**chosen, first: (nh1, nw1)}
+            return {**chosen, first: (k1, nh1, nw1)}
     if second is not None:  # level 1 as little as level 2 allows, level 2 as little as needed
         kept2 = [k for k, _, _ in options[second]]
         n2, s2 = math.prod(cost.grid[second]), cost.slope[second]
+        o2 = cost.overhead.get(second, 0.0)
         for k1, nh1, nw1 in reversed(options[first]):
             base = cost.flops({first: k1})
-            most = n2 - (base - top) / s2 if s2 > 0 else -1
-            i = bisect.bisect_right(kept2, most) - 1
+            most = n2 - (base + o2 - top) / s2 if s2 > 0 else -1
+            i = bisect.bisect_right(kept2, min(most, n2 - 1)) - 1
             if i >= 0 and cost.flops({first: k1, second: kept2[i]}) >= low:
-                _, nh2, nw2 = options[second][i]
-                return {first: (nh1, nw1), second: (nh2, nw2)}
-    least = cost.flops({lv: 1 for lv in levels}) / cost.original
+                return {first: (k1, nh1, nw1), second: options[second][i]}
+    least = cost.flops({lv: options[lv][0][0] for lv in levels}) / cost.original
     if least > b:
+        fewest = "one key per window" if cost.least else "one token"
         raise ValueError(f"flops_budget={budget:g} is below the least reachable FLOP ratio "
-                         f"{least:.4f} for ToDo (keys and values of levels 1 and 2 down to one "
-                         f"token); pass flops_budget >= {math.ceil(least * 1e4) / 1e4}")
+                         f"{least:.4f} for ToDo (keys and values of levels 1 and 2 down to "
+                         f"{fewest}); pass flops_budget >= {math.ceil(least * 1e4) / 1e4}")
     raise ValueError(f"flops_budget={budget:g}: no kept grid lands in [{b - 0.01:g}, {b:g}]")
 
 
@@ -134,15 +167,18 @@ def fit_budget(captured: Captured, method: ToDo, budget: float) -> ToDo:
         if lv not in chosen:
             factor[lv - 1], ratio[lv - 1] = 1.0, 0.0
             continue
-        (h, w), (nh, nw) = cost.grid[lv], chosen[lv]
-        factor[lv - 1] = (Fraction(h, nh), Fraction(w, nw))
-        ratio[lv - 1] = min((h * w - nh * nw + 0.5) / (h * w), 0.999)
-    kept = {lv: nh * nw for lv, (nh, nw) in chosen.items()}
-    note = (f"flops_budget={budget:g}: kept grids "
-            + ", ".join(f"level {lv} {nh}x{nw} of {cost.grid[lv][0]}x{cost.grid[lv][1]}"
-                        for lv, (nh, nw) in sorted(chosen.items()))
-            + f" (FLOP ratio {cost.flops(kept) / cost.original:.4f}"
-            " in the downsample branch; the similarity branch keeps as many keys where its "
-            "windows allow)")
+        (h, w), (k, nh, nw) = cost.grid[lv], chosen[lv]
+        if nh is not None:
+            factor[lv - 1] = (Fraction(h, nh), Fraction(w, nw))
+        # a level kept whole is not rewritten (a match that merges nothing still costs FLOPs)
+        ratio[lv - 1] = min((h * w - k + 0.5) / (h * w), 0.999) if k < h * w else 0.0
+    kept = {lv: k for lv, (k, _, _) in chosen.items()}
+    where = ", ".join(f"level {lv} " + (f"{nh}x{nw}" if nh else f"{k} keys")
+                      + f" of {cost.grid[lv][0]}x{cost.grid[lv][1]}"
+                      for lv, (k, nh, nw) in sorted(chosen.items()))
+    other = ("; the similarity branch keeps as many keys where its windows allow"
+             if method.branch == "downsample" else "")
+    note = (f"flops_budget={budget:g}: kept {where} (FLOP ratio "
+            f"{cost.flops(kept) / cost.original:.4f} in the {method.branch} branch{other})")
     return dataclasses.replace(method, factor=tuple(factor), ratio=tuple(ratio),
                                notes=(*method.notes, note))

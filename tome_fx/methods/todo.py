@@ -185,9 +185,17 @@ class ToDoMethod(Method):
         build.last = (build.key(model, inputs), captured)
         switch = dataclasses.replace(switch, scale=step_scale(captured.graph_module))
         if budget is not None:  # the budget's factors and ratios, at the example's size
-            build.method = fit_budget(captured, method, budget)
+            build.method = fit_budget(captured, dataclasses.replace(
+                method, branch=priced(switch)), budget)
         first = build(model, inputs, switch(inputs))
         return DiffusionModule(model, build, inputs, first, variant=switch)
+
+
+def priced(switch: Switch) -> str:
+    """The branch a budget is met in: downsample where some step takes it, else similarity."""
+    branches = reachable(switch.switch, switch.stop, switch.secondary)
+    return "downsample" if "downsample" in branches or "similarity" not in branches \
+        else "similarity"
 
 
 def _plain(model, method: ToDo, switch: Switch, budget, call: OptimizeCall) -> nn.Module:

@@ -1,0 +1,176 @@
+"""The quality benchmark's report: metrics with bootstrap intervals, the table, the pictures."""
+from __future__ import annotations
+
+import json
+import platform
+
+import numpy as np
+import torch
+from scipy import linalg, stats
+
+from rows import rows
+
+BOOT = dict(n_resamples=1000, confidence_level=0.95, method="percentile")
+
+
+def vit_outputs(images_uint8: torch.Tensor, vit) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-head features (the class token into ``mlp_head``) and predicted classes."""
+    import cifar_vit
+    feats, preds = [], []
+    hook = vit.mlp_head.register_forward_hook(lambda m, a, out: feats.append(a[0]))
+    with torch.no_grad():
+        for b in range(0, len(images_uint8), 500):
+            x = cifar_vit.normalize(images_uint8[b:b + 500].permute(0, 2, 3, 1))
+            preds.append(vit(x).argmax(-1))
+    hook.remove()
+    return torch.cat(feats).double().numpy(), torch.cat(preds).numpy()
+
+
+def frechet(a: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID's formula: |mu_a - mu|^2 + tr(S_a + S - 2 (S_a S)^(1/2))."""
+    mu_a, s_a = a.mean(0), np.cov(a, rowvar=False)
+    root = linalg.sqrtm(s_a @ sigma)
+    return float(((mu_a - mu) ** 2).sum() + np.trace(s_a + sigma - 2 * root.real))
+
+
+def interval(values: np.ndarray, statistic=np.mean, **kw) -> dict:
+    """The statistic and its 95% percentile-bootstrap interval over images."""
+    values = np.asarray(values)
+    ci = stats.bootstrap((values,), statistic, random_state=0, vectorized=False, **{**BOOT, **kw})
+    lo, hi = ci.confidence_interval
+    return {"value": float(statistic(values)), "lo": float(lo), "hi": float(hi)}
+
+
+def paired(images: torch.Tensor, reference: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    from torchmetrics.functional.image import (peak_signal_noise_ratio,
+                                               structural_similarity_index_measure)
+    x, y = images.double() / 255, reference.double() / 255
+    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    return psnr.clamp(max=100).numpy(), ssim.numpy()  # identical images: 100 dB, not inf
+
+
+def report(args):
+    import cifar_vit
+    vit = cifar_vit.load_model()
+    test_images, _ = cifar_vit.load_test()
+    ref_feats = []
+    hook = vit.mlp_head.register_forward_hook(lambda m, a, out: ref_feats.append(a[0]))
+    with torch.no_grad():
+        for b in range(0, len(test_images), 500):
+            vit(test_images[b:b + 500])
+    hook.remove()
+    ref = torch.cat(ref_feats).double().numpy()
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    # the floor at this sample size: as many real training images as samples per row
+    train, _ = cifar_vit.load_train_uint8(np.random.default_rng(0).choice(50000, args.images, replace=False))
+    floor_feats, _ = vit_outputs(train.permute(0, 3, 1, 2), vit)
+
+    runs = {r.name: torch.load(args.work / f"{r.slug}.pt") for r in rows()
+            if (args.work / f"{r.slug}.pt").exists()}
+    base = runs["unmerged"]
+    base_feats, base_pred = vit_outputs(base["images"], vit)
+    out = []
+    for row in rows():
+        if row.name not in runs:
+            continue
+        run = runs[row.name]
+        feats, pred = vit_outputs(run["images"], vit)
+        labels = run["labels"].numpy()
+        n = len(labels)
+        fd = lambda idx: frechet(feats[idx.astype(int)], mu, sigma)  # noqa: E731
+        entry = {"row": row.name, "family": row.family, "kind": row.kind, "options": row.options,
+                 "images": n, "flop_ratio": run["flops"] / base["flops"],
+                 "cpu_s_per_image": run["cpu_s"] / n,
+                 "class_accuracy": interval((pred == labels).astype(float)),
+                 # resampled images repeat: the distance is biased up on a resample, so the
+                 # basic (reverse percentile) interval, which subtracts that shift
+                 "frechet": interval(np.arange(n), fd, n_resamples=200, method="basic")}
+        if row.name != "unmerged":
+            psnr, ssim = paired(run["images"], base["images"])
+            entry.update(psnr=interval(psnr), ssim=interval(ssim),
+                         same_class=interval((pred == base_pred).astype(float)))
+        out.append(entry)
+        print(row.name, json.dumps({k: v for k, v in entry.items() if k != "options"}), flush=True)
+    result = {"benchmark": "benchmarks/diffusion/quality.py", "steps": base["steps"],
+              "guidance": base["guidance"], "images_per_row": len(base["labels"]),
+              "sampler": "DDIM eta 0", "threads": base["threads"], "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__,
+              "frechet_real_floor": frechet(floor_feats, mu, sigma),
+              "frechet_note": "Frechet distance in the pre-head features of the shared CIFAR-10 ViT "
+                              "(128-D), to the 10,000 test images; not Inception FID",
+              "rows": out}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "diffusion_quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "diffusion_quality.md").write_text(table(result) + "\n")
+    grid(runs, args.out / "diffusion_quality_grid.png")
+    plot(result, args.out / "diffusion_quality.png")
+    print(table(result))
+
+
+def _fmt(m: dict | None, digits: int) -> str:
+    if m is None:
+        return "-"
+    return f"{m['value']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
+
+
+def table(result: dict) -> str:
+    from tabulate import tabulate
+    body = [[e["row"], f"{e['flop_ratio']:.3f}", f"{e['cpu_s_per_image']:.3f}",
+             _fmt(e.get("psnr"), 2), _fmt(e.get("ssim"), 3), _fmt(e.get("same_class"), 3),
+             _fmt(e["class_accuracy"], 3), _fmt(e["frechet"], 2)] for e in result["rows"]]
+    head = ["row", "FLOP ratio", "CPU s / image", "PSNR (dB)", "SSIM", "same class",
+            "class accuracy", "Frechet (ViT)"]
+    return tabulate(body, head, tablefmt="github")
+
+
+def grid(runs: dict, path, columns: int = 10):
+    """Rows = methods, columns = the first ``columns`` images (one per class, same noise)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    names = [r.name for r in rows() if r.name in runs]
+    fig, axes = plt.subplots(len(names), 1, figsize=(columns * 0.55 + 1.8, len(names) * 0.6))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        strip = make_grid(runs[name]["images"][:columns], nrow=columns, padding=1, pad_value=255)
+        ax.imshow(strip.permute(1, 2, 0).numpy())
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.25, right=0.99, top=0.99, bottom=0.01, hspace=0.05)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot(result: dict, path):
+    """PSNR and the Frechet distance against the counted FLOP ratio, one line per family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    families = {}
+    for e in result["rows"]:
+        families.setdefault(e["family"], []).append(e)
+    for family, entries in families.items():
+        entries = sorted(entries, key=lambda e: e["flop_ratio"])
+        x = [e["flop_ratio"] for e in entries]
+        for ax, key in ((a, "psnr"), (b, "frechet")):
+            if key not in entries[0]:
+                if key == "frechet":
+                    ax.axhline(entries[0][key]["value"], color="k", lw=0.8, ls="--", label=family)
+                continue
+            y = np.array([e[key]["value"] for e in entries])
+            err = np.array([[max(0.0, e[key]["value"] - e[key]["lo"]),
+                             max(0.0, e[key]["hi"] - e[key]["value"])] for e in entries]).T
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, label=family)
+    b.axhline(result["frechet_real_floor"], color="grey", lw=0.8, ls=":",
+              label=f"{result['images_per_row']} real images")
+    a.set(xlabel="FLOP ratio (counted)", ylabel="PSNR to unmerged (dB)")
+    b.set(xlabel="FLOP ratio (counted)", ylabel="Frechet distance, ViT features (lower is better)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.invert_xaxis()
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
