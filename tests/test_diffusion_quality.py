@@ -50,9 +50,9 @@ def unmerged(net, inputs):
     return M.sample(net.unet, *inputs, steps=2)
 
 
-# by default: the authors' two and one row of each tome_fx method (todo fold: ToDo and the fold;
-# the kv-merge budget: the similarity-branch budget); the other families are the slow twins
-DEFAULT = {"tomesd (authors)", "tomesd", "todo (authors)", "todo fold", "kv-merge fold @budget"}
+# by default: the authors' two and one row of each tome_fx method (the kv-merge budget: the
+# fold and the similarity-branch budget); the other families are the slow twins
+DEFAULT = {"tomesd (authors)", "tomesd", "todo (authors)", "todo", "kv-merge fold @budget"}
 
 
 @pytest.mark.parametrize("row", [r if r.family in DEFAULT else pytest.param(r, marks=pytest.mark.slow)

@@ -42,8 +42,6 @@ def rows() -> list[Row]:
     plain = {"use_rand": False}
     out.append(Row("todo (authors)", "todo (authors)", "authors_todo", plain))
     out.append(Row("todo", "todo", "tome_fx", {"method": "todo", **plain}))
-    out.append(Row("todo fold", "todo fold", "tome_fx",
-                   {"method": "todo", "prop_attn": "fold", **plain}))
     out.append(Row("kv-merge fold", "kv-merge fold", "tome_fx", dict(KV_MERGE)))
     # matched rows: every step at the budget (ToDo's stop threshold 0 leaves the last DDIM step,
     # t = 0, unreduced: a ratio b would be (19 b + 1) / 20 over 20 steps)
