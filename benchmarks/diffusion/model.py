@@ -65,14 +65,17 @@ def load(path) -> ClassUNet:
 
 
 def scheduler(kind: str = "ddim"):
-    """The training (``ddpm``) or sampling (``ddim``) scheduler of the model's noise schedule."""
+    """The training (``ddpm``) or sampling (``ddim``) scheduler of the model's noise schedule.
+    DDIM starts at t = 999 ("trailing" steps: with "leading" ones a cosine schedule's first step
+    is t = 950, where pure noise is the wrong input) and clips its estimate of the image."""
     from diffusers import DDIMScheduler, DDPMScheduler
-    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    return cls(**SCHEDULE)
+    if kind == "ddim":
+        return DDIMScheduler(**{**SCHEDULE, "clip_sample": True, "timestep_spacing": "trailing"})
+    return DDPMScheduler(**SCHEDULE)
 
 
 @torch.no_grad()
-def sample(unet, condition, null, noise, steps: int = 20, guidance: float = 3.0):
+def sample(unet, condition, null, noise, steps: int = 20, guidance: float = 6.0):
     """DDIM (eta 0) from ``noise`` ``[B, 12, 16, 16]`` with classifier-free guidance: ``unet`` is
     called as SD's pipelines call it, the conditional and empty halves in one batch; returns
     images in [-1, 1]."""

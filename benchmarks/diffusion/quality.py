@@ -39,7 +39,7 @@ def arguments(argv=None):
     p.add_argument("stage", choices=["sample", "report"])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
