@@ -6,7 +6,7 @@ import platform
 
 import numpy as np
 import torch
-from scipy import linalg, stats
+from scipy import stats
 
 from rows import rows
 
@@ -26,11 +26,19 @@ def vit_outputs(images_uint8: torch.Tensor, vit) -> tuple[np.ndarray, np.ndarray
     return torch.cat(feats).double().numpy(), torch.cat(preds).numpy()
 
 
-def frechet(a: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
-    """FID's formula: |mu_a - mu|^2 + tr(S_a + S - 2 (S_a S)^(1/2))."""
+def psd_root(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet(a: np.ndarray, mu: np.ndarray, sigma: np.ndarray, root: np.ndarray | None = None) -> float:
+    """FID's formula: |mu_a - mu|^2 + tr(S_a + S - 2 (S_a S)^(1/2)). The trace of the root from
+    the eigenvalues of S^(1/2) S_a S^(1/2) (similar to S_a S, symmetric): as
+    ``scipy.linalg.sqrtm`` to rounding and ~100x faster, which the bootstrap needs."""
     mu_a, s_a = a.mean(0), np.cov(a, rowvar=False)
-    root = linalg.sqrtm(s_a @ sigma)
-    return float(((mu_a - mu) ** 2).sum() + np.trace(s_a + sigma - 2 * root.real))
+    root = psd_root(sigma) if root is None else root
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s_a @ root), 0, None)).sum()
+    return float(((mu_a - mu) ** 2).sum() + np.trace(s_a) + np.trace(sigma) - 2 * cross)
 
 
 def interval(values: np.ndarray, statistic=np.mean, **kw) -> dict:
@@ -44,7 +52,7 @@ def interval(values: np.ndarray, statistic=np.mean, **kw) -> dict:
 def paired(images: torch.Tensor, reference: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     from torchmetrics.functional.image import (peak_signal_noise_ratio,
                                                structural_similarity_index_measure)
-    x, y = images.double() / 255, reference.double() / 255
+    x, y = images.float() / 255, reference.float() / 255
     psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
     return psnr.clamp(max=100).numpy(), ssim.numpy()  # identical images: 100 dB, not inf
@@ -62,6 +70,7 @@ def report(args):
     hook.remove()
     ref = torch.cat(ref_feats).double().numpy()
     mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    root = psd_root(sigma)
     # the floor at this sample size: as many real training images as samples per row
     train, _ = cifar_vit.load_train_uint8(np.random.default_rng(0).choice(50000, args.images, replace=False))
     floor_feats, _ = vit_outputs(train.permute(0, 3, 1, 2), vit)
@@ -78,7 +87,7 @@ def report(args):
         feats, pred = vit_outputs(run["images"], vit)
         labels = run["labels"].numpy()
         n = len(labels)
-        fd = lambda idx: frechet(feats[idx.astype(int)], mu, sigma)  # noqa: E731
+        fd = lambda idx: frechet(feats[idx.astype(int)], mu, sigma, root)  # noqa: E731
         entry = {"row": row.name, "family": row.family, "kind": row.kind, "options": row.options,
                  "images": n, "flop_ratio": run["flops"] / base["flops"],
                  "cpu_s_per_image": run["cpu_s"] / n,
