@@ -111,10 +111,11 @@ def report(args):
               "rows": out}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "diffusion_quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "diffusion_quality.md").write_text(table(result) + "\n")
+    (args.out / "diffusion_quality.md").write_text(table(result) + "\n\n" + best(result) + "\n")
     grid(runs, args.out / "diffusion_quality_grid.png")
     plot(result, args.out / "diffusion_quality.png")
     print(table(result))
+    print(best(result))
 
 
 def _fmt(m: dict | None, digits: int) -> str:
@@ -131,6 +132,20 @@ def table(result: dict) -> str:
     head = ["row", "FLOP ratio", "CPU s / image", "PSNR (dB)", "SSIM", "same class",
             "class accuracy", "Frechet (ViT)"]
     return tabulate(body, head, tablefmt="github")
+
+
+def best(result: dict) -> str:
+    """At each matched FLOP budget: the row with the best paired PSNR and the one with the
+    lowest Frechet distance, each with its interval."""
+    lines = []
+    for b in sorted({e["options"].get("flops_budget") for e in result["rows"]} - {None}, reverse=True):
+        rows_b = [e for e in result["rows"] if e["options"].get("flops_budget") == b]
+        top = max(rows_b, key=lambda e: e["psnr"]["value"])
+        low = min(rows_b, key=lambda e: e["frechet"]["value"])
+        lines.append(f"- budget {b:g}: best PSNR {top['row']} ({_fmt(top['psnr'], 2)} dB, FLOP "
+                     f"ratio {top['flop_ratio']:.3f}); lowest Frechet {low['row']} "
+                     f"({_fmt(low['frechet'], 2)}, FLOP ratio {low['flop_ratio']:.3f})")
+    return "\n".join(lines)
 
 
 def grid(runs: dict, path, columns: int = 10):
