@@ -16,11 +16,16 @@ BOOT = dict(n_resamples=1000, confidence_level=0.95, method="percentile")
 def vit_outputs(images_uint8: torch.Tensor, vit) -> tuple[np.ndarray, np.ndarray]:
     """Pre-head features (the class token into ``mlp_head``) and predicted classes."""
     import cifar_vit
+    return vit_normalized((cifar_vit.normalize(images_uint8[b:b + 500].permute(0, 2, 3, 1))
+                           for b in range(0, len(images_uint8), 500)), vit)
+
+
+def vit_normalized(batches, vit) -> tuple[np.ndarray, np.ndarray]:
+    """``vit_outputs`` of batches already normalised as the ViT expects."""
     feats, preds = [], []
     hook = vit.mlp_head.register_forward_hook(lambda m, a, out: feats.append(a[0]))
     with torch.no_grad():
-        for b in range(0, len(images_uint8), 500):
-            x = cifar_vit.normalize(images_uint8[b:b + 500].permute(0, 2, 3, 1))
+        for x in batches:
             preds.append(vit(x).argmax(-1))
     hook.remove()
     return torch.cat(feats).double().numpy(), torch.cat(preds).numpy()
@@ -62,13 +67,7 @@ def report(args):
     import cifar_vit
     vit = cifar_vit.load_model()
     test_images, _ = cifar_vit.load_test()
-    ref_feats = []
-    hook = vit.mlp_head.register_forward_hook(lambda m, a, out: ref_feats.append(a[0]))
-    with torch.no_grad():
-        for b in range(0, len(test_images), 500):
-            vit(test_images[b:b + 500])
-    hook.remove()
-    ref = torch.cat(ref_feats).double().numpy()
+    ref, _ = vit_normalized(test_images.split(500), vit)
     mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
     root = psd_root(sigma)
     # the floor at this sample size: as many real training images as samples per row
@@ -179,9 +178,7 @@ def plot(result: dict, path):
         entries = sorted(entries, key=lambda e: e["flop_ratio"])
         x = [e["flop_ratio"] for e in entries]
         for ax, key in ((a, "psnr"), (b, "frechet")):
-            if key not in entries[0]:
-                if key == "frechet":
-                    ax.axhline(entries[0][key]["value"], color="k", lw=0.8, ls="--", label=family)
+            if key not in entries[0]:  # the unmerged row has no paired metric
                 continue
             y = np.array([e[key]["value"] for e in entries])
             err = np.array([[max(0.0, e[key]["value"] - e[key]["lo"]),
