@@ -76,17 +76,6 @@ def trajectory_flops(row, net, seed: int, steps: int, guidance: float) -> int:
     return counted_flops(M.sample, fn, cond, null, noise, steps, guidance)
 
 
-def warm_up(fn, noise, cond, null, steps: int):
-    """One call per sampling timestep at the sampling batch, so the graphs of every branch
-    (ToDo's switch) are built before the timed batches."""
-    sched = M.scheduler("ddim")
-    sched.set_timesteps(steps)
-    with torch.no_grad():
-        for t in sched.timesteps:
-            fn(torch.cat([noise, noise]), t,
-               encoder_hidden_states=torch.cat([cond, null.expand_as(cond)]))
-
-
 def sample_rows(args):
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -106,7 +95,8 @@ def sample_rows(args):
             continue
         flops = trajectory_flops(row, net, args.seed, args.steps, args.guidance)
         fn = build(row, net, args.seed, batch=2 * args.batch)
-        warm_up(fn, noise[:args.batch], cond[:args.batch], null, args.steps)
+        # one batch first, so the graphs of every step's branch (ToDo's switch) are built
+        M.sample(fn, cond[:args.batch], null, noise[:args.batch], args.steps, args.guidance)
         out, cpu = [], 0.0
         for b in range(0, args.images, args.batch):
             torch.manual_seed(args.seed + b)  # the authors' random destinations

@@ -77,13 +77,14 @@ def report(args):
     runs = {r.name: torch.load(args.work / f"{r.slug}.pt") for r in rows()
             if (args.work / f"{r.slug}.pt").exists()}
     base = runs["unmerged"]
-    base_feats, base_pred = vit_outputs(base["images"], vit)
+    outputs = {name: vit_outputs(run["images"], vit) for name, run in runs.items()}
+    base_pred = outputs["unmerged"][1]
     out = []
     for row in rows():
         if row.name not in runs:
             continue
         run = runs[row.name]
-        feats, pred = vit_outputs(run["images"], vit)
+        feats, pred = outputs[row.name]
         labels = run["labels"].numpy()
         n = len(labels)
         fd = lambda idx: frechet(feats[idx.astype(int)], mu, sigma, root)  # noqa: E731
